@@ -1,0 +1,185 @@
+import CRdKafka
+import Dispatch
+import Logging
+
+/// A partition of a topic.
+public struct KafkaTopicPartition: Sendable, Hashable {
+    public var topic: String
+    public var partition: Int32
+
+    public init(topic: String, partition: Int32) {
+        self.topic = topic
+        self.partition = partition
+    }
+}
+
+/// A change in the partitions assigned to this consumer by its group.
+public enum KafkaRebalanceEvent: Sendable, Equatable {
+    case assigned([KafkaTopicPartition])
+    case revoked([KafkaTopicPartition])
+    case failed(String)
+}
+
+/// A consumer-group member over librdkafka, with manual offset commits.
+///
+/// Auto-commit is off by default: offsets move only when you call ``commit(_:)-(KafkaMessage)``, so a record
+/// counts as consumed only after your own processing has finished. A new group starts at the earliest offset.
+///
+/// `rd_kafka_consumer_poll`, commit and close block; they run on the consumer's own serial queue, never on
+/// Swift's cooperative pool. Rebalances are handled (assign/revoke) inside poll and announced on
+/// ``rebalanceEvents``.
+public final class KafkaConsumer: Sendable {
+    public static let defaultProperties: [String: String] = [
+        "enable.auto.commit": "false",
+        "auto.offset.reset": "earliest",
+        "enable.partition.eof": "false",
+    ]
+
+    public let groupID: String
+    /// Assignments and revocations, in the order they happened (the newest 256 are kept if nobody reads).
+    public let rebalanceEvents: AsyncStream<KafkaRebalanceEvent>
+    private let handle: RDKafkaHandle
+    private let queue = DispatchQueue(label: "eventoutbox.kafka.consumer")
+    private let logger: Logger
+
+    /// Creates a consumer in group `groupID`.
+    /// - Throws: ``KafkaError`` naming a rejected property.
+    public init(
+        configuration: KafkaConfiguration, groupID: String,
+        logger: Logger = Logger(label: "eventoutbox.kafka.consumer")
+    ) throws {
+        var properties = configuration.merged(over: Self.defaultProperties)
+        properties["group.id"] = groupID
+        let conf = try RDKafkaConfig.make(properties)
+        rd_kafka_conf_set_rebalance_cb(conf, rebalanceCallback)
+        let (stream, sink) = AsyncStream.makeStream(of: KafkaRebalanceEvent.self, bufferingPolicy: .bufferingNewest(256))
+        handle = try RDKafkaHandle(
+            type: RD_KAFKA_CONSUMER, conf: conf, context: RDKafkaContext(logger: logger, rebalanceSink: sink))
+        rd_kafka_poll_set_consumer(handle.pointer)  // one queue: messages, rebalances and errors all come from poll
+        self.groupID = groupID
+        self.rebalanceEvents = stream
+        self.logger = logger
+    }
+
+    /// Joins the group for these topics (replaces any earlier subscription).
+    public func subscribe(topics: [String]) throws {
+        let list = RDKafkaPartitionList(topics.map { KafkaTopicPartitionOffset(topic: $0, partition: -1, offset: -1001) })
+        let error = rd_kafka_subscribe(handle.pointer, list.pointer)
+        guard error == RD_KAFKA_RESP_ERR_NO_ERROR else {
+            throw KafkaError(error, context: "cannot subscribe group '\(groupID)' to \(topics)")
+        }
+    }
+
+    /// Waits up to `timeout` for the next record. Returns `nil` if none arrived. Transient errors (a broker
+    /// that is down) are logged and retried by librdkafka; only fatal errors are thrown.
+    public func poll(timeout: Duration) async throws -> KafkaMessage? {
+        let milliseconds = Int32(clamping: timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+        let (message, error) = await onQueue { [handle] in
+            guard let raw = rd_kafka_consumer_poll(handle.pointer, milliseconds) else {
+                return (KafkaMessage?.none, KafkaError?.none)
+            }
+            defer { rd_kafka_message_destroy(raw) }
+            if raw.pointee.err != RD_KAFKA_RESP_ERR_NO_ERROR {
+                var error = KafkaError(raw.pointee.err, context: "consumer poll")
+                if raw.pointee.err == RD_KAFKA_RESP_ERR__FATAL {
+                    error.isFatal = true
+                }
+                return (nil, error)
+            }
+            return (RDKafkaMessage.decode(raw), nil)
+        }
+        if let error {
+            if error.isFatal { throw error }
+            logger.info("consumer error, librdkafka retries", metadata: ["kafka.error": "\(error)"])
+        }
+        return message
+    }
+
+    /// Commits the position after `message` (its offset + 1), synchronously.
+    public func commit(_ message: KafkaMessage) async throws {
+        try await commit([KafkaTopicPartitionOffset(topic: message.topic, partition: message.partition, offset: message.offset + 1)])
+    }
+
+    /// Commits positions (each the offset of the next record to read), synchronously.
+    public func commit(_ offsets: [KafkaTopicPartitionOffset]) async throws {
+        guard !offsets.isEmpty else { return }
+        let error = await onQueue { [handle] in
+            let list = RDKafkaPartitionList(offsets)
+            return rd_kafka_commit(handle.pointer, list.pointer, 0)
+        }
+        guard error == RD_KAFKA_RESP_ERR_NO_ERROR else {
+            throw KafkaError(error, context: "commit of \(offsets.count) offsets for group '\(groupID)' failed")
+        }
+    }
+
+    /// The group's committed positions for these partitions (`-1001`, librdkafka's "invalid", if none).
+    public func committed(_ partitions: [KafkaTopicPartition], timeout: Duration = .seconds(10)) async throws
+        -> [KafkaTopicPartitionOffset]
+    {
+        let milliseconds = Int32(timeout.components.seconds * 1000)
+        return try await onQueue { [handle, groupID] () -> Result<[KafkaTopicPartitionOffset], KafkaError> in
+            let list = RDKafkaPartitionList(partitions.map { .init(topic: $0.topic, partition: $0.partition, offset: -1001) })
+            let error = rd_kafka_committed(handle.pointer, list.pointer, milliseconds)
+            guard error == RD_KAFKA_RESP_ERR_NO_ERROR else {
+                return .failure(KafkaError(error, context: "cannot read committed offsets of group '\(groupID)'"))
+            }
+            return .success(list.entries)
+        }.get()
+    }
+
+    /// The partitions currently assigned to this consumer.
+    public func assignment() async throws -> [KafkaTopicPartition] {
+        try await onQueue { [handle] () -> Result<[KafkaTopicPartition], KafkaError> in
+            var raw: UnsafeMutablePointer<rd_kafka_topic_partition_list_t>?
+            let error = rd_kafka_assignment(handle.pointer, &raw)
+            guard error == RD_KAFKA_RESP_ERR_NO_ERROR, let raw else {
+                return .failure(KafkaError(error, context: "cannot read assignment"))
+            }
+            return .success(RDKafkaPartitionList(taking: raw).entries.map { .init(topic: $0.topic, partition: $0.partition) })
+        }.get()
+    }
+
+    /// Leaves the group (revoking partitions) and stops the consumer. Commit your offsets before.
+    public func close() async {
+        let error = await onQueue { [handle] in rd_kafka_consumer_close(handle.pointer) }
+        if error != RD_KAFKA_RESP_ERR_NO_ERROR {
+            logger.warning("consumer close reported an error", metadata: ["kafka.error": "\(KafkaError(error, context: "close"))"])
+        }
+        handle.context.finishRebalanceEvents()
+    }
+
+    private func onQueue<T: Sendable>(_ work: @escaping @Sendable () -> T) async -> T {
+        await withCheckedContinuation { continuation in
+            queue.async { continuation.resume(returning: work()) }
+        }
+    }
+}
+
+/// Called by librdkafka inside `rd_kafka_consumer_poll` when the group changes this member's partitions.
+private let rebalanceCallback: @convention(c) (
+    OpaquePointer?, rd_kafka_resp_err_t, UnsafeMutablePointer<rd_kafka_topic_partition_list_t>?, UnsafeMutableRawPointer?
+) -> Void = { client, error, partitions, _ in
+    guard let client else { return }
+    let context = RDKafkaHandle.context(of: client)
+    let list = partitions.map { RDKafkaPartitionList.entries(of: $0).map { KafkaTopicPartition(topic: $0.topic, partition: $0.partition) } } ?? []
+    let cooperative = String(cString: rd_kafka_rebalance_protocol(client)) == "COOPERATIVE"
+    switch error {
+    case RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS:
+        if cooperative {
+            if let failure = rd_kafka_incremental_assign(client, partitions) { rd_kafka_error_destroy(failure) }
+        } else {
+            rd_kafka_assign(client, partitions)
+        }
+        context?.publish(.assigned(list))
+    case RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS:
+        if cooperative {
+            if let failure = rd_kafka_incremental_unassign(client, partitions) { rd_kafka_error_destroy(failure) }
+        } else {
+            rd_kafka_assign(client, nil)
+        }
+        context?.publish(.revoked(list))
+    default:
+        rd_kafka_assign(client, nil)
+        context?.publish(.failed(String(cString: rd_kafka_err2str(error))))
+    }
+}

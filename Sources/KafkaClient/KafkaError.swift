@@ -1,0 +1,77 @@
+import CRdKafka
+
+/// An error from librdkafka or from this wrapper: the librdkafka error code, its message, and what failed.
+public struct KafkaError: Error, CustomStringConvertible, Sendable {
+    /// A librdkafka error code (`rd_kafka_resp_err_t`), kept opaque so no C type leaks into the API.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        let rawValue: Int32
+        init(rawValue: Int32) { self.rawValue = rawValue }
+        init(_ error: rd_kafka_resp_err_t) { self.rawValue = error.rawValue }
+
+        /// librdkafka's name for the code, e.g. `_MSG_TIMED_OUT` or `MSG_SIZE_TOO_LARGE`.
+        public var name: String { String(cString: rd_kafka_err2name(rd_kafka_resp_err_t(rawValue: rawValue))) }
+        public var description: String { name }
+
+        public static let messageTimedOut = Code(RD_KAFKA_RESP_ERR__MSG_TIMED_OUT)
+        public static let queueFull = Code(RD_KAFKA_RESP_ERR__QUEUE_FULL)
+        public static let messageSizeTooLarge = Code(RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE)
+        public static let transport = Code(RD_KAFKA_RESP_ERR__TRANSPORT)
+        public static let allBrokersDown = Code(RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
+        public static let unknownTopicOrPartition = Code(RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
+        public static let topicAlreadyExists = Code(RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS)
+        public static let notLeaderForPartition = Code(RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION)
+        public static let notEnoughReplicas = Code(RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS)
+        public static let requestTimedOut = Code(RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT)
+        public static let purgedQueue = Code(RD_KAFKA_RESP_ERR__PURGE_QUEUE)
+        public static let purgedInFlight = Code(RD_KAFKA_RESP_ERR__PURGE_INFLIGHT)
+        public static let timedOut = Code(RD_KAFKA_RESP_ERR__TIMED_OUT)
+        public static let invalidArgument = Code(RD_KAFKA_RESP_ERR__INVALID_ARG)
+        public static let fatal = Code(RD_KAFKA_RESP_ERR__FATAL)
+        public static let noOffset = Code(RD_KAFKA_RESP_ERR__NO_OFFSET)
+        /// Not a librdkafka code: a property name or value that librdkafka rejected.
+        public static let invalidConfiguration = Code(RD_KAFKA_RESP_ERR__INVALID_ARG)
+        /// Not a librdkafka code: the client was closed.
+        public static let closed = Code(RD_KAFKA_RESP_ERR__DESTROY)
+    }
+
+    public var code: Code
+    /// librdkafka's message for this error, plus context from this wrapper.
+    public var message: String
+    /// librdkafka says the error is fatal: the client must be recreated.
+    public var isFatal: Bool
+    /// librdkafka says the operation may succeed if retried.
+    public var isRetriable: Bool
+
+    public init(code: Code, message: String, isFatal: Bool = false, isRetriable: Bool = false) {
+        self.code = code
+        self.message = message
+        self.isFatal = isFatal
+        self.isRetriable = isRetriable
+    }
+
+    init(_ error: rd_kafka_resp_err_t, context: String) {
+        self.init(
+            code: Code(error),
+            message: "\(context): \(String(cString: rd_kafka_err2str(error)))",
+            isRetriable: Self.retriableCodes.contains(Code(error))
+        )
+    }
+
+    /// Takes ownership of an `rd_kafka_error_t` and destroys it.
+    init(consuming error: OpaquePointer, context: String) {
+        defer { rd_kafka_error_destroy(error) }
+        self.init(
+            code: Code(rd_kafka_error_code(error)),
+            message: "\(context): \(String(cString: rd_kafka_error_string(error)))",
+            isFatal: rd_kafka_error_is_fatal(error) != 0,
+            isRetriable: rd_kafka_error_is_retriable(error) != 0
+        )
+    }
+
+    private static let retriableCodes: Set<Code> = [
+        .messageTimedOut, .queueFull, .transport, .allBrokersDown, .notLeaderForPartition, .notEnoughReplicas,
+        .requestTimedOut, .timedOut,
+    ]
+
+    public var description: String { "Kafka error \(code.name): \(message)" }
+}

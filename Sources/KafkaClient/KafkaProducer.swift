@@ -1,0 +1,190 @@
+import CRdKafka
+import Foundation
+import Logging
+import Synchronization
+
+/// A Kafka producer over librdkafka.
+///
+/// Idempotence is on by default (`enable.idempotence=true`, which implies `acks=all`), so retries after
+/// broker faults neither duplicate nor reorder records of a partition.
+///
+/// Each record enqueued with ``enqueue(_:)`` gets a ``KafkaDeliveryPromise`` that librdkafka fulfils with a
+/// ``KafkaDeliveryReport`` once the record is stored (or has failed). Records enqueued in order with the same
+/// key land in one partition in that order.
+///
+/// A dedicated thread serves librdkafka's event queue (`rd_kafka_poll`), which is where delivery reports are
+/// produced; it keeps that blocking call off Swift's cooperative pool. Call ``close(timeout:)`` when done.
+public final class KafkaProducer: Sendable {
+    /// Defaults this wrapper applies under the caller's properties.
+    public static let defaultProperties: [String: String] = [
+        "enable.idempotence": "true",
+        "acks": "all",
+        "linger.ms": "5",
+    ]
+
+    private let handle: RDKafkaHandle
+    private let pollLoop = PollLoopState()
+    private let logger: Logger
+
+    /// Creates a producer.
+    /// - Throws: ``KafkaError`` with ``KafkaError/Code/invalidConfiguration`` naming a rejected property.
+    public init(configuration: KafkaConfiguration, logger: Logger = Logger(label: "eventoutbox.kafka.producer")) throws {
+        let conf = try RDKafkaConfig.make(configuration.merged(over: Self.defaultProperties))
+        rd_kafka_conf_set_dr_msg_cb(conf, deliveryReportCallback)
+        handle = try RDKafkaHandle(type: RD_KAFKA_PRODUCER, conf: conf, context: RDKafkaContext(logger: logger))
+        self.logger = logger
+        let thread = Thread { [handle, pollLoop] in
+            while !pollLoop.stopping.load(ordering: .acquiring) {
+                rd_kafka_poll(handle.pointer, 100)
+            }
+            // Fail what is still queued so that every promise is fulfilled, then serve those reports.
+            rd_kafka_purge(handle.pointer, Int32(RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT))
+            while rd_kafka_outq_len(handle.pointer) > 0 && rd_kafka_poll(handle.pointer, 100) >= 0 {
+                if rd_kafka_outq_len(handle.pointer) == 0 { break }
+            }
+            rd_kafka_poll(handle.pointer, 0)
+            let waiters = pollLoop.finished.withLock { waiters -> [CheckedContinuation<Void, Never>] in
+                defer { waiters = nil }
+                return waiters ?? []
+            }
+            waiters.forEach { $0.resume() }
+        }
+        thread.name = "eventoutbox-kafka-producer-poll"
+        thread.start()
+    }
+
+    deinit { pollLoop.stopping.store(true, ordering: .releasing) }
+
+    /// Hands a record to librdkafka without waiting for the broker.
+    /// - Returns: a promise of the record's delivery report.
+    /// - Throws: ``KafkaError`` when librdkafka refuses the record right away (e.g. ``KafkaError/Code/queueFull``,
+    ///   an unknown partition, or the producer is closed). Nothing was enqueued then.
+    public func enqueue(_ message: KafkaOutgoingMessage) throws -> KafkaDeliveryPromise {
+        guard !pollLoop.stopping.load(ordering: .acquiring) else {
+            throw KafkaError(code: .closed, message: "producer is closed; cannot send to '\(message.topic)'")
+        }
+        let promise = KafkaDeliveryPromise(topic: message.topic)
+        // One retain travels with the record as its opaque; the delivery callback takes it back.
+        let opaque = Unmanaged.passRetained(promise).toOpaque()
+        if let error = RDKafkaProduce.produce(handle.pointer, message, opaque: opaque) {
+            Unmanaged<KafkaDeliveryPromise>.fromOpaque(opaque).release()  // C will never call back for it
+            throw error
+        }
+        return promise
+    }
+
+    /// Enqueues a record and waits for its delivery report, retrying while librdkafka's local queue is full.
+    public func send(_ message: KafkaOutgoingMessage) async throws -> KafkaDeliveryReport {
+        while true {
+            do {
+                return try await enqueue(message).report()
+            } catch let error as KafkaError where error.code == .queueFull {
+                try await Task.sleep(for: .milliseconds(5))
+            }
+        }
+    }
+
+    /// Number of records not yet acknowledged (queued or in flight).
+    public var pendingCount: Int { Int(rd_kafka_outq_len(handle.pointer)) }
+
+    /// Waits until every enqueued record has a delivery report, or `timeout` passes.
+    /// - Throws: ``KafkaError/Code/timedOut`` if records remain after `timeout`.
+    public func flush(timeout: Duration) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while pendingCount > 0 {
+            guard ContinuousClock.now < deadline else {
+                throw KafkaError(
+                    code: .timedOut, message: "flush: \(pendingCount) records still undelivered after \(timeout)")
+            }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+    }
+
+    /// Flushes for up to `timeout`, then stops the producer. Records still undelivered get a failed report
+    /// (purged), so no promise is left waiting.
+    public func close(timeout: Duration = .seconds(10)) async {
+        do {
+            try await flush(timeout: timeout)
+        } catch {
+            logger.warning("closing producer with undelivered records", metadata: ["kafka.error": "\(error)"])
+        }
+        pollLoop.stopping.store(true, ordering: .releasing)
+        await withCheckedContinuation { continuation in
+            let alreadyDone = pollLoop.finished.withLock { waiters -> Bool in
+                guard waiters != nil else { return true }
+                waiters!.append(continuation)
+                return false
+            }
+            if alreadyDone { continuation.resume() }
+        }
+    }
+}
+
+/// Shared between the producer and its poll thread.
+private final class PollLoopState: Sendable {
+    /// Set once to stop the poll thread (by `close` or `deinit`).
+    let stopping = Atomic<Bool>(false)
+    /// Who waits for the poll thread to finish; `nil` once it has.
+    let finished = Mutex<[CheckedContinuation<Void, Never>]?>([])
+}
+
+/// The delivery report of one record, available once librdkafka has one.
+public final class KafkaDeliveryPromise: Sendable {
+    private enum State {
+        case pending([CheckedContinuation<KafkaDeliveryReport, Never>])
+        case done(KafkaDeliveryReport)
+    }
+
+    public let topic: String
+    private let state = Mutex<State>(.pending([]))
+
+    init(topic: String) { self.topic = topic }
+
+    /// Waits for the report: where the record was stored, or why it failed.
+    public func report() async -> KafkaDeliveryReport {
+        await withCheckedContinuation { continuation in
+            let ready = state.withLock { state -> KafkaDeliveryReport? in
+                switch state {
+                case .done(let report): return report
+                case .pending(var waiters):
+                    waiters.append(continuation)
+                    state = .pending(waiters)
+                    return nil
+                }
+            }
+            if let ready { continuation.resume(returning: ready) }
+        }
+    }
+
+    /// The report if it has arrived.
+    public var currentReport: KafkaDeliveryReport? {
+        state.withLock { if case .done(let report) = $0 { report } else { nil } }
+    }
+
+    func fulfill(_ report: KafkaDeliveryReport) {
+        let waiters = state.withLock { state -> [CheckedContinuation<KafkaDeliveryReport, Never>] in
+            guard case .pending(let waiters) = state else { return [] }
+            state = .done(report)
+            return waiters
+        }
+        waiters.forEach { $0.resume(returning: report) }
+    }
+}
+
+/// Called by librdkafka (on the producer's poll thread) once per record.
+private let deliveryReportCallback: @convention(c) (OpaquePointer?, UnsafePointer<rd_kafka_message_t>?, UnsafeMutableRawPointer?) -> Void = {
+    _, message, _ in
+    guard let message, let opaque = message.pointee._private else { return }
+    // Takes back the retain made in `enqueue`.
+    let promise = Unmanaged<KafkaDeliveryPromise>.fromOpaque(opaque).takeRetainedValue()
+    let error = message.pointee.err
+    promise.fulfill(
+        KafkaDeliveryReport(
+            topic: promise.topic,
+            partition: message.pointee.partition,
+            offset: error == RD_KAFKA_RESP_ERR_NO_ERROR ? message.pointee.offset : nil,
+            error: error == RD_KAFKA_RESP_ERR_NO_ERROR
+                ? nil : KafkaError(error, context: "delivery to '\(promise.topic)' failed")
+        )
+    )
+}

@@ -1,0 +1,56 @@
+import CRdKafka
+
+/// Builds an `rd_kafka_conf_t` from property names and values, failing with the name librdkafka rejected.
+enum RDKafkaConfig {
+    /// Text that librdkafka wrote into an error buffer.
+    static func string(_ buffer: [CChar]) -> String {
+        String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// Returns a new configuration; the caller hands it to `rd_kafka_new` (which takes ownership on success)
+    /// or destroys it.
+    static func make(_ properties: [String: String]) throws(KafkaError) -> OpaquePointer {
+        let conf = rd_kafka_conf_new()!
+        for (key, value) in properties.sorted(by: { $0.key < $1.key }) {
+            var errorText = [CChar](repeating: 0, count: 512)
+            let result = rd_kafka_conf_set(conf, key, value, &errorText, errorText.count)
+            if result != RD_KAFKA_CONF_OK {
+                rd_kafka_conf_destroy(conf)
+                throw KafkaError(
+                    code: .invalidConfiguration,
+                    message: "librdkafka rejected property '\(key)=\(value)': \(RDKafkaConfig.string(errorText)); "
+                        + "see librdkafka's CONFIGURATION.md for valid names and values"
+                )
+            }
+        }
+        return conf
+    }
+}
+
+/// Owns one `rd_kafka_t` and destroys it. `rd_kafka_t` is thread-safe, so this is shared freely.
+final class RDKafkaHandle: @unchecked Sendable {
+    let pointer: OpaquePointer
+    /// Kept alive as long as the handle: librdkafka's callbacks find it through `rd_kafka_opaque`.
+    let context: RDKafkaContext
+
+    /// Creates a client of `type` (`RD_KAFKA_PRODUCER` or `RD_KAFKA_CONSUMER`). Takes ownership of `conf`.
+    init(type: rd_kafka_type_t, conf: OpaquePointer, context: RDKafkaContext) throws(KafkaError) {
+        rd_kafka_conf_set_opaque(conf, Unmanaged.passUnretained(context).toOpaque())
+        rd_kafka_conf_set_log_cb(conf, rdKafkaLogCallback)
+        var errorText = [CChar](repeating: 0, count: 512)
+        guard let pointer = rd_kafka_new(type, conf, &errorText, errorText.count) else {
+            rd_kafka_conf_destroy(conf)  // rd_kafka_new only takes `conf` on success
+            throw KafkaError(code: .invalidConfiguration, message: "cannot create Kafka client: \(RDKafkaConfig.string(errorText))")
+        }
+        self.pointer = pointer
+        self.context = context
+    }
+
+    deinit { rd_kafka_destroy(pointer) }
+
+    /// The context of the client that a callback belongs to.
+    static func context(of client: OpaquePointer?) -> RDKafkaContext? {
+        guard let client, let opaque = rd_kafka_opaque(client) else { return nil }
+        return Unmanaged<RDKafkaContext>.fromOpaque(opaque).takeUnretainedValue()
+    }
+}

@@ -1,0 +1,178 @@
+import CLibPQ
+import Foundation
+
+/// Owns one `PGconn` and makes the blocking libpq calls. Not thread-safe by itself:
+/// ``PostgresConnection`` confines every use to one serial dispatch queue.
+final class PQConnectionHandle {
+    private let conn: OpaquePointer
+
+    private init(conn: OpaquePointer) { self.conn = conn }
+
+    deinit { PQfinish(conn) }
+
+    /// Opens a connection (blocking). `conninfo` is a `postgresql://` URL or `key=value` pairs.
+    static func connect(_ conninfo: String) throws(PostgresError) -> PQConnectionHandle {
+        guard let conn = PQconnectdb(conninfo) else {
+            throw PostgresError(code: .connectionFailed, message: "libpq could not allocate a connection")
+        }
+        // From here on `handle` owns `conn`; its deinit calls PQfinish on every path.
+        let handle = PQConnectionHandle(conn: conn)
+        guard PQstatus(conn) == CONNECTION_OK else {
+            throw PostgresError(
+                code: .connectionFailed,
+                message: "could not connect to \(PostgresURL.redacted(conninfo)): \(handle.lastErrorMessage)"
+            )
+        }
+        // Fixed session settings that the decoders rely on (timestamps in UTC, ISO format, UTF-8 text).
+        try handle.executeScript("SET client_encoding = 'UTF8'; SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'")
+        return handle
+    }
+
+    var isBroken: Bool { PQstatus(conn) != CONNECTION_OK }
+
+    var lastErrorMessage: String {
+        String(cString: PQerrorMessage(conn)).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// Runs one parameterized statement. Values are sent out of band (`PQexecParams`), never spliced into `sql`.
+    func execute(_ sql: String, _ binds: [PostgresBind], statement: String) throws(PostgresError) -> PostgresResult {
+        var wire: [(bytes: [UInt8], binary: Bool)?] = []
+        wire.reserveCapacity(binds.count)
+        for (index, bind) in binds.enumerated() {
+            do {
+                wire.append(try bind.wireValue(parameter: index + 1))
+            } catch {
+                var error = error
+                error.statement = statement
+                throw error
+            }
+        }
+        // Copy every value into its own NUL-terminated C buffer that lives for the duration of the call.
+        let buffers: [UnsafeMutablePointer<CChar>?] = wire.map { value in
+            guard let value else { return nil }
+            let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: value.bytes.count + 1)
+            value.bytes.withUnsafeBufferPointer { source in
+                source.withMemoryRebound(to: CChar.self) { chars in
+                    if let base = chars.baseAddress { buffer.update(from: base, count: value.bytes.count) }
+                }
+            }
+            buffer[value.bytes.count] = 0
+            return buffer
+        }
+        defer { buffers.forEach { $0?.deallocate() } }
+        let types = binds.map { Oid($0.typeOID) }
+        let lengths = wire.map { Int32($0?.bytes.count ?? 0) }
+        let formats = wire.map { Int32(($0?.binary ?? false) ? 1 : 0) }
+        let values = buffers.map { UnsafePointer($0) }
+        let result = PQexecParams(conn, sql, Int32(binds.count), types, values, lengths, formats, 0)
+        return try consume(result, statement: statement)
+    }
+
+    /// Runs SQL text without parameters; may hold several statements (migrations, BEGIN/COMMIT).
+    func executeScript(_ sql: String, statement: String? = nil) throws(PostgresError) {
+        _ = try consume(PQexec(conn, sql), statement: statement ?? PostgresURL.abbreviate(sql))
+    }
+
+    /// Quotes an identifier (for LISTEN channel names, which cannot be parameters).
+    func escapeIdentifier(_ identifier: String) throws(PostgresError) -> String {
+        guard let escaped = PQescapeIdentifier(conn, identifier, identifier.utf8.count) else {
+            throw PostgresError(code: .invalidBind, message: "cannot quote identifier: \(lastErrorMessage)")
+        }
+        defer { PQfreemem(escaped) }
+        return String(cString: escaped)
+    }
+
+    /// Returns the notifications that have arrived, waiting up to `timeoutMilliseconds` for the first one.
+    func awaitNotifications(timeoutMilliseconds: Int32) throws(PostgresError) -> [PostgresNotification] {
+        var received = try drainNotifications()
+        if !received.isEmpty { return received }
+        var descriptor = pollfd(fd: PQsocket(conn), events: Int16(POLLIN), revents: 0)
+        guard descriptor.fd >= 0 else {
+            throw PostgresError(code: .connectionLost, message: "connection has no socket: \(lastErrorMessage)")
+        }
+        let ready = poll(&descriptor, 1, timeoutMilliseconds)
+        if ready < 0 && errno != EINTR {
+            throw PostgresError(code: .connectionLost, message: "poll on the connection failed: errno \(errno)")
+        }
+        received = try drainNotifications()
+        return received
+    }
+
+    private func drainNotifications() throws(PostgresError) -> [PostgresNotification] {
+        guard PQconsumeInput(conn) == 1 else {
+            throw PostgresError(code: .connectionLost, message: "reading notifications failed: \(lastErrorMessage)")
+        }
+        var notifications: [PostgresNotification] = []
+        while let notify = PQnotifies(conn) {
+            notifications.append(
+                PostgresNotification(
+                    channel: String(cString: notify.pointee.relname),
+                    payload: String(cString: notify.pointee.extra),
+                    senderProcessID: notify.pointee.be_pid
+                )
+            )
+            PQfreemem(notify)
+        }
+        return notifications
+    }
+
+    /// Turns a `PGresult` into rows or a ``PostgresError`` and frees it.
+    private func consume(_ result: OpaquePointer?, statement: String) throws(PostgresError) -> PostgresResult {
+        guard let result else {
+            throw PostgresError(
+                code: isBroken ? .connectionLost : .server, message: lastErrorMessage, statement: statement)
+        }
+        defer { PQclear(result) }
+        switch PQresultStatus(result) {
+        case PGRES_COMMAND_OK, PGRES_TUPLES_OK, PGRES_EMPTY_QUERY:
+            break
+        default:
+            func field(_ code: UInt8) -> String? {
+                guard let value = PQresultErrorField(result, Int32(code)) else { return nil }
+                return String(cString: value)
+            }
+            let message =
+                field(UInt8(ascii: "M"))
+                ?? String(cString: PQresultErrorMessage(result)).trimmingCharacters(in: .whitespacesAndNewlines)
+            throw PostgresError(
+                code: isBroken ? .connectionLost : .server,
+                message: message.isEmpty ? lastErrorMessage : message,
+                sqlState: field(UInt8(ascii: "C")),
+                detail: field(UInt8(ascii: "D")),
+                hint: field(UInt8(ascii: "H")),
+                constraint: field(UInt8(ascii: "n")),
+                statement: statement
+            )
+        }
+        let columnCount = Int(PQnfields(result))
+        let rowCount = Int(PQntuples(result))
+        let columns = PostgresColumns(
+            names: (0..<columnCount).map { String(cString: PQfname(result, Int32($0))) },
+            types: (0..<columnCount).map { PostgresType(oid: UInt32(PQftype(result, Int32($0)))) }
+        )
+        var rows: [PostgresRow] = []
+        rows.reserveCapacity(rowCount)
+        for row in 0..<Int32(rowCount) {
+            var cells: [String?] = []
+            cells.reserveCapacity(columnCount)
+            for column in 0..<Int32(columnCount) {
+                if PQgetisnull(result, row, column) == 1 {
+                    cells.append(nil)
+                } else {
+                    let length = Int(PQgetlength(result, row, column))
+                    let bytes = UnsafeRawBufferPointer(start: PQgetvalue(result, row, column), count: length)
+                    cells.append(String(decoding: bytes, as: UTF8.self))
+                }
+            }
+            rows.append(PostgresRow(columns: columns, cells: cells))
+        }
+        let affected = Int(String(cString: PQcmdTuples(result))) ?? 0
+        return PostgresResult(rows: rows, affectedRows: affected)
+    }
+}
+
+/// Rows of a statement plus the count the server reported for INSERT/UPDATE/DELETE.
+struct PostgresResult {
+    var rows: [PostgresRow]
+    var affectedRows: Int
+}

@@ -1,0 +1,101 @@
+import Foundation
+
+/// A value bound to a `$n` placeholder. Values always travel separately from the SQL text, so no
+/// quoting or escaping is ever needed (or possible).
+public enum PostgresBind: Sendable, Hashable {
+    case null
+    case text(String)
+    case int32(Int32)
+    case int64(Int64)
+    case bool(Bool)
+    case uuid(UUID)
+    case timestamp(Date)
+    /// JSON text for a `jsonb` parameter; the server validates it.
+    case jsonb(String)
+    case bytea([UInt8])
+
+    /// Convenience for `Int`.
+    public static func int(_ value: Int) -> PostgresBind { .int64(Int64(value)) }
+
+    /// `.null` when `value` is nil, else `.text(value)`.
+    public static func text(_ value: String?) -> PostgresBind { value.map(PostgresBind.text) ?? .null }
+
+    /// The type OID sent with the parameter; the server casts it to the column type on assignment.
+    var typeOID: UInt32 {
+        switch self {
+        case .null: return 0
+        case .text: return PostgresType.text.oid
+        case .int32: return PostgresType.int4.oid
+        case .int64: return PostgresType.int8.oid
+        case .bool: return PostgresType.bool.oid
+        case .uuid: return PostgresType.uuid.oid
+        case .timestamp: return PostgresType.timestamptz.oid
+        case .jsonb: return PostgresType.jsonb.oid
+        case .bytea: return PostgresType.bytea.oid
+        }
+    }
+
+    /// Wire form: bytes and whether they are binary (only `bytea` is). `nil` means SQL NULL.
+    func wireValue(parameter: Int) throws(PostgresError) -> (bytes: [UInt8], binary: Bool)? {
+        func textBytes(_ string: String) throws(PostgresError) -> [UInt8] {
+            let bytes = Array(string.utf8)
+            if bytes.contains(0) {
+                throw PostgresError(
+                    code: .invalidBind,
+                    message: "parameter $\(parameter) contains a NUL byte, which PostgreSQL text cannot store; "
+                        + "strip it or send the value as bytea"
+                )
+            }
+            return bytes
+        }
+        switch self {
+        case .null: return nil
+        case .text(let value), .jsonb(let value): return (try textBytes(value), false)
+        case .int32(let value): return (Array(String(value).utf8), false)
+        case .int64(let value): return (Array(String(value).utf8), false)
+        case .bool(let value): return (Array((value ? "t" : "f").utf8), false)
+        case .uuid(let value): return (Array(value.uuidString.utf8), false)
+        case .timestamp(let value): return (Array(PostgresTimestamp.format(value).utf8), false)
+        case .bytea(let value): return (value, true)
+        }
+    }
+}
+
+/// The PostgreSQL types this client decodes by name.
+public struct PostgresType: Hashable, Sendable, CustomStringConvertible {
+    public let oid: UInt32
+    public init(oid: UInt32) { self.oid = oid }
+
+    public static let bool = PostgresType(oid: 16)
+    public static let bytea = PostgresType(oid: 17)
+    public static let int8 = PostgresType(oid: 20)
+    public static let int2 = PostgresType(oid: 21)
+    public static let int4 = PostgresType(oid: 23)
+    public static let text = PostgresType(oid: 25)
+    public static let json = PostgresType(oid: 114)
+    public static let varchar = PostgresType(oid: 1043)
+    public static let timestamptz = PostgresType(oid: 1184)
+    public static let timestamp = PostgresType(oid: 1114)
+    public static let numeric = PostgresType(oid: 1700)
+    public static let uuid = PostgresType(oid: 2950)
+    public static let jsonb = PostgresType(oid: 3802)
+
+    public var description: String {
+        switch self {
+        case .bool: "bool"
+        case .bytea: "bytea"
+        case .int8: "int8"
+        case .int2: "int2"
+        case .int4: "int4"
+        case .text: "text"
+        case .json: "json"
+        case .varchar: "varchar"
+        case .timestamptz: "timestamptz"
+        case .timestamp: "timestamp"
+        case .numeric: "numeric"
+        case .uuid: "uuid"
+        case .jsonb: "jsonb"
+        default: "oid \(oid)"
+        }
+    }
+}

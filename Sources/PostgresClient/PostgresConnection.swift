@@ -1,0 +1,142 @@
+import Dispatch
+import Foundation
+
+/// One PostgreSQL connection.
+///
+/// libpq calls block the calling thread until the server answers. Running them on Swift's cooperative
+/// thread pool (which has one thread per core, two here) would stall every other task while a query
+/// waits on the network. So each connection owns a serial `DispatchQueue`: every libpq call on this
+/// connection runs there, one at a time, and the async caller is suspended (not blocked) meanwhile.
+/// The serial queue is also what makes the unsynchronized `PGconn` safe to share as `Sendable`.
+///
+/// A connection runs one statement at a time; use ``PostgresPool`` for concurrency.
+public final class PostgresConnection: @unchecked Sendable {
+    // Only touched on `queue` (see the type's doc comment).
+    private let handle: PQConnectionHandle
+    private let queue: DispatchQueue
+
+    private init(handle: PQConnectionHandle, queue: DispatchQueue) {
+        self.handle = handle
+        self.queue = queue
+    }
+
+    /// Opens a connection.
+    /// - Parameter url: a `postgresql://` URL (`postgresql:///db?host=/tmp/sock` for a unix socket) or
+    ///   libpq `key=value` pairs.
+    /// - Throws: ``PostgresError`` with code ``PostgresError/Code/connectionFailed``.
+    public static func connect(to url: String) async throws -> PostgresConnection {
+        let queue = DispatchQueue(label: "eventoutbox.postgres.connection")
+        let handle = try await onQueue(queue) { () throws(PostgresError) in try PQConnectionHandle.connect(url) }
+        return PostgresConnection(handle: handle, queue: queue)
+    }
+
+    /// Runs a statement and returns its rows.
+    /// - Parameters:
+    ///   - sql: SQL with `$1`, `$2`, ... placeholders.
+    ///   - binds: the values for the placeholders, in order.
+    ///   - statement: a short name for error messages and logs (default: the start of `sql`).
+    /// - Throws: ``PostgresError`` carrying SQLSTATE, the server message and `statement`.
+    @discardableResult
+    public func query(_ sql: String, _ binds: [PostgresBind] = [], statement: String? = nil) async throws
+        -> [PostgresRow]
+    {
+        let name = statement ?? PostgresURL.abbreviate(sql)
+        return try await run { handle throws(PostgresError) in try handle.execute(sql, binds, statement: name).rows }
+    }
+
+    /// Runs a statement and returns how many rows it inserted, updated or deleted.
+    @discardableResult
+    public func execute(_ sql: String, _ binds: [PostgresBind] = [], statement: String? = nil) async throws -> Int {
+        let name = statement ?? PostgresURL.abbreviate(sql)
+        return try await run { handle throws(PostgresError) in
+            try handle.execute(sql, binds, statement: name).affectedRows
+        }
+    }
+
+    /// Runs SQL text without parameters; it may contain several statements separated by `;`.
+    /// For schema scripts and session commands only; data always goes through ``query(_:_:statement:)``.
+    public func executeScript(_ sql: String, statement: String? = nil) async throws {
+        try await run { handle throws(PostgresError) in try handle.executeScript(sql, statement: statement) }
+    }
+
+    /// Runs `body` inside `BEGIN` ... `COMMIT`. If `body` throws, the transaction is rolled back and the
+    /// error rethrown, so nothing the body wrote remains.
+    @discardableResult
+    public func withTransaction<T: Sendable>(
+        _ body: @Sendable (PostgresConnection) async throws -> T
+    ) async throws -> T {
+        try await executeScript("BEGIN", statement: "BEGIN")
+        let value: T
+        do {
+            value = try await body(self)
+        } catch {
+            // A broken connection has already lost the transaction; the server rolls it back.
+            try? await executeScript("ROLLBACK", statement: "ROLLBACK")
+            throw error
+        }
+        try await executeScript("COMMIT", statement: "COMMIT")
+        return value
+    }
+
+    /// Subscribes this connection to a notification channel (`LISTEN`).
+    public func listen(_ channel: String) async throws {
+        try await run { handle throws(PostgresError) in
+            try handle.executeScript("LISTEN \(try handle.escapeIdentifier(channel))", statement: "LISTEN \(channel)")
+        }
+    }
+
+    /// Sends a notification (`pg_notify`); it is delivered when the surrounding transaction commits.
+    public func notify(_ channel: String, payload: String = "") async throws {
+        try await query("SELECT pg_notify($1, $2)", [.text(channel), .text(payload)], statement: "notify")
+    }
+
+    /// Waits until at least one notification arrives on a channel this connection listens to, or the timeout
+    /// passes. Returns the notifications received (empty on timeout).
+    public func notifications(timeout: Duration) async throws -> [PostgresNotification] {
+        let milliseconds = Int32(clamping: timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+        return try await run { handle throws(PostgresError) in
+            try handle.awaitNotifications(timeoutMilliseconds: milliseconds)
+        }
+    }
+
+    /// `true` once the connection is unusable (server gone, network dropped). A pool discards it.
+    public var isBroken: Bool {
+        get async { (try? await run { handle throws(PostgresError) in handle.isBroken }) ?? true }
+    }
+
+    private func run<T: Sendable>(_ work: @escaping @Sendable (PQConnectionHandle) throws(PostgresError) -> T)
+        async throws -> T
+    {
+        let handle = UnsafeTransfer(handle)
+        return try await Self.onQueue(queue) { () throws(PostgresError) in try work(handle.value) }
+    }
+
+    private static func onQueue<T>(_ queue: DispatchQueue, _ work: @escaping @Sendable () throws(PostgresError) -> T)
+        async throws -> T
+    {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<UnsafeTransfer<T>, any Error>) in
+            queue.async {
+                do {
+                    continuation.resume(returning: UnsafeTransfer(try work()))
+                } catch {
+                    continuation.resume(throwing: error)
+                }
+            }
+        }.value
+    }
+}
+
+/// Carries a value across the queue hop. Safe here because the value is only used on the other side
+/// after the hop, never concurrently (the connection's queue is serial).
+private struct UnsafeTransfer<Value>: @unchecked Sendable {
+    let value: Value
+    init(_ value: Value) { self.value = value }
+}
+
+/// A message received through `LISTEN`.
+public struct PostgresNotification: Sendable, Hashable {
+    public var channel: String
+    public var payload: String
+    /// The server process that sent it.
+    public var senderProcessID: Int32
+}

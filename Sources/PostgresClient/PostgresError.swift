@@ -1,0 +1,78 @@
+/// An error from PostgreSQL or from this client: what failed, in which statement, and what the server said.
+///
+/// `description` names the statement and the server message but never the bound values, so logging an
+/// error does not leak data.
+public struct PostgresError: Error, CustomStringConvertible, Sendable {
+    /// What kind of failure this is. Compare with the static values (`.server`, `.connectionFailed`, ...).
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        private let name: String
+        private init(_ name: String) { self.name = name }
+        public var description: String { name }
+
+        /// Could not open a connection (bad URL, server down, authentication failed).
+        public static let connectionFailed = Code("connectionFailed")
+        /// The connection broke while in use (server restarted, network dropped).
+        public static let connectionLost = Code("connectionLost")
+        /// The server rejected the statement; ``PostgresError/sqlState`` says why.
+        public static let server = Code("server")
+        /// A value to bind cannot be sent (for example text with a NUL byte).
+        public static let invalidBind = Code("invalidBind")
+        /// A result value cannot be decoded into the requested Swift type.
+        public static let decoding = Code("decoding")
+        /// The pool was shut down.
+        public static let poolClosed = Code("poolClosed")
+        /// Waited too long (for a pooled connection, for a notification).
+        public static let timeout = Code("timeout")
+    }
+
+    public var code: Code
+    /// The five-character SQLSTATE from the server, e.g. `23505` for a unique violation.
+    public var sqlState: String?
+    /// The primary message (from the server when there is one).
+    public var message: String
+    /// The server's DETAIL line, if any.
+    public var detail: String?
+    /// The server's HINT line, if any.
+    public var hint: String?
+    /// The constraint the server named, if any (unique and foreign-key violations).
+    public var constraint: String?
+    /// The statement's name as the caller gave it, or the start of its SQL.
+    public var statement: String?
+
+    public init(
+        code: Code, message: String, sqlState: String? = nil, detail: String? = nil, hint: String? = nil,
+        constraint: String? = nil, statement: String? = nil
+    ) {
+        self.code = code
+        self.message = message
+        self.sqlState = sqlState
+        self.detail = detail
+        self.hint = hint
+        self.constraint = constraint
+        self.statement = statement
+    }
+
+    /// `true` for failures that a new connection can cure (server restart, dropped network).
+    public var isConnectionProblem: Bool {
+        code == .connectionLost || code == .connectionFailed
+            || (sqlState.map { $0.hasPrefix("08") || $0 == "57P01" || $0 == "57P02" || $0 == "57P03" } ?? false)
+    }
+
+    /// `true` when retrying the same transaction may succeed (serialization failure, deadlock, lost connection).
+    public var isRetriable: Bool {
+        isConnectionProblem || sqlState == "40001" || sqlState == "40P01"
+    }
+
+    /// `true` for SQLSTATE 23505 (unique violation).
+    public var isUniqueViolation: Bool { sqlState == "23505" }
+
+    public var description: String {
+        var text = "PostgreSQL \(code)"
+        if let sqlState { text += " [SQLSTATE \(sqlState)]" }
+        if let statement { text += " in statement '\(statement)'" }
+        text += ": \(message)"
+        if let detail { text += " (detail: \(detail))" }
+        if let hint { text += " (hint: \(hint))" }
+        return text
+    }
+}

@@ -1,0 +1,197 @@
+import Foundation
+import PostgresClient
+import Synchronization
+import TestSupport
+import Testing
+
+@Suite("PostgreSQL connection (real server)")
+struct PostgresConnectionTests {
+    @Test("every supported type survives a round trip through a table")
+    func roundTripOfEveryType() async throws {
+        let schema = try await TestSchema.create()
+        let connection = try await PostgresConnection.connect(to: schema.url)
+        try await connection.executeScript(
+            """
+            CREATE TABLE sample (
+                t text, i4 int4, i8 int8, b bool, u uuid, ts timestamptz, j jsonb, bin bytea, nothing text
+            )
+            """)
+        let tricky = #"it's "quoted" \back\slash\ 'again'; DROP TABLE sample; -- 🏦💸 ünïcödé"#
+        let big = String(repeating: "abcdefghij", count: 100_000) + "🙂"  // ~1 MB
+        let id = UUID()
+        let moment = Date(timeIntervalSince1970: 1_764_071_548.123456)
+        let bytes: [UInt8] = [0, 1, 2, 0x7f, 0x80, 0xfe, 0xff, 0]
+        let json = #"{"amount": 12345, "note": "a \"quoted\" note", "tags": ["x", "🙂"]}"#
+        for text in [tricky, big, ""] {
+            try await connection.execute(
+                "INSERT INTO sample VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                [.text(text), .int32(-2_147_483_648), .int64(9_223_372_036_854_775_807), .bool(true), .uuid(id),
+                 .timestamp(moment), .jsonb(json), .bytea(bytes), .null],
+                statement: "insert-sample")
+        }
+        let rows = try await connection.query("SELECT * FROM sample", statement: "select-sample")
+        #expect(rows.count == 3)
+        #expect(try rows.map { try $0.decode(String.self, "t") } == [tricky, big, ""])
+        for row in rows {
+            #expect(try row.decode(Int32.self, "i4") == Int32.min)
+            #expect(try row.decode(Int64.self, "i8") == Int64.max)
+            #expect(try row.decode(Bool.self, "b") == true)
+            #expect(try row.decode(UUID.self, "u") == id)
+            let decoded = try row.decode(Date.self, "ts")
+            #expect(abs(decoded.timeIntervalSince1970 - moment.timeIntervalSince1970) < 0.000_001)
+            #expect(try row.decode([UInt8].self, "bin") == bytes)
+            #expect(try row.decodeIfPresent(String.self, "nothing") == nil)
+            let jsonText = try row.decode(String.self, "j")
+            let parsed = try JSONSerialization.jsonObject(with: Data(jsonText.utf8)) as? [String: Any]
+            #expect(parsed?["amount"] as? Int == 12345)
+            #expect(parsed?["note"] as? String == #"a "quoted" note"#)
+        }
+        try await schema.drop()
+    }
+
+    @Test("a NUL byte in text is refused with a clear error, not truncated")
+    func nulByteIsRefused() async throws {
+        let connection = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())
+        let error = await #expect(throws: PostgresError.self) {
+            try await connection.query("SELECT $1::text", [.text("before\u{0}after")], statement: "nul-check")
+        }
+        #expect(error?.code == .invalidBind)
+        #expect(error?.statement == "nul-check")
+        #expect(error?.description.contains("NUL") == true)
+        // The connection is still usable afterwards.
+        let rows = try await connection.query("SELECT 1 AS one")
+        #expect(try rows.first?.decode(Int.self, "one") == 1)
+    }
+
+    @Test("a unique violation carries SQLSTATE 23505, the constraint and the statement's name")
+    func uniqueViolation() async throws {
+        let schema = try await TestSchema.create()
+        let connection = try await PostgresConnection.connect(to: schema.url)
+        try await connection.executeScript("CREATE TABLE widget (id text CONSTRAINT widget_pk PRIMARY KEY)")
+        try await connection.execute("INSERT INTO widget VALUES ($1)", [.text("a")], statement: "insert-widget")
+        let error = await #expect(throws: PostgresError.self) {
+            try await connection.execute("INSERT INTO widget VALUES ($1)", [.text("a")], statement: "insert-widget")
+        }
+        #expect(error?.sqlState == "23505")
+        #expect(error?.isUniqueViolation == true)
+        #expect(error?.constraint == "widget_pk")
+        #expect(error?.statement == "insert-widget")
+        #expect(error?.description.contains("insert-widget") == true)
+        try await schema.drop()
+    }
+
+    @Test("a transaction whose body throws leaves nothing behind")
+    func transactionRollsBack() async throws {
+        struct Abort: Error {}
+        let schema = try await TestSchema.create()
+        let connection = try await PostgresConnection.connect(to: schema.url)
+        try await connection.executeScript("CREATE TABLE entry (n int4)")
+        await #expect(throws: Abort.self) {
+            try await connection.withTransaction { tx in
+                try await tx.execute("INSERT INTO entry VALUES ($1)", [.int32(1)])
+                try await tx.execute("INSERT INTO entry VALUES ($1)", [.int32(2)])
+                throw Abort()
+            }
+        }
+        // A server error inside the body rolls back as well.
+        await #expect(throws: PostgresError.self) {
+            try await connection.withTransaction { tx in
+                try await tx.execute("INSERT INTO entry VALUES ($1)", [.int32(3)])
+                try await tx.execute("INSERT INTO entry VALUES ($1)", [.text("not a number")])
+            }
+        }
+        let count = try await connection.query("SELECT count(*) AS n FROM entry").first?.decode(Int.self, "n")
+        #expect(count == 0)
+        try await connection.withTransaction { tx in try await tx.execute("INSERT INTO entry VALUES (4)") }
+        let after = try await connection.query("SELECT count(*) AS n FROM entry").first?.decode(Int.self, "n")
+        #expect(after == 1)
+        try await schema.drop()
+    }
+
+    @Test("NOTIFY wakes a listener waiting on LISTEN")
+    func listenNotify() async throws {
+        let url = try TestEnvironment.databaseURL()
+        let channel = uniqueName("wake \"up\"")  // quotes in a channel name are handled
+        let listener = try await PostgresConnection.connect(to: url)
+        try await listener.listen(channel)
+        let sender = try await PostgresConnection.connect(to: url)
+        let received = Task {
+            let deadline = ContinuousClock.now + .seconds(20)
+            while ContinuousClock.now < deadline {
+                if let first = try await listener.notifications(timeout: .milliseconds(500)).first { return first }
+            }
+            throw DeadlineExceeded(what: "a notification on \(channel)", timeout: .seconds(20))
+        }
+        try await sender.withTransaction { tx in try await tx.notify(channel, payload: "payload ✓") }
+        let notification = try await received.value
+        #expect(notification.channel == channel)
+        #expect(notification.payload == "payload ✓")
+    }
+
+    @Test("a bad URL fails with connectionFailed and a readable message without the password")
+    func connectionFailure() async throws {
+        let error = await #expect(throws: PostgresError.self) {
+            try await PostgresConnection.connect(to: "postgresql://someone:secret@127.0.0.1:1/nowhere")
+        }
+        #expect(error?.code == .connectionFailed)
+        #expect(error?.description.contains("secret") == false)
+        #expect(error?.description.contains("127.0.0.1") == true)
+    }
+
+    @Test("decoding a value into the wrong type names the column and type")
+    func decodingError() async throws {
+        let connection = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())
+        let row = try #require(try await connection.query("SELECT 'abc'::text AS word, NULL::int8 AS missing").first)
+        let wrongType = #expect(throws: PostgresError.self) { try row.decode(Int.self, "word") }
+        #expect(wrongType?.code == .decoding)
+        #expect(wrongType?.description.contains("word") == true)
+        let null = #expect(throws: PostgresError.self) { try row.decode(Int.self, "missing") }
+        #expect(null?.description.contains("NULL") == true)
+        #expect(throws: PostgresError.self) { try row.decode(Int.self, "nonexistent") }
+    }
+}
+
+@Suite("PostgreSQL pool (real server)")
+struct PostgresPoolTests {
+    @Test("never opens more than maxConnections and serves every caller")
+    func bounded() async throws {
+        let pool = PostgresPool(url: try TestEnvironment.databaseURL(), maxConnections: 3)
+        let backends = Locked<Set<Int32>>([])
+        let results = try await withThrowingTaskGroup(of: Int.self) { group in
+            for n in 0..<24 {
+                group.addTask {
+                    try await pool.withConnection { connection in
+                        let row = try await connection.query(
+                            "SELECT pg_backend_pid() AS pid, $1::int4 AS n, pg_sleep(0.01)", [.int(n)]
+                        ).first!
+                        let pid = try row.decode(Int32.self, "pid")
+                        backends.withLock { _ = $0.insert(pid) }
+                        return try row.decode(Int.self, "n")
+                    }
+                }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        #expect(Set(results) == Set(0..<24))
+        #expect(backends.withLock { $0.count } <= 3)
+        await pool.close()
+    }
+
+    @Test("a connection killed by the server is replaced; the next request succeeds")
+    func recoversFromTerminatedBackend() async throws {
+        let url = try TestEnvironment.databaseURL()
+        let pool = PostgresPool(url: url, maxConnections: 1)
+        let pid = try await pool.withConnection { try await $0.query("SELECT pg_backend_pid() AS pid").first!.decode(Int32.self, "pid") }
+        let admin = try await PostgresConnection.connect(to: url)
+        try await admin.query("SELECT pg_terminate_backend($1)", [.int32(pid)])
+        let error = await #expect(throws: PostgresError.self) {
+            try await pool.withConnection { try await $0.query("SELECT 1") }
+        }
+        #expect(error?.isConnectionProblem == true)
+        let newPID = try await pool.withConnection {
+            try await $0.query("SELECT pg_backend_pid() AS pid").first!.decode(Int32.self, "pid")
+        }
+        #expect(newPID != pid)
+        await pool.close()
+    }
+}

@@ -1,0 +1,84 @@
+import Foundation
+import PostgresClient
+import Synchronization
+
+/// A server a test needs was not given to it. Tests fail with this; they never skip.
+public struct MissingTestServer: Error, CustomStringConvertible {
+    public var variable: String
+    public var description: String {
+        "\(variable) is not set: run the tests with scripts/test, which starts PostgreSQL and the mock Kafka cluster"
+    }
+}
+
+/// Where the servers started by `scripts/test` are.
+public enum TestEnvironment {
+    /// `EVENTOUTBOX_DATABASE_URL`.
+    public static func databaseURL() throws -> String { try variable("EVENTOUTBOX_DATABASE_URL") }
+    /// `KAFKA_BROKERS` (bootstrap servers of `kafka-mock-cluster`).
+    public static func kafkaBrokers() throws -> String { try variable("KAFKA_BROKERS") }
+
+    private static func variable(_ name: String) throws -> String {
+        guard let value = ProcessInfo.processInfo.environment[name], !value.isEmpty else {
+            throw MissingTestServer(variable: name)
+        }
+        return value
+    }
+}
+
+/// A name no other test uses (for schemas, topics, groups): `prefix_` plus 12 random hex digits.
+public func uniqueName(_ prefix: String) -> String {
+    prefix + "_" + String(UUID().uuidString.replacingOccurrences(of: "-", with: "").prefix(12)).lowercased()
+}
+
+/// A condition did not hold before its deadline.
+public struct DeadlineExceeded: Error, CustomStringConvertible {
+    public var what: String
+    public var timeout: Duration
+    public init(what: String, timeout: Duration) {
+        self.what = what
+        self.timeout = timeout
+    }
+    public var description: String { "waited \(timeout) for: \(what)" }
+}
+
+/// Re-checks `condition` until it holds; throws ``DeadlineExceeded`` after `timeout`.
+public func waitUntil(
+    _ what: String, timeout: Duration = .seconds(30), _ condition: () async throws -> Bool
+) async throws {
+    let deadline = ContinuousClock.now + timeout
+    while !(try await condition()) {
+        guard ContinuousClock.now < deadline else { throw DeadlineExceeded(what: what, timeout: timeout) }
+        try await Task.sleep(for: .milliseconds(20))
+    }
+}
+
+/// A schema of its own for one test; connections made from ``url`` use it as `search_path`.
+public struct TestSchema: Sendable {
+    public let name: String
+    /// The test database URL with `search_path` set to this schema.
+    public let url: String
+
+    /// Creates a fresh schema in the test database.
+    public static func create(_ prefix: String = "t") async throws -> TestSchema {
+        let base = try TestEnvironment.databaseURL()
+        let name = uniqueName(prefix)
+        let admin = try await PostgresConnection.connect(to: base)
+        try await admin.executeScript("CREATE SCHEMA \(name)")
+        let separator = base.contains("?") ? "&" : "?"
+        return TestSchema(name: name, url: base + separator + "options=-csearch_path%3D\(name)")
+    }
+
+    /// Drops the schema and everything in it.
+    public func drop() async throws {
+        let admin = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())
+        try await admin.executeScript("DROP SCHEMA \(name) CASCADE")
+    }
+}
+
+/// A value shared between concurrent test tasks.
+public final class Locked<Value: Sendable>: Sendable {
+    private let mutex: Mutex<Value>
+    public init(_ value: Value) { mutex = Mutex(value) }
+    public func withLock<R: Sendable>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
+    public var value: Value { mutex.withLock { $0 } }
+}
