@@ -12,11 +12,17 @@ let package = Package(
     products: [
         .library(name: "PostgresClient", targets: ["PostgresClient"]),
         .library(name: "KafkaClient", targets: ["KafkaClient"]),
+        .library(name: "EventSourcing", targets: ["EventSourcing"]),
+        .library(name: "EventStore", targets: ["EventStore"]),
+        .library(name: "BankAccount", targets: ["BankAccount"]),
         .executable(name: "kafka-mock-cluster", targets: ["kafka-mock-cluster"]),
+        .executable(name: "bank", targets: ["bank"]),
+        .executable(name: "eventoutbox", targets: ["eventoutbox"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/x-sheep/swift-property-based", from: "2.0.0"),
     ],
     targets: [
         // C libraries, linked from the system (apt: libpq-dev, librdkafka-dev).
@@ -43,7 +49,39 @@ let package = Package(
             swiftSettings: strictSettings
         ),
 
+        // Event sourcing: the C-free core, the PostgreSQL event store, and the reference domain.
+        .target(
+            name: "EventSourcing",
+            swiftSettings: strictSettings
+        ),
+        .target(
+            name: "EventStore",
+            dependencies: ["EventSourcing", "PostgresClient", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strictSettings
+        ),
+        .target(
+            name: "BankAccount",
+            dependencies: ["EventSourcing", "EventStore"],
+            swiftSettings: strictSettings
+        ),
+
         // Executables.
+        .executableTarget(
+            name: "bank",
+            dependencies: [
+                "BankAccount", "EventStore", "PostgresClient",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .executableTarget(
+            name: "eventoutbox",
+            dependencies: [
+                "EventStore", "PostgresClient",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strictSettings
+        ),
         .executableTarget(
             name: "kafka-mock-cluster",
             dependencies: ["KafkaClient", .product(name: "ArgumentParser", package: "swift-argument-parser")],
@@ -53,13 +91,26 @@ let package = Package(
         // Tests. Those that touch servers need `scripts/test` (EVENTOUTBOX_DATABASE_URL, KAFKA_BROKERS).
         .target(
             name: "TestSupport",
-            dependencies: ["PostgresClient", "KafkaClient"],
+            dependencies: ["PostgresClient", "KafkaClient", "EventStore"],
             path: "Tests/TestSupport",
             swiftSettings: strictSettings
         ),
         .testTarget(
             name: "PostgresClientTests",
             dependencies: ["PostgresClient", "TestSupport"],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "EventSourcingTests",
+            dependencies: ["EventSourcing", "BankAccount"],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "EventStoreTests",
+            dependencies: [
+                "EventStore", "BankAccount", "TestSupport",
+                .product(name: "PropertyBased", package: "swift-property-based"),
+            ],
             swiftSettings: strictSettings
         ),
         .testTarget(

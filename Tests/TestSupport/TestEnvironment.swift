@@ -1,4 +1,5 @@
 import Foundation
+import EventStore
 import PostgresClient
 import Synchronization
 
@@ -81,4 +82,28 @@ public final class Locked<Value: Sendable>: Sendable {
     public init(_ value: Value) { mutex = Mutex(value) }
     public func withLock<R: Sendable>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
     public var value: Value { mutex.withLock { $0 } }
+}
+
+/// A migrated event store in a schema of its own.
+public struct TestEventStore: Sendable {
+    public let schema: TestSchema
+    public let pool: PostgresPool
+    public let store: EventStore
+
+    public static func create(maxConnections: Int = 4, routing: OutboxRouting = OutboxRouting()) async throws -> TestEventStore {
+        let schema = try await TestSchema.create("es")
+        let pool = PostgresPool(url: schema.url, maxConnections: maxConnections)
+        try await EventStoreSchema.migrate(pool)
+        return TestEventStore(schema: schema, pool: pool, store: EventStore(pool: pool, routing: routing))
+    }
+
+    /// Runs one query on the test schema and returns an integer column of its first row.
+    public func count(_ sql: String, _ binds: [PostgresBind] = []) async throws -> Int {
+        try await pool.withConnection { try await $0.query(sql, binds).first!.decode(Int.self, at: 0) }
+    }
+
+    public func drop() async throws {
+        await pool.close()
+        try await schema.drop()
+    }
 }

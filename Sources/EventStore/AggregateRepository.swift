@@ -1,0 +1,136 @@
+import EventSourcing
+import Foundation
+import Logging
+import PostgresClient
+
+/// Loads and saves one kind of aggregate: latest snapshot + the events after it, and appends with
+/// optimistic concurrency. Writes a snapshot every ``snapshotInterval`` events.
+public struct AggregateRepository<State: Aggregate>: Sendable {
+    public let store: EventStore
+    public let registry: EventRegistry
+    /// A snapshot is written when a save crosses a multiple of this many events. Default: 100.
+    public var snapshotInterval: Int
+    public var logger: Logger
+
+    public init(
+        store: EventStore, registry: EventRegistry, snapshotInterval: Int = 100,
+        logger: Logger = Logger(label: "eventoutbox.repository")
+    ) {
+        precondition(snapshotInterval >= 1, "snapshotInterval must be at least 1")
+        self.store = store
+        self.registry = registry
+        self.snapshotInterval = snapshotInterval
+        self.logger = logger
+    }
+
+    /// The current state: the latest usable snapshot plus the events after it.
+    public func load(_ streamID: String) async throws -> VersionedState<State> {
+        let start = try await latestSnapshot(streamID) ?? VersionedState(state: State(), version: 0)
+        return try replay(try await store.readStream(streamID, from: start.version + 1), onto: start)
+    }
+
+    /// The state right after event `version` (time travel by version). Full replay; snapshots are not used.
+    public func load(_ streamID: String, atVersion version: Int64) async throws -> VersionedState<State> {
+        try replay(try await store.readStream(streamID, through: version), onto: VersionedState(state: State(), version: 0))
+    }
+
+    /// The state as it was at `date` (time travel by time): every event that had occurred by then.
+    public func load(_ streamID: String, asOf date: Date) async throws -> VersionedState<State> {
+        try replay(try await store.readStream(streamID, asOf: date), onto: VersionedState(state: State(), version: 0))
+    }
+
+    /// Folds stored events into a state.
+    /// - Throws: ``EventDecodingError`` for an event that cannot be read; the aggregate's error for one it rejects.
+    public func replay(_ events: [RecordedEvent], onto start: VersionedState<State>) throws -> VersionedState<State> {
+        var current = start
+        for recorded in events {
+            try current.state.apply(try registry.decode(recorded))
+            current.version = recorded.streamVersion
+        }
+        return current
+    }
+
+    /// Appends new events to a state loaded earlier; fails with ``ConcurrencyConflict`` if the stream moved on.
+    /// - Returns: the state after the events.
+    @discardableResult
+    public func save(_ streamID: String, _ events: [NewEvent], after loaded: VersionedState<State>) async throws
+        -> VersionedState<State>
+    {
+        guard !events.isEmpty else { return loaded }
+        var next = loaded
+        for event in events { try next.state.apply(event.event) }
+        let result = try await store.append(
+            events, to: streamID, category: State.category,
+            expectedVersion: loaded.version == 0 ? .noStream : .exact(loaded.version))
+        next.version = result.streamVersion
+        if next.version / Int64(snapshotInterval) > loaded.version / Int64(snapshotInterval) {
+            await writeSnapshot(streamID, next)
+        }
+        return next
+    }
+
+    /// Runs a command: load, decide, save; on a concurrency conflict, reload and decide again, at most
+    /// `maxAttempts` times.
+    /// - Parameter decide: returns the events the command produces from the current state (may be empty);
+    ///   throws to refuse the command without recording anything.
+    /// - Returns: the new state and the events that were recorded.
+    public func execute(
+        _ streamID: String, metadata: EventMetadata = .init(), maxAttempts: Int = 10,
+        _ decide: @Sendable (VersionedState<State>) throws -> [any DomainEvent]
+    ) async throws -> (state: VersionedState<State>, events: [any DomainEvent]) {
+        precondition(maxAttempts >= 1, "maxAttempts must be at least 1")
+        var attempt = 0
+        while true {
+            attempt += 1
+            let loaded = try await load(streamID)
+            let decided = try decide(loaded)
+            do {
+                let saved = try await save(streamID, decided.map { NewEvent($0, metadata: metadata) }, after: loaded)
+                return (saved, decided)
+            } catch let conflict as ConcurrencyConflict where attempt < maxAttempts {
+                logger.debug(
+                    "retrying command after a concurrency conflict",
+                    metadata: ["stream.id": "\(streamID)", "attempt": "\(attempt)", "conflict": "\(conflict)"])
+                // Back off a little, with jitter, so that contenders spread out.
+                try await Task.sleep(for: .microseconds(Int.random(in: 0...(1000 * min(attempt, 20)))))
+            }
+        }
+    }
+
+    private func latestSnapshot(_ streamID: String) async throws -> VersionedState<State>? {
+        let row = try await store.pool.withConnection { connection in
+            try await connection.query(
+                "SELECT version, state::text AS state FROM snapshots WHERE stream_id = $1 AND state_schema_version = $2 "
+                    + "ORDER BY version DESC LIMIT 1",
+                [.text(streamID), .int(State.stateSchemaVersion)], statement: "load snapshot"
+            ).first
+        }
+        guard let row else { return nil }
+        do {
+            let state = try EventJSON.decoder.decode(State.self, from: Data(try row.decode(String.self, "state").utf8))
+            return VersionedState(state: state, version: try row.decode(Int64.self, "version"))
+        } catch {
+            // A snapshot is only a cache: replaying the stream gives the same state.
+            logger.warning(
+                "ignoring a snapshot that does not decode; replaying the whole stream",
+                metadata: ["stream.id": "\(streamID)", "error": "\(error)"])
+            return nil
+        }
+    }
+
+    private func writeSnapshot(_ streamID: String, _ state: VersionedState<State>) async {
+        do {
+            let json = String(decoding: try EventJSON.encoder.encode(state.state), as: UTF8.self)
+            try await store.pool.withConnection { connection in
+                try await connection.execute(
+                    "INSERT INTO snapshots (stream_id, version, state_schema_version, state) VALUES ($1, $2, $3, $4) "
+                        + "ON CONFLICT DO NOTHING",
+                    [.text(streamID), .int64(state.version), .int(State.stateSchemaVersion), .jsonb(json)],
+                    statement: "write snapshot")
+            }
+        } catch {
+            // The events are committed; a missing snapshot only makes the next load replay more.
+            logger.warning("could not write snapshot", metadata: ["stream.id": "\(streamID)", "error": "\(error)"])
+        }
+    }
+}

@@ -1,0 +1,233 @@
+import EventSourcing
+import Foundation
+import PostgresClient
+
+/// The result of a successful append.
+public struct AppendResult: Sendable, Hashable {
+    /// The stream's version after the append (its last event's version).
+    public var streamVersion: Int64
+    /// Global positions of the appended events, in order.
+    public var positions: [Int64]
+}
+
+/// Event streams in PostgreSQL, with a transactional outbox.
+///
+/// Every ``append(_:to:category:expectedVersion:)`` writes the events and one outbox row per event in a single
+/// transaction, and sends `NOTIFY` on ``EventStoreSchema/outboxChannel``: either all of it commits or none.
+public struct EventStore: Sendable {
+    public let pool: PostgresPool
+    public var routing: OutboxRouting
+
+    public init(pool: PostgresPool, routing: OutboxRouting = OutboxRouting()) {
+        self.pool = pool
+        self.routing = routing
+    }
+
+    /// Appends events to a stream if its version is as expected.
+    /// - Parameters:
+    ///   - category: the kind of stream (routes the outbox messages to a topic, see ``OutboxRouting``).
+    /// - Throws: ``ConcurrencyConflict`` (nothing written) when the stream's version differs from
+    ///   `expectedVersion`; ``PostgresError`` for database failures (nothing written either).
+    @discardableResult
+    public func append(
+        _ events: [NewEvent], to streamID: String, category: String, expectedVersion: ExpectedVersion
+    ) async throws -> AppendResult {
+        precondition(!events.isEmpty, "append needs at least one event")
+        let rows = try events.map { try PreparedEvent($0, category: category, routing: routing) }
+        var attempt = 0
+        while true {
+            attempt += 1
+            do {
+                return try await pool.withTransaction { connection in
+                    try await Self.append(rows, to: streamID, expectedVersion: expectedVersion, on: connection)
+                }
+            } catch let error as PostgresError where error.constraint == "events_stream_version_unique" {
+                // Another transaction appended to the stream between our version check and our insert.
+                if expectedVersion == .any && attempt < 20 { continue }
+                let actual = try await currentVersion(of: streamID)
+                throw ConcurrencyConflict(streamID: streamID, expected: expectedVersion, actual: actual)
+            }
+        }
+    }
+
+    private static func append(
+        _ rows: [PreparedEvent], to streamID: String, expectedVersion: ExpectedVersion, on connection: PostgresConnection
+    ) async throws -> AppendResult {
+        let current = try await connection.query(
+            "SELECT COALESCE(max(stream_version), 0) AS version FROM events WHERE stream_id = $1",
+            [.text(streamID)], statement: "append: current version"
+        ).first!.decode(Int64.self, "version")
+        switch expectedVersion {
+        case .noStream where current != 0, .exact(_) where expectedVersion != .exact(current):
+            throw ConcurrencyConflict(streamID: streamID, expected: expectedVersion, actual: current)
+        default: break
+        }
+        var eventSQL = "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, "
+            + "metadata, occurred_at) VALUES "
+        var outboxSQL = "INSERT INTO outbox (event_id, stream_id, stream_version, topic, message_key, envelope, headers) VALUES "
+        var eventBinds: [PostgresBind] = []
+        var outboxBinds: [PostgresBind] = []
+        for (index, row) in rows.enumerated() {
+            let version = current + Int64(index) + 1
+            let e = index * 8
+            eventSQL += (index > 0 ? ", " : "") + "($\(e + 1), $\(e + 2), $\(e + 3), $\(e + 4), $\(e + 5), $\(e + 6), $\(e + 7), $\(e + 8))"
+            eventBinds += [
+                .uuid(row.event.eventID), .text(streamID), .int64(version), .text(row.event.eventType),
+                .int(row.event.schemaVersion), .jsonb(row.payload), .jsonb(row.metadata), .timestamp(row.event.occurredAt),
+            ]
+            let o = index * 7
+            outboxSQL += (index > 0 ? ", " : "") + "($\(o + 1), $\(o + 2), $\(o + 3), $\(o + 4), $\(o + 5), $\(o + 6), $\(o + 7))"
+            let envelope = try row.envelope(streamID: streamID, version: version)
+            outboxBinds += [
+                .uuid(row.event.eventID), .text(streamID), .int64(version), .text(row.topic), .text(streamID),
+                .text(envelope), .jsonb(row.headers(version: version)),
+            ]
+        }
+        eventSQL += " RETURNING position"
+        let positions = try await connection.query(eventSQL, eventBinds, statement: "append: insert events")
+            .map { try $0.decode(Int64.self, "position") }
+        try await connection.execute(outboxSQL, outboxBinds, statement: "append: insert outbox rows")
+        try await connection.notify(EventStoreSchema.outboxChannel, payload: String(rows.count))
+        return AppendResult(streamVersion: current + Int64(rows.count), positions: positions.sorted())
+    }
+
+    /// The version of a stream's last event (0 if the stream does not exist).
+    public func currentVersion(of streamID: String) async throws -> Int64 {
+        try await pool.withConnection { connection in
+            try await connection.query(
+                "SELECT COALESCE(max(stream_version), 0) AS version FROM events WHERE stream_id = $1",
+                [.text(streamID)], statement: "current version"
+            ).first!.decode(Int64.self, "version")
+        }
+    }
+
+    /// A stream's events in version order, from `version` through `throughVersion` (inclusive, default: the end).
+    public func readStream(_ streamID: String, from version: Int64 = 1, through throughVersion: Int64 = .max) async throws
+        -> [RecordedEvent]
+    {
+        try await query(
+            "WHERE stream_id = $1 AND stream_version >= $2 AND stream_version <= $3 ORDER BY stream_version",
+            [.text(streamID), .int64(version), .int64(throughVersion)], statement: "read stream")
+    }
+
+    /// A stream's events that had occurred at `date` (inclusive): the stream as it was then.
+    public func readStream(_ streamID: String, asOf date: Date) async throws -> [RecordedEvent] {
+        try await query(
+            "WHERE stream_id = $1 AND occurred_at <= $2 ORDER BY stream_version",
+            [.text(streamID), .timestamp(date)], statement: "read stream as of")
+    }
+
+    /// Every event after global position `position`, in global order, fetched `batchSize` at a time so
+    /// memory stays constant however long the store is.
+    public func readAll(after position: Int64 = 0, batchSize: Int = 1000) -> AllEventsSequence {
+        AllEventsSequence(store: self, start: position, batchSize: batchSize)
+    }
+
+    /// The highest global position (0 if the store is empty).
+    public func headPosition() async throws -> Int64 {
+        try await pool.withConnection { connection in
+            try await connection.query("SELECT COALESCE(max(position), 0) AS head FROM events", statement: "head position")
+                .first!.decode(Int64.self, "head")
+        }
+    }
+
+    func readBatch(after position: Int64, limit: Int) async throws -> [RecordedEvent] {
+        try await query(
+            "WHERE position > $1 ORDER BY position LIMIT $2", [.int64(position), .int(limit)], statement: "read all")
+    }
+
+    private func query(_ filter: String, _ binds: [PostgresBind], statement: String) async throws -> [RecordedEvent] {
+        try await pool.withConnection { connection in
+            try await connection.query(
+                "SELECT position, event_id, stream_id, stream_version, event_type, schema_version, payload, metadata, "
+                    + "occurred_at FROM events " + filter, binds, statement: statement
+            ).map(RecordedEvent.init(row:))
+        }
+    }
+}
+
+extension RecordedEvent {
+    init(row: PostgresRow) throws {
+        let metadataText = try row.decode(String.self, "metadata")
+        self.init(
+            position: try row.decode(Int64.self, "position"),
+            eventID: try row.decode(UUID.self, "event_id"),
+            streamID: try row.decode(String.self, "stream_id"),
+            streamVersion: try row.decode(Int64.self, "stream_version"),
+            eventType: try row.decode(String.self, "event_type"),
+            schemaVersion: try row.decode(Int.self, "schema_version"),
+            payload: try row.decode(String.self, "payload"),
+            metadata: (try? EventJSON.decoder.decode(EventMetadata.self, from: Data(metadataText.utf8))) ?? EventMetadata(),
+            occurredAt: try row.decode(Date.self, "occurred_at")
+        )
+    }
+}
+
+/// An event encoded for the append statement.
+private struct PreparedEvent: Sendable {
+    var event: NewEvent
+    var payload: String
+    var metadata: String
+    var topic: String
+
+    init(_ event: NewEvent, category: String, routing: OutboxRouting) throws {
+        self.event = event
+        payload = try event.encodedPayload()
+        metadata = String(decoding: try EventJSON.encoder.encode(event.metadata), as: UTF8.self)
+        topic = routing.topic(eventType: event.eventType, category: category)
+    }
+
+    func envelope(streamID: String, version: Int64) throws -> String {
+        let recorded = RecordedEvent(
+            position: -1, eventID: event.eventID, streamID: streamID, streamVersion: version, eventType: event.eventType,
+            schemaVersion: event.schemaVersion, payload: payload, metadata: event.metadata, occurredAt: event.occurredAt)
+        return String(decoding: try OutboxEnvelope(recorded).encoded(), as: UTF8.self)
+    }
+
+    /// Kafka headers of the message, as a JSON object.
+    func headers(version: Int64) -> String {
+        var headers: [String: String] = [
+            "event-id": event.eventID.uuidString.lowercased(),
+            "event-type": event.eventType,
+            "stream-version": String(version),
+            "content-type": "application/json",
+        ]
+        if let traceparent = event.metadata.traceparent { headers["traceparent"] = traceparent }
+        return String(decoding: (try? EventJSON.encoder.encode(headers)) ?? Data("{}".utf8), as: UTF8.self)
+    }
+}
+
+/// Every event in global order, read in batches (see ``EventStore/readAll(after:batchSize:)``).
+public struct AllEventsSequence: AsyncSequence, Sendable {
+    public typealias Element = RecordedEvent
+    let store: EventStore
+    let start: Int64
+    let batchSize: Int
+
+    public struct AsyncIterator: AsyncIteratorProtocol {
+        let store: EventStore
+        let batchSize: Int
+        var position: Int64
+        var buffer: [RecordedEvent] = []
+        var index = 0
+        var finished = false
+
+        public mutating func next() async throws -> RecordedEvent? {
+            if index == buffer.count {
+                guard !finished else { return nil }
+                buffer = try await store.readBatch(after: position, limit: batchSize)
+                index = 0
+                if buffer.count < batchSize { finished = true }
+                guard !buffer.isEmpty else { return nil }
+            }
+            let event = buffer[index]
+            index += 1
+            position = event.position
+            return event
+        }
+    }
+
+    public func makeAsyncIterator() -> AsyncIterator {
+        AsyncIterator(store: store, batchSize: batchSize, position: start)
+    }
+}

@@ -1,0 +1,176 @@
+import BankAccount
+import EventSourcing
+import EventStore
+import Foundation
+import PostgresClient
+import PropertyBased
+import TestSupport
+import Testing
+
+@Suite("bank accounts on the event store (real PostgreSQL)")
+struct BankTests {
+    @Test("50 concurrent withdrawals: never negative, one event per accepted withdrawal, conflicts retried")
+    func concurrentWithdrawals() async throws {
+        let test = try await TestEventStore.create(maxConnections: 8)
+        let bank = Bank(store: test.store)
+        let initial: Int64 = 1_000
+        let id = try await bank.open(owner: "Race", initialDeposit: initial)
+        let outcomes = try await withThrowingTaskGroup(of: WithdrawalOutcome.self) { group in
+            for n in 0..<50 {
+                group.addTask { try await bank.withdraw(id, amount: Int64(20 + n % 7 * 10)) }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        var accepted: Int64 = 0
+        var acceptedCount = 0
+        for (n, outcome) in outcomes.enumerated() {
+            if case .accepted(let balance) = outcome {
+                #expect(balance >= 0, "withdrawal \(n)")
+                acceptedCount += 1
+            }
+        }
+        let history = try await bank.history(id)
+        let withdrawn = history.compactMap { $0.event as? MoneyWithdrawn }
+        accepted = withdrawn.reduce(0) { $0 + $1.amount }
+        #expect(withdrawn.count == acceptedCount)
+        #expect(history.compactMap { $0.event as? WithdrawalRejected }.count == 50 - acceptedCount)
+        #expect(history.count == 51)
+        let final = try await bank.account(id).state.balance
+        #expect(final == initial - accepted)
+        #expect(final >= 0)
+        // The balance never went negative at any version.
+        var balance: Int64 = 0
+        for (_, event) in history {
+            if let opened = event as? AccountOpened { balance = opened.initialDeposit }
+            if let out = event as? MoneyWithdrawn { balance -= out.amount }
+            #expect(balance >= 0)
+        }
+        try await test.drop()
+    }
+
+    @Test("balance at every past version and timestamp equals the step-by-step expectation")
+    func timeTravel() async throws {
+        let test = try await TestEventStore.create()
+        let bank = Bank(store: test.store)
+        let id = try await bank.open(owner: "Kim", initialDeposit: 10_000)
+        var expected: [(version: Int64, at: Date, balance: Int64)] = [(1, Date(), 10_000)]
+        let steps: [(Bool, Int64)] = [(true, 2_500), (false, 4_000), (false, 100_000), (true, 1), (false, 8_501)]
+        var balance: Int64 = 10_000
+        for (isDeposit, amount) in steps {
+            if isDeposit {
+                balance = try await bank.deposit(id, amount: amount, description: "step")
+            } else if case .accepted(let after) = try await bank.withdraw(id, amount: amount) {
+                balance = after
+            }
+            expected.append((Int64(expected.count + 1), Date(), balance))
+        }
+        for step in expected {
+            #expect(try await bank.account(id, atVersion: step.version).state.balance == step.balance)
+            #expect(try await bank.account(id, asOf: step.at).state.balance == step.balance, "at version \(step.version)")
+        }
+        #expect(try await bank.account(id).state.balance == 0)
+        await #expect(throws: BankError.self) { try await bank.account(id, asOf: Date(timeIntervalSince1970: 0)) }
+        try await test.drop()
+    }
+
+    @Test("validation: non-positive amounts and unknown accounts are refused and record nothing")
+    func validation() async throws {
+        let test = try await TestEventStore.create()
+        let bank = Bank(store: test.store)
+        let id = try await bank.open(owner: "V", initialDeposit: 5)
+        await #expect(throws: BankError.self) { try await bank.deposit(id, amount: 0) }
+        await #expect(throws: BankError.self) { try await bank.withdraw(id, amount: -5) }
+        await #expect(throws: BankError.self) { try await bank.deposit("no-such-account", amount: 5) }
+        await #expect(throws: BankError.self) { try await bank.open(owner: "  ") }
+        #expect(try await test.count("SELECT count(*) FROM events") == 1)
+        try await test.drop()
+    }
+
+    @Test("a stored v1 MoneyDeposited row is upcast; unknown types and bad payloads fail loudly")
+    func storedRowsOfEveryKind() async throws {
+        let test = try await TestEventStore.create()
+        let bank = Bank(store: test.store)
+        let id = try await bank.open(owner: "Old", initialDeposit: 100)
+        func insert(_ type: String, _ version: Int, _ payload: String, stream: String, streamVersion: Int64) async throws -> UUID {
+            let eventID = UUID()
+            try await test.pool.withConnection {
+                try await $0.execute(
+                    "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, occurred_at) "
+                        + "VALUES ($1, $2, $3, $4, $5, $6, now())",
+                    [.uuid(eventID), .text(stream), .int64(streamVersion), .text(type), .int(version), .jsonb(payload)])
+            }
+            return eventID
+        }
+        _ = try await insert("MoneyDeposited", 1, #"{"amount": 50}"#, stream: id, streamVersion: 2)
+        #expect(try await bank.account(id).state.balance == 150)
+        let deposit = try await bank.history(id).last?.event as? MoneyDeposited
+        #expect(deposit == MoneyDeposited(amount: 50, description: ""))
+
+        let unknownID = try await insert("InterestAccrued", 1, #"{"rate": 3}"#, stream: id, streamVersion: 3)
+        let unknown = await #expect(throws: EventDecodingError.self) { try await bank.account(id) }
+        #expect(unknown?.eventID == unknownID)
+        #expect(unknown?.streamID == id)
+        #expect(unknown?.eventType == "InterestAccrued")
+
+        let other = try await bank.open(owner: "Bad", initialDeposit: 1)
+        _ = try await insert("MoneyWithdrawn", 1, #"{"amount": "ten", "description": "x"}"#, stream: other, streamVersion: 2)
+        let bad = await #expect(throws: EventDecodingError.self) { try await bank.account(other) }
+        #expect(bad?.description.contains("amount") == true)
+        try await test.drop()
+    }
+
+    @Test("a snapshot of another state schema version is ignored (full replay), never misread")
+    func staleSnapshotIgnored() async throws {
+        let test = try await TestEventStore.create()
+        var bank = Bank(store: test.store, snapshotInterval: 3)
+        let id = try await bank.open(owner: "Snap", initialDeposit: 10)
+        for _ in 0..<4 { _ = try await bank.deposit(id, amount: 1) }  // versions 2...5: one snapshot, at 3
+        #expect(try await test.count("SELECT count(*) FROM snapshots WHERE stream_id = $1", [.text(id)]) == 1)
+        // A snapshot from a future/old layout at a later version, with nonsense in it.
+        try await test.pool.withConnection {
+            try await $0.execute(
+                "INSERT INTO snapshots (stream_id, version, state_schema_version, state) VALUES ($1, 5, 99, $2)",
+                [.text(id), .jsonb(#"{"balance": "garbage"}"#)])
+        }
+        #expect(try await bank.account(id).state.balance == 14)
+        // A corrupt snapshot of the current layout is also ignored.
+        try await test.pool.withConnection {
+            try await $0.execute(
+                "INSERT INTO snapshots (stream_id, version, state_schema_version, state) VALUES ($1, 5, 1, $2)",
+                [.text(id), .jsonb(#"{"balance": "garbage"}"#)])
+        }
+        #expect(try await bank.account(id).state.balance == 14)
+        bank = Bank(store: test.store, snapshotInterval: 100)
+        #expect(try await bank.account(id).version == 5)
+        try await test.drop()
+    }
+
+    @Test("for random command histories, snapshot + tail replay equals full replay")
+    func snapshotEqualsReplay() async throws {
+        let test = try await TestEventStore.create()
+        let commands = Gen.int(in: -300...300).array(of: 1...40)
+        let interval = Gen.int(in: 1...7)
+        await propertyCheck(count: 25, input: commands, interval) { amounts, interval in
+            do {
+                let bank = Bank(store: test.store, snapshotInterval: interval)
+                let id = try await bank.open(owner: "P", initialDeposit: 100)
+                for amount in amounts where amount != 0 {
+                    if amount > 0 {
+                        _ = try await bank.deposit(id, amount: Int64(amount))
+                    } else {
+                        _ = try await bank.withdraw(id, amount: Int64(-amount))
+                    }
+                }
+                let viaSnapshot = try await bank.repository.load(id)
+                let full = try await bank.repository.load(id, atVersion: .max)
+                #expect(viaSnapshot.state == full.state)
+                #expect(viaSnapshot.version == full.version)
+                #expect(viaSnapshot.version == Int64(1 + amounts.filter { $0 != 0 }.count))
+            } catch {
+                Issue.record(error)
+            }
+        }
+        #expect(try await test.count("SELECT count(*) FROM snapshots") > 0)
+        try await test.drop()
+    }
+}
