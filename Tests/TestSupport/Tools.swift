@@ -1,0 +1,58 @@
+import Foundation
+
+/// The outcome of running one of the project's executables.
+public struct ToolRun: Sendable {
+    public var status: Int32
+    public var stdout: String
+    public var stderr: String
+}
+
+/// The project's built executables (`bank`, `eventoutbox`, `outbox-relay`, ...), found through
+/// `EVENTOUTBOX_BIN_DIR`, which `scripts/test` sets to `swift build --show-bin-path`.
+public enum Tools {
+    public static func path(_ name: String) throws -> String {
+        guard let dir = ProcessInfo.processInfo.environment["EVENTOUTBOX_BIN_DIR"], !dir.isEmpty else {
+            throw MissingTestServer(variable: "EVENTOUTBOX_BIN_DIR")
+        }
+        return dir + "/" + name
+    }
+
+    /// Starts an executable with extra environment; the caller waits for or kills it.
+    public static func start(
+        _ name: String, _ arguments: [String], environment: [String: String] = [:], output: URL? = nil
+    ) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try path(name))
+        process.arguments = arguments
+        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        if let output {
+            FileManager.default.createFile(atPath: output.path, contents: nil)
+            let handle = try FileHandle(forWritingTo: output)
+            process.standardOutput = handle
+            process.standardError = handle
+        }
+        try process.run()
+        return process
+    }
+
+    /// Runs an executable to completion and captures its output.
+    public static func run(_ name: String, _ arguments: [String], environment: [String: String] = [:]) async throws -> ToolRun {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try path(name))
+        process.arguments = arguments
+        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        let out = Pipe()
+        let err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        // Read both pipes while the process runs so a full pipe never blocks it.
+        async let stdout = Task.detached { out.fileHandleForReading.readDataToEndOfFile() }.value
+        async let stderr = Task.detached { err.fileHandleForReading.readDataToEndOfFile() }.value
+        let (o, e) = await (stdout, stderr)
+        process.waitUntilExit()
+        return ToolRun(
+            status: process.terminationStatus, stdout: String(decoding: o, as: UTF8.self),
+            stderr: String(decoding: e, as: UTF8.self))
+    }
+}
