@@ -18,11 +18,16 @@ let package = Package(
         .executable(name: "kafka-mock-cluster", targets: ["kafka-mock-cluster"]),
         .executable(name: "bank", targets: ["bank"]),
         .executable(name: "eventoutbox", targets: ["eventoutbox"]),
+        .executable(name: "outbox-relay", targets: ["outbox-relay"]),
+        .library(name: "OutboxRelay", targets: ["OutboxRelay"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/x-sheep/swift-property-based", from: "2.0.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.5.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.0.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.6.0"),
     ],
     targets: [
         // C libraries, linked from the system (apt: libpq-dev, librdkafka-dev).
@@ -65,7 +70,38 @@ let package = Package(
             swiftSettings: strictSettings
         ),
 
+        // The relay: publishes outbox rows to Kafka.
+        .target(
+            name: "OutboxRelay",
+            dependencies: [
+                "EventStore", "KafkaClient", "PostgresClient",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        // A minimal HTTP endpoint serving Prometheus text.
+        .target(
+            name: "MetricsEndpoint",
+            dependencies: [.product(name: "Prometheus", package: "swift-prometheus")],
+            swiftSettings: strictSettings
+        ),
+
         // Executables.
+        .executableTarget(
+            name: "outbox-relay",
+            dependencies: [
+                "OutboxRelay", "MetricsEndpoint", "KafkaClient",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strictSettings
+        ),
         .executableTarget(
             name: "bank",
             dependencies: [
@@ -91,7 +127,7 @@ let package = Package(
         // Tests. Those that touch servers need `scripts/test` (EVENTOUTBOX_DATABASE_URL, KAFKA_BROKERS).
         .target(
             name: "TestSupport",
-            dependencies: ["PostgresClient", "KafkaClient", "EventStore"],
+            dependencies: ["PostgresClient", "KafkaClient", "EventStore", "EventSourcing"],
             path: "Tests/TestSupport",
             swiftSettings: strictSettings
         ),
@@ -110,6 +146,15 @@ let package = Package(
             dependencies: [
                 "EventStore", "BankAccount", "TestSupport",
                 .product(name: "PropertyBased", package: "swift-property-based"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "OutboxRelayTests",
+            dependencies: [
+                "OutboxRelay", "EventStore", "BankAccount", "KafkaClient", "TestSupport", "MetricsEndpoint",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ],
             swiftSettings: strictSettings
         ),

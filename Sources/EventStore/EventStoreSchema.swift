@@ -68,6 +68,24 @@ public enum EventStoreSchema {
                     PRIMARY KEY (stream_id, version, state_schema_version)
                 );
                 """),
+        Migration(
+            version: 2, name: "outbox dead letters",
+            sql: """
+                CREATE TABLE outbox_dead_letters (
+                    outbox_id       bigint      PRIMARY KEY,
+                    event_id        uuid        NOT NULL,
+                    stream_id       text        NOT NULL,
+                    stream_version  bigint      NOT NULL,
+                    topic           text        NOT NULL,
+                    message_key     text        NOT NULL,
+                    envelope        text        NOT NULL,
+                    headers         jsonb       NOT NULL,
+                    created_at      timestamptz NOT NULL,
+                    error           text        NOT NULL,
+                    failed_at       timestamptz NOT NULL DEFAULT clock_timestamp()
+                );
+                CREATE INDEX outbox_dead_letters_stream ON outbox_dead_letters (stream_id);
+                """),
     ]
 
     /// Applies the migrations that are missing. Returns the versions it applied (empty if up to date).

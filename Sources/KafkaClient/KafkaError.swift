@@ -28,6 +28,11 @@ public struct KafkaError: Error, CustomStringConvertible, Sendable {
         public static let invalidArgument = Code(RD_KAFKA_RESP_ERR__INVALID_ARG)
         public static let fatal = Code(RD_KAFKA_RESP_ERR__FATAL)
         public static let noOffset = Code(RD_KAFKA_RESP_ERR__NO_OFFSET)
+        public static let invalidMessage = Code(RD_KAFKA_RESP_ERR_INVALID_MSG)
+        public static let recordListTooLarge = Code(RD_KAFKA_RESP_ERR_RECORD_LIST_TOO_LARGE)
+        public static let invalidRecord = Code(RD_KAFKA_RESP_ERR_INVALID_RECORD)
+        public static let invalidTopic = Code(RD_KAFKA_RESP_ERR_TOPIC_EXCEPTION)
+        public static let topicAuthorizationFailed = Code(RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED)
         /// Not a librdkafka code: a property name or value that librdkafka rejected.
         public static let invalidConfiguration = Code(RD_KAFKA_RESP_ERR__INVALID_ARG)
         /// Not a librdkafka code: the client was closed.
@@ -71,6 +76,14 @@ public struct KafkaError: Error, CustomStringConvertible, Sendable {
     private static let retriableCodes: Set<Code> = [
         .messageTimedOut, .queueFull, .transport, .allBrokersDown, .notLeaderForPartition, .notEnoughReplicas,
         .requestTimedOut, .timedOut,
+    ]
+
+    /// `true` when sending the same record again can never succeed (too large, invalid, not authorized).
+    public var isPermanentForRecord: Bool { Self.permanentRecordCodes.contains(code) }
+
+    private static let permanentRecordCodes: Set<Code> = [
+        .messageSizeTooLarge, .invalidMessage, .recordListTooLarge, .invalidRecord, .invalidTopic,
+        .topicAuthorizationFailed,
     ]
 
     public var description: String { "Kafka error \(code.name): \(message)" }

@@ -67,6 +67,13 @@ public struct KafkaDeliveryReport: Sendable {
     public var error: KafkaError?
 
     public var isDelivered: Bool { error == nil }
+
+    public init(topic: String, partition: Int32, offset: Int64?, error: KafkaError?) {
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.error = error
+    }
 }
 
 /// A position in a partition: the offset of the next record to read.

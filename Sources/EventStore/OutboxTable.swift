@@ -1,0 +1,177 @@
+import Foundation
+import PostgresClient
+
+/// An outbox row waiting to be published.
+public struct OutboxRow: Sendable, Hashable {
+    public var id: Int64
+    public var eventID: UUID
+    public var streamID: String
+    public var streamVersion: Int64
+    public var topic: String
+    public var key: String
+    /// The JSON envelope (see `OutboxEnvelope`), the Kafka message value.
+    public var envelope: String
+    /// Kafka headers by name.
+    public var headers: [String: String]
+    public var createdAt: Date
+}
+
+/// A row the relay could not publish for a reason retrying will not fix; its stream is held back until it
+/// is retried.
+public struct DeadLetter: Sendable, Hashable, Codable {
+    public var outboxID: Int64
+    public var eventID: UUID
+    public var streamID: String
+    public var streamVersion: Int64
+    public var topic: String
+    public var error: String
+    public var failedAt: Date
+    /// Size of the message value in bytes.
+    public var envelopeBytes: Int
+}
+
+/// How the outbox stands.
+public struct OutboxStatus: Sendable, Hashable, Codable {
+    public var waiting: Int
+    /// Seconds since the oldest waiting row was written (0 when none waits).
+    public var oldestWaitingAgeSeconds: Double
+    public var deadLetters: Int
+    public var published: Int
+}
+
+/// The SQL of the outbox: what the relay and the admin tool do to it.
+public struct OutboxTable: Sendable {
+    public init() {}
+
+    /// The oldest waiting rows, in commit-independent id order, skipping streams that have a dead letter
+    /// (their later rows wait so that the stream's order is kept).
+    ///
+    /// Rows are found by `published_at IS NULL`, not by "id above the last one seen": a transaction that
+    /// took a lower id but committed later is still found.
+    public func waitingRows(limit: Int, on connection: PostgresConnection) async throws -> [OutboxRow] {
+        try await connection.query(
+            """
+            SELECT o.id, o.event_id, o.stream_id, o.stream_version, o.topic, o.message_key, o.envelope,
+                   o.headers::text AS headers, o.created_at
+            FROM outbox o
+            WHERE o.published_at IS NULL
+              AND NOT EXISTS (SELECT 1 FROM outbox_dead_letters d WHERE d.stream_id = o.stream_id)
+            ORDER BY o.id
+            LIMIT $1
+            """, [.int(limit)], statement: "outbox: waiting rows"
+        ).map { row in
+            let headersText = try row.decode(String.self, "headers")
+            return OutboxRow(
+                id: try row.decode(Int64.self, "id"),
+                eventID: try row.decode(UUID.self, "event_id"),
+                streamID: try row.decode(String.self, "stream_id"),
+                streamVersion: try row.decode(Int64.self, "stream_version"),
+                topic: try row.decode(String.self, "topic"),
+                key: try row.decode(String.self, "message_key"),
+                envelope: try row.decode(String.self, "envelope"),
+                headers: (try? JSONDecoder().decode([String: String].self, from: Data(headersText.utf8))) ?? [:],
+                createdAt: try row.decode(Date.self, "created_at"))
+        }
+    }
+
+    /// Where a row was stored in Kafka.
+    public struct Delivery: Sendable {
+        public var id: Int64
+        public var partition: Int32
+        public var offset: Int64
+        public init(id: Int64, partition: Int32, offset: Int64) {
+            self.id = id
+            self.partition = partition
+            self.offset = offset
+        }
+    }
+
+    /// Marks rows as published, with their partition and offset.
+    public func markPublished(_ deliveries: [Delivery], on connection: PostgresConnection) async throws {
+        guard !deliveries.isEmpty else { return }
+        var values: [String] = []
+        var binds: [PostgresBind] = []
+        for (index, delivery) in deliveries.enumerated() {
+            values.append("($\(index * 3 + 1)::bigint, $\(index * 3 + 2)::int, $\(index * 3 + 3)::bigint)")
+            binds += [.int64(delivery.id), .int32(delivery.partition), .int64(delivery.offset)]
+        }
+        try await connection.execute(
+            "UPDATE outbox o SET published_at = clock_timestamp(), kafka_partition = d.p, kafka_offset = d.off "
+                + "FROM (VALUES \(values.joined(separator: ", "))) AS d(id, p, off) WHERE o.id = d.id",
+            binds, statement: "outbox: mark published")
+    }
+
+    /// Moves a row to the dead-letter table with the reason.
+    public func moveToDeadLetters(_ id: Int64, error: String, on connection: PostgresConnection) async throws {
+        try await connection.execute(
+            """
+            WITH moved AS (DELETE FROM outbox WHERE id = $1 RETURNING *)
+            INSERT INTO outbox_dead_letters
+                (outbox_id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at, error)
+            SELECT id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at, $2
+            FROM moved
+            """, [.int64(id), .text(error)], statement: "outbox: dead-letter")
+    }
+
+    /// Puts a dead letter back into the outbox under its original id (so it goes before its stream's later rows).
+    /// - Returns: `false` if there is no dead letter with that id.
+    public func retryDeadLetter(_ outboxID: Int64, on connection: PostgresConnection) async throws -> Bool {
+        try await connection.withTransaction { tx in
+            let moved = try await tx.execute(
+                """
+                WITH moved AS (DELETE FROM outbox_dead_letters WHERE outbox_id = $1 RETURNING *)
+                INSERT INTO outbox (id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at)
+                OVERRIDING SYSTEM VALUE
+                SELECT outbox_id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at
+                FROM moved
+                """, [.int64(outboxID)], statement: "outbox: retry dead letter")
+            if moved > 0 {
+                try await tx.notify(EventStoreSchema.outboxChannel, payload: "1")
+            }
+            return moved > 0
+        }
+    }
+
+    public func deadLetters(on connection: PostgresConnection) async throws -> [DeadLetter] {
+        try await connection.query(
+            """
+            SELECT outbox_id, event_id, stream_id, stream_version, topic, error, failed_at, octet_length(envelope) AS bytes
+            FROM outbox_dead_letters ORDER BY outbox_id
+            """, statement: "outbox: list dead letters"
+        ).map { row in
+            DeadLetter(
+                outboxID: try row.decode(Int64.self, "outbox_id"), eventID: try row.decode(UUID.self, "event_id"),
+                streamID: try row.decode(String.self, "stream_id"),
+                streamVersion: try row.decode(Int64.self, "stream_version"), topic: try row.decode(String.self, "topic"),
+                error: try row.decode(String.self, "error"), failedAt: try row.decode(Date.self, "failed_at"),
+                envelopeBytes: try row.decode(Int.self, "bytes"))
+        }
+    }
+
+    public func status(on connection: PostgresConnection) async throws -> OutboxStatus {
+        let row = try await connection.query(
+            """
+            SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS waiting,
+                   COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - (SELECT min(created_at) FROM outbox WHERE published_at IS NULL)), 0)::text AS age,
+                   (SELECT count(*) FROM outbox_dead_letters) AS dead,
+                   (SELECT count(*) FROM outbox WHERE published_at IS NOT NULL) AS published
+            """, statement: "outbox: status"
+        ).first!
+        return OutboxStatus(
+            waiting: try row.decode(Int.self, "waiting"),
+            oldestWaitingAgeSeconds: Double(try row.decode(String.self, "age")) ?? 0,
+            deadLetters: try row.decode(Int.self, "dead"),
+            published: try row.decode(Int.self, "published"))
+    }
+
+    /// Deletes up to `limit` rows published more than `olderThan` ago. Returns how many it deleted.
+    public func deletePublished(olderThan: Duration, limit: Int, on connection: PostgresConnection) async throws -> Int {
+        try await connection.execute(
+            """
+            DELETE FROM outbox WHERE id IN (
+                SELECT id FROM outbox WHERE published_at IS NOT NULL
+                  AND published_at < clock_timestamp() - make_interval(secs => $1::float8)
+                ORDER BY published_at LIMIT $2)
+            """, [.text(String(Double(olderThan.components.seconds))), .int(limit)], statement: "outbox: retention")
+    }
+}
