@@ -1,0 +1,184 @@
+import EventSourcing
+import EventStore
+import Foundation
+import KafkaClient
+import OutboxRelay
+import PostgresClient
+import TestSupport
+import Testing
+
+/// Runs an in-process relay for the duration of `body`, then stops it gracefully.
+func withRelay<T>(
+    _ test: TestEventStore, brokers: String, properties: [String: String] = [:], batchSize: Int = 500,
+    _ body: (OutboxRelay) async throws -> T
+) async throws -> T {
+    var configuration = OutboxRelayConfiguration(
+        databaseURL: test.schema.url, kafka: KafkaConfiguration(bootstrapServers: brokers, properties: properties))
+    configuration.batchSize = batchSize
+    configuration.pollInterval = .milliseconds(200)
+    configuration.maxBackoff = .milliseconds(500)
+    // Each test schema is its own "database": its relay must not wait for another test's lock.
+    configuration.leaderLockKey = Int64.random(in: 1...Int64.max)
+    let relay = OutboxRelay(configuration: configuration)
+    let task = Task { try await relay.run() }
+    do {
+        let value = try await body(relay)
+        relay.stop()
+        try await task.value
+        return value
+    } catch {
+        relay.stop()
+        _ = try? await task.value
+        throw error
+    }
+}
+
+@Suite("outbox relay (real PostgreSQL + Kafka mock cluster)")
+struct OutboxRelayTests {
+    @Test("5,000 events over 50 streams all arrive, each key's versions strictly increasing in one partition")
+    func fiveThousandEvents() async throws {
+        let topic = uniqueName("relay")
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let brokers = try TestEnvironment.kafkaBrokers()
+        let appendStart = ContinuousClock.now
+        let ids = try await test.appendTicks(streams: 50, perStream: 100, batch: 20)
+        print("appended 5000 events in \(ContinuousClock.now - appendStart)")
+        let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
+        let started = ContinuousClock.now
+        try await withRelay(test, brokers: brokers) { relay in
+            try await waitUntil("all rows published", timeout: .seconds(120)) { relay.publishedCount >= 5000 }
+        }
+        let drained = ContinuousClock.now - started
+        try await reader.read(until: "first") { !$0.isEmpty }
+        print("first message \(ContinuousClock.now - started) after the relay started")
+        try await reader.read(until: "5000 event ids") { _ in reader.eventIDs.count >= 5000 }
+        print("read 5000 messages \(ContinuousClock.now - started) after the relay started")
+        print("relay drained 5000 outbox rows in \(drained)")
+        #expect(reader.eventIDs == Set(ids.map { $0.uuidString.lowercased() }))
+        #expect(reader.messages.count == 5000)
+        for (key, versions) in reader.versionsByKey {
+            #expect(versions == Array(1...100), "stream \(key)")
+        }
+        for key in Set(reader.messages.compactMap(\.keyString)) {
+            #expect(Set(reader.messages.filter { $0.keyString == key }.map(\.partition)).count == 1)
+        }
+        let sample = try #require(reader.messages.first)
+        let envelope = try OutboxEnvelope.decode(try #require(sample.value))
+        #expect(sample.header("event-id")?.stringValue == envelope.eventId.uuidString.lowercased())
+        #expect(sample.header("event-type")?.stringValue == "Tick")
+        #expect(sample.header("content-type")?.stringValue == "application/json")
+        #expect(sample.keyString == envelope.streamId)
+        #expect(try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0)
+        await reader.close()
+        try await test.drop()
+    }
+
+    @Test("a transaction that commits after a later one is still published")
+    func outOfOrderCommits() async throws {
+        let topic = uniqueName("ooo")
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let brokers = try TestEnvironment.kafkaBrokers()
+        let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
+        try await withRelay(test, brokers: brokers) { relay in
+            // Transaction A takes the lower outbox id but stays open.
+            let slow = try await PostgresConnection.connect(to: test.schema.url)
+            try await slow.executeScript("BEGIN")
+            let slowEvent = UUID()
+            try await slow.execute(
+                "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, occurred_at) "
+                    + "VALUES ($1, 'slow', 1, 'Tick', 1, '{\"n\":0,\"filler\":\"\"}', now())", [.uuid(slowEvent)])
+            try await slow.execute(
+                "INSERT INTO outbox (event_id, stream_id, stream_version, topic, message_key, envelope, headers) "
+                    + "VALUES ($1, 'slow', 1, $2, 'slow', '{}', $3)",
+                [.uuid(slowEvent), .text(topic), .jsonb(#"{"event-id": "\#(slowEvent.uuidString.lowercased())", "stream-version": "1"}"#)])
+            // Transaction B takes a higher id and commits first.
+            let fast = try await test.appendTicks(streams: 1, perStream: 1, prefix: "fast")
+            try await reader.read(until: "the fast event") { _ in reader.eventIDs.contains(fast[0].uuidString.lowercased()) }
+            let slowID = try await test.count("SELECT max(id) FROM outbox WHERE stream_id = 'fast-0'")
+            #expect(slowID > 0)
+            try await slow.executeScript("COMMIT")
+            try await slow.notify(EventStoreSchema.outboxChannel)
+            try await reader.read(until: "the slow event") { _ in reader.eventIDs.contains(slowEvent.uuidString.lowercased()) }
+            #expect(try await test.count("SELECT min(id) FROM outbox WHERE stream_id = 'slow'") < slowID)
+            try await waitUntil("both marked published") {
+                try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+            }
+            _ = relay
+        }
+        await reader.close()
+        try await test.drop()
+    }
+
+    @Test("brokers down mid-run, back a few seconds later: every event arrives, order per key holds")
+    func brokerDownMidRun() async throws {
+        let cluster = try MockCluster(brokers: 3)
+        let topic = uniqueName("down")
+        try cluster.createTopic(topic, partitions: 4, replicationFactor: 3)
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        var ids = try await test.appendTicks(streams: 10, perStream: 50)
+        try await withRelay(test, brokers: cluster.bootstrapServers, properties: ["message.timeout.ms": "1500"], batchSize: 50) {
+            relay in
+            try await waitUntil("the relay publishes") { relay.publishedCount > 0 }
+            try cluster.setAllBrokersDown()
+            ids += try await test.appendTicks(streams: 10, perStream: 30, prefix: "later")
+            try await waitUntil("the relay notices the brokers are down") {
+                try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NULL") > 0
+                    && relay.publishedCount < 800
+            }
+            try cluster.setAllBrokersUp()
+            try await waitUntil("everything published after the brokers came back", timeout: .seconds(90)) {
+                try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+            }
+        }
+        let reader = try KafkaTopicReader(brokers: cluster.bootstrapServers, topic: topic)
+        try await reader.read(until: "every event id") { _ in reader.eventIDs.count >= ids.count }
+        #expect(reader.eventIDs == Set(ids.map { $0.uuidString.lowercased() }))
+        #expect(reader.keysOutOfOrder.isEmpty)
+        for (key, versions) in reader.versionsByKey {
+            #expect(Set(versions).count == versions.max().map(Int.init), "stream \(key) has gaps")
+        }
+        await reader.close()
+        try await test.drop()
+    }
+
+    @Test("a row Kafka refuses goes to dead letters; its stream is held back, others go on; retry releases it")
+    func deadLetters() async throws {
+        let topic = uniqueName("dead")
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let brokers = try TestEnvironment.kafkaBrokers()
+        let big = String(repeating: "x", count: 40_000)
+        var held: [UUID] = []
+        for (n, filler) in ["", big, ""].enumerated() {
+            let event = NewEvent(Tick(n: n, filler: filler))
+            held.append(event.eventID)
+            try await test.store.append([event], to: "held", category: "tick", expectedVersion: .exact(Int64(n)))
+        }
+        let free = try await test.appendTicks(streams: 1, perStream: 3, prefix: "free")
+        let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
+        try await withRelay(test, brokers: brokers, properties: ["message.max.bytes": "20000"]) { _ in
+            try await reader.read(until: "the free stream and the first held event") { _ in
+                reader.eventIDs.isSuperset(of: free.map { $0.uuidString.lowercased() } + [held[0].uuidString.lowercased()])
+            }
+            try await waitUntil("the big row dead-lettered") {
+                try await test.count("SELECT count(*) FROM outbox_dead_letters") == 1
+            }
+        }
+        #expect(!reader.eventIDs.contains(held[1].uuidString.lowercased()))
+        #expect(!reader.eventIDs.contains(held[2].uuidString.lowercased()))
+        let letters = try await test.pool.withConnection { try await OutboxTable().deadLetters(on: $0) }
+        #expect(letters.first?.eventID == held[1])
+        #expect(letters.first?.error.contains("MSG_SIZE_TOO_LARGE") == true)
+        #expect(try await test.count("SELECT count(*) FROM outbox WHERE stream_id = 'held' AND published_at IS NULL") == 1)
+
+        // With a broker limit that fits, retrying the dead letter publishes it and then the held row, in order.
+        let retried = try await test.pool.withConnection { try await OutboxTable().retryDeadLetter(letters[0].outboxID, on: $0) }
+        #expect(retried)
+        try await withRelay(test, brokers: brokers) { _ in
+            try await reader.read(until: "the held stream") { _ in reader.eventIDs.isSuperset(of: held.map { $0.uuidString.lowercased() }) }
+        }
+        #expect(reader.versionsByKey["held"] == [1, 2, 3])
+        #expect(try await test.count("SELECT count(*) FROM outbox_dead_letters") == 0)
+        await reader.close()
+        try await test.drop()
+    }
+}

@@ -1,0 +1,163 @@
+import EventStore
+import Foundation
+import KafkaClient
+import PostgresClient
+import TestSupport
+import Testing
+
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+
+/// An `outbox-relay` process on a test schema.
+struct RelayProcess {
+    let process: Process
+    let log: URL
+    let name: String
+
+    static func start(
+        _ test: TestEventStore, name: String, lockKey: Int64, brokers: String, extra: [String] = []
+    ) throws -> RelayProcess {
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent("\(uniqueName(name)).log")
+        let process = try Tools.start(
+            "outbox-relay",
+            ["--database-url", test.schema.url + "&application_name=\(name)", "--brokers", brokers, "--poll-interval", "0.2",
+             "--standby-interval", "0.2", "--lock-key", String(lockKey), "--batch-size", "200"] + extra,
+            output: log)
+        return RelayProcess(process: process, log: log, name: name)
+    }
+
+    func signal(_ signal: Int32) { kill(process.processIdentifier, signal) }
+
+    func waitForExit() async throws -> Int32 {
+        try await waitUntil("\(name) exits") { !process.isRunning }
+        return process.terminationStatus
+    }
+
+    var output: String { (try? String(contentsOf: log, encoding: .utf8)) ?? "" }
+}
+
+/// The application name of the session holding the relay lock of this test, if any.
+func activeRelay(_ test: TestEventStore, lockKey: Int64) async throws -> String? {
+    try await test.pool.withConnection { connection in
+        try await connection.query(
+            """
+            SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+            WHERE l.locktype = 'advisory' AND l.granted AND l.classid::text = '0' AND l.objid::text = $1
+            """, [.text(String(lockKey))]
+        ).first?.decode(String.self, at: 0)
+    }
+}
+
+func publishedIDs(_ test: TestEventStore) async throws -> Set<String> {
+    try await test.pool.withConnection { connection in
+        Set(try await connection.query("SELECT event_id::text FROM outbox WHERE published_at IS NOT NULL").map {
+            try $0.decode(String.self, at: 0)
+        })
+    }
+}
+
+@Suite("outbox-relay processes: crash, failover, graceful stop (real PostgreSQL + kafka-mock-cluster)")
+struct RelayProcessTests {
+    @Test("killed with SIGKILL mid-batch and restarted: every event arrives at least once, order per key holds")
+    func sigkillAndRestart() async throws {
+        let topic = uniqueName("kill")
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let brokers = try TestEnvironment.kafkaBrokers()
+        let lockKey = Int64.random(in: 1...2_000_000_000)
+        let ids = try await test.appendTicks(streams: 30, perStream: 100, batch: 25)
+        let first = try RelayProcess.start(test, name: "relay-first", lockKey: lockKey, brokers: brokers)
+        try await waitUntil("some rows published") {
+            try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") >= 300
+        }
+        first.signal(SIGKILL)
+        #expect(try await first.waitForExit() != 0)
+        #expect(try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NULL") > 0)
+
+        let second = try RelayProcess.start(test, name: "relay-second", lockKey: lockKey, brokers: brokers)
+        try await waitUntil("the restarted relay drains the outbox", timeout: .seconds(120)) {
+            try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+        }
+        second.signal(SIGTERM)
+        #expect(try await second.waitForExit() == 0)
+
+        let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
+        try await reader.read(until: "every event id", timeout: .seconds(120)) { _ in reader.eventIDs.count >= ids.count }
+        #expect(reader.eventIDs == Set(ids.map { $0.uuidString.lowercased() }))
+        #expect(reader.keysOutOfOrder.isEmpty)
+        await reader.close()
+        try await test.drop()
+    }
+
+    @Test("two relays: one active, the standby takes over when the active one is killed")
+    func failover() async throws {
+        let topic = uniqueName("failover")
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let brokers = try TestEnvironment.kafkaBrokers()
+        let lockKey = Int64.random(in: 1...2_000_000_000)
+        let relays = [
+            try RelayProcess.start(test, name: "relay_a", lockKey: lockKey, brokers: brokers),
+            try RelayProcess.start(test, name: "relay_b", lockKey: lockKey, brokers: brokers),
+        ]
+        var active: String?
+        try await waitUntil("one relay active") {
+            active = try await activeRelay(test, lockKey: lockKey)
+            return active != nil
+        }
+        var ids = try await test.appendTicks(streams: 20, perStream: 50, batch: 10)
+        try await waitUntil("some rows published") {
+            try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") >= 100
+        }
+        let victim = try #require(relays.first { $0.name == active })
+        let survivor = try #require(relays.first { $0.name != active })
+        victim.signal(SIGKILL)
+        _ = try await victim.waitForExit()
+        ids += try await test.appendTicks(streams: 20, perStream: 20, prefix: "after-kill")
+        try await waitUntil("the standby takes over", timeout: .seconds(30)) {
+            try await activeRelay(test, lockKey: lockKey) == survivor.name
+        }
+        try await waitUntil("the survivor drains the outbox", timeout: .seconds(120)) {
+            try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+        }
+        #expect(survivor.output.contains("standing by"))
+        survivor.signal(SIGTERM)
+        #expect(try await survivor.waitForExit() == 0)
+
+        let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
+        try await reader.read(until: "every event id", timeout: .seconds(120)) { _ in reader.eventIDs.count >= ids.count }
+        #expect(reader.eventIDs == Set(ids.map { $0.uuidString.lowercased() }))
+        #expect(reader.keysOutOfOrder.isEmpty)
+        await reader.close()
+        try await test.drop()
+    }
+
+    @Test("SIGTERM: stops taking rows, marks what Kafka acknowledged, exits 0; metrics were served")
+    func sigterm() async throws {
+        let topic = uniqueName("term")
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let brokers = try TestEnvironment.kafkaBrokers()
+        let port = Int.random(in: 20_000...40_000)
+        _ = try await test.appendTicks(streams: 30, perStream: 100, batch: 25)
+        let relay = try RelayProcess.start(
+            test, name: "relay-term", lockKey: Int64.random(in: 1...2_000_000_000), brokers: brokers,
+            extra: ["--metrics-port", String(port)])
+        try await waitUntil("some rows published") {
+            try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") >= 200
+        }
+        let (body, response) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/metrics")!)
+        #expect((response as? HTTPURLResponse)?.statusCode == 200)
+        let metrics = String(decoding: body, as: UTF8.self)
+        #expect(metrics.contains("eventoutbox_relay_published_total"))
+        #expect(metrics.contains("eventoutbox_relay_active 1"))
+
+        relay.signal(SIGTERM)
+        #expect(try await relay.waitForExit() == 0)
+        #expect(relay.output.contains("relay stopped"))
+        // Every row marked published is really in Kafka.
+        let marked = try await publishedIDs(test)
+        let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
+        try await reader.read(until: "every marked row") { _ in reader.eventIDs.isSuperset(of: marked) }
+        await reader.close()
+        try await test.drop()
+    }
+}

@@ -1,0 +1,51 @@
+import Foundation
+import KafkaClient
+
+/// Reads a topic from the beginning with a fresh consumer group and keeps everything it received.
+public final class KafkaTopicReader {
+    public let consumer: KafkaConsumer
+    public private(set) var messages: [KafkaMessage] = []
+
+    public init(brokers: String, topic: String) throws {
+        consumer = try KafkaConsumer(
+            configuration: KafkaConfiguration(
+                bootstrapServers: brokers, properties: ["allow.auto.create.topics": "true", "log_level": "3"]),
+            groupID: uniqueName("reader"))
+        try consumer.subscribe(topics: [topic])
+    }
+
+    /// Polls until `condition` holds over everything received so far; throws after `timeout`.
+    public func read(
+        until what: String, timeout: Duration = .seconds(60), _ condition: ([KafkaMessage]) -> Bool
+    ) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while !condition(messages) {
+            guard ContinuousClock.now < deadline else {
+                throw DeadlineExceeded(what: "\(what) (received \(messages.count) messages)", timeout: timeout)
+            }
+            if let message = try await consumer.poll(timeout: .milliseconds(100)) { messages.append(message) }
+        }
+    }
+
+    /// Distinct `event-id` header values received.
+    public var eventIDs: Set<String> { Set(messages.compactMap { $0.header("event-id")?.stringValue }) }
+
+    /// For each key, the `stream-version` headers in arrival order.
+    public var versionsByKey: [String: [Int64]] {
+        var result: [String: [Int64]] = [:]
+        for message in messages {
+            guard let key = message.keyString, let version = message.header("stream-version")?.stringValue.flatMap({ Int64($0) })
+            else { continue }
+            result[key, default: []].append(version)
+        }
+        return result
+    }
+
+    /// Keys whose versions ever go down (a later message with a lower version): order violations.
+    /// Repeats of the same version (at-least-once duplicates) are allowed.
+    public var keysOutOfOrder: [String] {
+        versionsByKey.filter { _, versions in zip(versions, versions.dropFirst()).contains { $1 < $0 } }.keys.sorted()
+    }
+
+    public func close() async { await consumer.close() }
+}
