@@ -42,15 +42,18 @@ let package = Package(
             providers: [.apt(["librdkafka-dev"]), .brew(["librdkafka"])]
         ),
 
+        // A thread per blocking C handle (see SerialThread for why not a dispatch queue).
+        .target(name: "BlockingIO", swiftSettings: strictSettings),
+
         // Thin wrappers: the only modules that import C.
         .target(
             name: "PostgresClient",
-            dependencies: ["CLibPQ", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["CLibPQ", "BlockingIO", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strictSettings
         ),
         .target(
             name: "KafkaClient",
-            dependencies: ["CRdKafka", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["CRdKafka", "BlockingIO", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strictSettings
         ),
 
@@ -127,7 +130,7 @@ let package = Package(
         // Tests. Those that touch servers need `scripts/test` (EVENTOUTBOX_DATABASE_URL, KAFKA_BROKERS).
         .target(
             name: "TestSupport",
-            dependencies: ["PostgresClient", "KafkaClient", "EventStore", "EventSourcing"],
+            dependencies: ["PostgresClient", "KafkaClient", "EventStore", "EventSourcing", "BlockingIO"],
             path: "Tests/TestSupport",
             swiftSettings: strictSettings
         ),

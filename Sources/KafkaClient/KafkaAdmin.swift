@@ -1,11 +1,13 @@
 import CRdKafka
-import Dispatch
+import BlockingIO
 import Logging
 
 /// Administrative operations (topic creation) over librdkafka's Admin API.
 public final class KafkaAdmin: Sendable {
     private let handle: RDKafkaHandle
-    private let queue = DispatchQueue(label: "eventoutbox.kafka.admin")
+    private let thread = SerialThread(name: "eventoutbox-kafka-admin")
+
+    deinit { thread.stop() }
 
     public init(configuration: KafkaConfiguration, logger: Logger = Logger(label: "eventoutbox.kafka.admin")) throws {
         let conf = try RDKafkaConfig.make(configuration.merged(over: [:]))
@@ -19,10 +21,8 @@ public final class KafkaAdmin: Sendable {
         timeout: Duration = .seconds(10)
     ) async throws {
         let milliseconds = Int32(timeout.components.seconds * 1000)
-        let result: KafkaError? = await withCheckedContinuation { continuation in
-            queue.async { [handle] in
-                continuation.resume(returning: Self.create(handle.pointer, name, partitions, replicationFactor, milliseconds))
-            }
+        let result: KafkaError? = await thread.run { [handle] in
+            Self.create(handle.pointer, name, partitions, replicationFactor, milliseconds)
         }
         if let result, !(ifNotExists && result.code == .topicAlreadyExists) { throw result }
     }

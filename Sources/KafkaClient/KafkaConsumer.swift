@@ -1,5 +1,5 @@
 import CRdKafka
-import Dispatch
+import BlockingIO
 import Logging
 
 /// A partition of a topic.
@@ -25,8 +25,8 @@ public enum KafkaRebalanceEvent: Sendable, Equatable {
 /// Auto-commit is off by default: offsets move only when you call ``commit(_:)-(KafkaMessage)``, so a record
 /// counts as consumed only after your own processing has finished. A new group starts at the earliest offset.
 ///
-/// `rd_kafka_consumer_poll`, commit and close block; they run on the consumer's own serial queue, never on
-/// Swift's cooperative pool. Rebalances are handled (assign/revoke) inside poll and announced on
+/// `rd_kafka_consumer_poll`, commit and close block; they run on the consumer's own thread
+/// (``SerialThread``), never on Swift's cooperative pool. Rebalances are handled (assign/revoke) inside poll and announced on
 /// ``rebalanceEvents``.
 public final class KafkaConsumer: Sendable {
     public static let defaultProperties: [String: String] = [
@@ -39,7 +39,7 @@ public final class KafkaConsumer: Sendable {
     /// Assignments and revocations, in the order they happened (the newest 256 are kept if nobody reads).
     public let rebalanceEvents: AsyncStream<KafkaRebalanceEvent>
     private let handle: RDKafkaHandle
-    private let queue = DispatchQueue(label: "eventoutbox.kafka.consumer")
+    private let thread = SerialThread(name: "eventoutbox-kafka-consumer")
     private let logger: Logger
 
     /// Creates a consumer in group `groupID`.
@@ -148,10 +148,10 @@ public final class KafkaConsumer: Sendable {
         handle.context.finishRebalanceEvents()
     }
 
+    deinit { thread.stop() }
+
     private func onQueue<T: Sendable>(_ work: @escaping @Sendable () -> T) async -> T {
-        await withCheckedContinuation { continuation in
-            queue.async { continuation.resume(returning: work()) }
-        }
+        await thread.run(work)
     }
 }
 

@@ -1,4 +1,5 @@
 import CRdKafka
+import Foundation
 import Logging
 
 /// librdkafka's built-in mock Kafka cluster (`rdkafka_mock.h`): real brokers speaking the Kafka protocol
@@ -28,7 +29,16 @@ public final class MockCluster: @unchecked Sendable {
         bootstrapServers = String(cString: rd_kafka_mock_cluster_bootstraps(cluster))
     }
 
-    deinit { rd_kafka_mock_cluster_destroy(cluster) }
+    deinit {
+        // Joins the cluster's thread; kept off the cooperative pool like rd_kafka_destroy (see RDKafkaHandle).
+        let cluster = UnsafeSendablePointer(self.cluster)
+        let handle = self.handle
+        let thread = Thread {
+            rd_kafka_mock_cluster_destroy(cluster.value)
+            withExtendedLifetime(handle) {}
+        }
+        thread.start()
+    }
 
     /// Creates a topic directly in the cluster.
     public func createTopic(_ name: String, partitions: Int32, replicationFactor: Int32 = 1) throws {

@@ -1,33 +1,41 @@
-import Dispatch
+import BlockingIO
 import Foundation
 
 /// One PostgreSQL connection.
 ///
 /// libpq calls block the calling thread until the server answers. Running them on Swift's cooperative
-/// thread pool (which has one thread per core, two here) would stall every other task while a query
-/// waits on the network. So each connection owns a serial `DispatchQueue`: every libpq call on this
-/// connection runs there, one at a time, and the async caller is suspended (not blocked) meanwhile.
-/// The serial queue is also what makes the unsynchronized `PGconn` safe to share as `Sendable`.
+/// thread pool (one thread per core, two here) would stall every other task while a query waits; running
+/// them on libdispatch's bounded worker pool can deadlock once all workers wait on a lock that another
+/// connection's next statement would release. So each connection owns a thread (``SerialThread``): every
+/// libpq call on this connection runs there, one at a time, and the async caller is suspended (not
+/// blocked) meanwhile. That thread is also what makes the unsynchronized `PGconn` safe to share as `Sendable`.
 ///
 /// A connection runs one statement at a time; use ``PostgresPool`` for concurrency.
 public final class PostgresConnection: @unchecked Sendable {
     // Only touched on `queue` (see the type's doc comment).
     private let handle: PQConnectionHandle
-    private let queue: DispatchQueue
+    private let thread: SerialThread
 
-    private init(handle: PQConnectionHandle, queue: DispatchQueue) {
+    private init(handle: PQConnectionHandle, thread: SerialThread) {
         self.handle = handle
-        self.queue = queue
+        self.thread = thread
     }
+
+    deinit { thread.stop() }
 
     /// Opens a connection.
     /// - Parameter url: a `postgresql://` URL (`postgresql:///db?host=/tmp/sock` for a unix socket) or
     ///   libpq `key=value` pairs.
     /// - Throws: ``PostgresError`` with code ``PostgresError/Code/connectionFailed``.
     public static func connect(to url: String) async throws -> PostgresConnection {
-        let queue = DispatchQueue(label: "eventoutbox.postgres.connection")
-        let handle = try await onQueue(queue) { () throws(PostgresError) in try PQConnectionHandle.connect(url) }
-        return PostgresConnection(handle: handle, queue: queue)
+        let thread = SerialThread(name: "eventoutbox-postgres")
+        do {
+            let handle = try await onThread(thread) { () throws(PostgresError) in try PQConnectionHandle.connect(url) }
+            return PostgresConnection(handle: handle, thread: thread)
+        } catch {
+            thread.stop()
+            throw error
+        }
     }
 
     /// Runs a statement and returns its rows.
@@ -108,14 +116,14 @@ public final class PostgresConnection: @unchecked Sendable {
         async throws -> T
     {
         let handle = UnsafeTransfer(handle)
-        return try await Self.onQueue(queue) { () throws(PostgresError) in try work(handle.value) }
+        return try await Self.onThread(thread) { () throws(PostgresError) in try work(handle.value) }
     }
 
-    private static func onQueue<T>(_ queue: DispatchQueue, _ work: @escaping @Sendable () throws(PostgresError) -> T)
+    private static func onThread<T>(_ thread: SerialThread, _ work: @escaping @Sendable () throws(PostgresError) -> T)
         async throws -> T
     {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<UnsafeTransfer<T>, any Error>) in
-            queue.async {
+            thread.submit {
                 do {
                     continuation.resume(returning: UnsafeTransfer(try work()))
                 } catch {
@@ -126,8 +134,8 @@ public final class PostgresConnection: @unchecked Sendable {
     }
 }
 
-/// Carries a value across the queue hop. Safe here because the value is only used on the other side
-/// after the hop, never concurrently (the connection's queue is serial).
+/// Carries a value across the thread hop. Safe here because the value is only used on the other side
+/// after the hop, never concurrently (the connection's thread runs one job at a time).
 private struct UnsafeTransfer<Value>: @unchecked Sendable {
     let value: Value
     init(_ value: Value) { self.value = value }

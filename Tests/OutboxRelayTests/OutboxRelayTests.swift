@@ -10,10 +10,10 @@ import Testing
 /// Runs an in-process relay for the duration of `body`, then stops it gracefully.
 func withRelay<T>(
     _ test: TestEventStore, brokers: String, properties: [String: String] = [:], batchSize: Int = 500,
-    _ body: (OutboxRelay) async throws -> T
+    applicationName: String = "relay", _ body: (OutboxRelay) async throws -> T
 ) async throws -> T {
     var configuration = OutboxRelayConfiguration(
-        databaseURL: test.schema.url, kafka: KafkaConfiguration(bootstrapServers: brokers, properties: properties))
+        databaseURL: test.schema.url + "&application_name=\(applicationName)", kafka: KafkaConfiguration(bootstrapServers: brokers, properties: properties))
     configuration.batchSize = batchSize
     configuration.pollInterval = .milliseconds(200)
     configuration.maxBackoff = .milliseconds(500)
@@ -178,6 +178,38 @@ struct OutboxRelayTests {
         }
         #expect(reader.versionsByKey["held"] == [1, 2, 3])
         #expect(try await test.count("SELECT count(*) FROM outbox_dead_letters") == 0)
+        await reader.close()
+        try await test.drop()
+    }
+}
+
+@Suite("outbox relay and a database that drops its connections")
+struct RelayDatabaseRestartTests {
+    @Test("the relay's database sessions are terminated (as in a server restart): it reconnects and loses nothing")
+    func reconnects() async throws {
+        let topic = uniqueName("pgrestart")
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let brokers = try TestEnvironment.kafkaBrokers()
+        var ids = try await test.appendTicks(streams: 10, perStream: 40)
+        let admin = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())
+        let name = uniqueName("relay")
+        try await withRelay(test, brokers: brokers, batchSize: 20, applicationName: name) { relay in
+            try await waitUntil("the relay publishes") { relay.publishedCount > 0 }
+            for round in 0..<3 {
+                let before = relay.publishedCount
+                try await admin.query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", [.text(name)])
+                ids += try await test.appendTicks(streams: 2, perStream: 10, prefix: "round\(round)")
+                try await waitUntil("the relay publishes again after round \(round)") { relay.publishedCount > before }
+            }
+            try await waitUntil("everything published", timeout: .seconds(60)) {
+                try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+            }
+        }
+        let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
+        try await reader.read(until: "every event id") { _ in reader.eventIDs.count >= ids.count }
+        #expect(reader.eventIDs == Set(ids.map { $0.uuidString.lowercased() }))
+        #expect(reader.keysOutOfOrder.isEmpty)
         await reader.close()
         try await test.drop()
     }

@@ -1,3 +1,4 @@
+import BlockingIO
 import Foundation
 
 /// The outcome of running one of the project's executables.
@@ -46,11 +47,18 @@ public enum Tools {
         process.standardOutput = out
         process.standardError = err
         try process.run()
-        // Read both pipes while the process runs so a full pipe never blocks it.
-        async let stdout = Task.detached { out.fileHandleForReading.readDataToEndOfFile() }.value
-        async let stderr = Task.detached { err.fileHandleForReading.readDataToEndOfFile() }.value
+        // Read both pipes while the process runs so a full pipe never blocks it; on threads of their own,
+        // since these reads block until the process exits.
+        let outReader = SerialThread(name: "tool-stdout")
+        let errReader = SerialThread(name: "tool-stderr")
+        defer {
+            outReader.stop()
+            errReader.stop()
+        }
+        async let stdout = outReader.run { out.fileHandleForReading.readDataToEndOfFile() }
+        async let stderr = errReader.run { err.fileHandleForReading.readDataToEndOfFile() }
         let (o, e) = await (stdout, stderr)
-        process.waitUntilExit()
+        await outReader.run { process.waitUntilExit() }
         return ToolRun(
             status: process.terminationStatus, stdout: String(decoding: o, as: UTF8.self),
             stderr: String(decoding: e, as: UTF8.self))

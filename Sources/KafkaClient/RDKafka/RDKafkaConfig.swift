@@ -1,4 +1,5 @@
 import CRdKafka
+import Foundation
 
 /// Builds an `rd_kafka_conf_t` from property names and values, failing with the name librdkafka rejected.
 enum RDKafkaConfig {
@@ -46,11 +47,30 @@ final class RDKafkaHandle: @unchecked Sendable {
         self.context = context
     }
 
-    deinit { rd_kafka_destroy(pointer) }
+    deinit {
+        // rd_kafka_destroy waits for librdkafka's threads and outstanding requests (seconds, or longer when a
+        // broker never answers). The last reference may be dropped on Swift's cooperative pool, which must not
+        // block, so destruction happens on a thread of its own. The context stays alive until then because
+        // callbacks can still fire during destroy.
+        let pointer = UnsafeSendablePointer(pointer)
+        let context = self.context
+        let thread = Thread {
+            rd_kafka_destroy(pointer.value)
+            withExtendedLifetime(context) {}
+        }
+        thread.name = "eventoutbox-kafka-destroy"
+        thread.start()
+    }
 
     /// The context of the client that a callback belongs to.
     static func context(of client: OpaquePointer?) -> RDKafkaContext? {
         guard let client, let opaque = rd_kafka_opaque(client) else { return nil }
         return Unmanaged<RDKafkaContext>.fromOpaque(opaque).takeUnretainedValue()
     }
+}
+
+/// Moves a C handle to the thread that destroys it; nothing else uses it afterwards.
+struct UnsafeSendablePointer: @unchecked Sendable {
+    let value: OpaquePointer
+    init(_ value: OpaquePointer) { self.value = value }
 }
