@@ -19,6 +19,8 @@ let package = Package(
         .executable(name: "bank", targets: ["bank"]),
         .executable(name: "eventoutbox", targets: ["eventoutbox"]),
         .executable(name: "outbox-relay", targets: ["outbox-relay"]),
+        .executable(name: "account-projector", targets: ["account-projector"]),
+        .library(name: "Projections", targets: ["Projections"]),
         .library(name: "OutboxRelay", targets: ["OutboxRelay"]),
     ],
     dependencies: [
@@ -69,7 +71,7 @@ let package = Package(
         ),
         .target(
             name: "BankAccount",
-            dependencies: ["EventSourcing", "EventStore"],
+            dependencies: ["EventSourcing", "EventStore", "Projections", "PostgresClient"],
             swiftSettings: strictSettings
         ),
 
@@ -78,6 +80,17 @@ let package = Package(
             name: "OutboxRelay",
             dependencies: [
                 "EventStore", "KafkaClient", "PostgresClient",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        // Read models from Kafka, idempotent by event id, rebuildable from the store.
+        .target(
+            name: "Projections",
+            dependencies: [
+                "EventSourcing", "EventStore", "KafkaClient", "PostgresClient",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -96,6 +109,19 @@ let package = Package(
             name: "outbox-relay",
             dependencies: [
                 "OutboxRelay", "MetricsEndpoint", "KafkaClient",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .executableTarget(
+            name: "account-projector",
+            dependencies: [
+                "BankAccount", "Projections", "MetricsEndpoint", "KafkaClient", "PostgresClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -158,6 +184,14 @@ let package = Package(
                 "OutboxRelay", "EventStore", "BankAccount", "KafkaClient", "TestSupport", "MetricsEndpoint",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "ProjectionsTests",
+            dependencies: [
+                "Projections", "BankAccount", "EventStore", "OutboxRelay", "KafkaClient", "TestSupport",
+                .product(name: "PropertyBased", package: "swift-property-based"),
             ],
             swiftSettings: strictSettings
         ),

@@ -24,10 +24,10 @@ public struct Bank: Sendable {
         self.repository = repository
     }
 
-    /// A bank on this event store, with the bank registry and routing.
-    public init(store: EventStore, snapshotInterval: Int = 100) {
+    /// A bank on this event store, with the bank registry; its events go to `topic`.
+    public init(store: EventStore, snapshotInterval: Int = 100, topic: String = BankEvents.topic) {
         var store = store
-        store.routing = BankEvents.routing
+        store.routing = OutboxRouting(defaultTopic: topic)
         self.init(repository: AggregateRepository(store: store, registry: BankEvents.registry, snapshotInterval: snapshotInterval))
     }
 

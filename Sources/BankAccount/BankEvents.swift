@@ -53,8 +53,6 @@ public enum BankEvents {
     /// Kafka topic of all account events.
     public static let topic = "bank.accounts"
 
-    public static let routing = OutboxRouting(defaultTopic: topic, topicByCategory: [Account.category: topic])
-
     /// All bank event types, with the `MoneyDeposited` v1 → v2 upcaster.
     public static let registry: EventRegistry = {
         var registry = EventRegistry()

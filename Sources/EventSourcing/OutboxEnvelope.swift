@@ -43,6 +43,23 @@ public struct OutboxEnvelope: Codable, Sendable, Hashable {
             metadata: metadata, occurredAt: date)
     }
 
+    private enum CodingKeys: String, CodingKey {
+        case eventId, streamId, streamVersion, eventType, schemaVersion, occurredAt, payload, metadata
+    }
+
+    /// Event ids are written in lowercase, as in the Kafka headers and in PostgreSQL.
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(eventId.uuidString.lowercased(), forKey: .eventId)
+        try container.encode(streamId, forKey: .streamId)
+        try container.encode(streamVersion, forKey: .streamVersion)
+        try container.encode(eventType, forKey: .eventType)
+        try container.encode(schemaVersion, forKey: .schemaVersion)
+        try container.encode(occurredAt, forKey: .occurredAt)
+        try container.encode(payload, forKey: .payload)
+        try container.encode(metadata, forKey: .metadata)
+    }
+
     public func encoded() throws -> [UInt8] { Array(try EventJSON.encoder.encode(self)) }
 
     public static func decode(_ bytes: [UInt8]) throws -> OutboxEnvelope {

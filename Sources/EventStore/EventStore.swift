@@ -147,7 +147,8 @@ public struct EventStore: Sendable {
 }
 
 extension RecordedEvent {
-    init(row: PostgresRow) throws {
+    /// Reads a row of `events` (all its columns, `payload` and `metadata` as text).
+    public init(row: PostgresRow) throws {
         let metadataText = try row.decode(String.self, "metadata")
         self.init(
             position: try row.decode(Int64.self, "position"),

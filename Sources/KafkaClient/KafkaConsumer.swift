@@ -139,6 +139,28 @@ public final class KafkaConsumer: Sendable {
         }.get()
     }
 
+    /// Records not yet consumed per assigned partition: high watermark minus this consumer's position, from
+    /// librdkafka's cached watermarks (no broker round trip). Partitions without a position yet are left out.
+    public func lag() async -> [KafkaTopicPartition: Int64] {
+        await onQueue { [handle] in
+            var raw: UnsafeMutablePointer<rd_kafka_topic_partition_list_t>?
+            guard rd_kafka_assignment(handle.pointer, &raw) == RD_KAFKA_RESP_ERR_NO_ERROR, let raw else { return [:] }
+            let list = RDKafkaPartitionList(taking: raw)
+            rd_kafka_position(handle.pointer, list.pointer)
+            var result: [KafkaTopicPartition: Int64] = [:]
+            for entry in list.entries where entry.offset >= 0 {
+                var low: Int64 = -1
+                var high: Int64 = -1
+                if rd_kafka_get_watermark_offsets(handle.pointer, entry.topic, entry.partition, &low, &high)
+                    == RD_KAFKA_RESP_ERR_NO_ERROR, high >= 0
+                {
+                    result[KafkaTopicPartition(topic: entry.topic, partition: entry.partition)] = max(0, high - entry.offset)
+                }
+            }
+            return result
+        }
+    }
+
     /// Leaves the group (revoking partitions) and stops the consumer. Commit your offsets before.
     public func close() async {
         let error = await onQueue { [handle] in rd_kafka_consumer_close(handle.pointer) }

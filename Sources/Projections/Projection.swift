@@ -1,0 +1,92 @@
+import EventSourcing
+import PostgresClient
+
+/// A read model built from events: its tables and the handler that applies one event to them.
+///
+/// The handler must write only through ``ProjectionContext/table(_:)`` names: the same code fills the live
+/// tables (from Kafka) and fresh copies during a rebuild (from the event store).
+public struct Projection: Sendable {
+    /// A table of the projection; `createSQL` uses `{table}` where the table name goes.
+    public struct Table: Sendable {
+        public var name: String
+        public var createSQL: String
+        public init(name: String, createSQL: String) {
+            self.name = name
+            self.createSQL = createSQL
+        }
+    }
+
+    /// Identifies the projection; also the name of its `_applied` table and of its rebuild.
+    public var name: String
+    public var tables: [Table]
+    /// Applies one event. Events the projection does not care about are simply ignored by the handler.
+    public var apply: @Sendable (_ event: any DomainEvent, _ recorded: RecordedEvent, _ context: ProjectionContext) async throws -> Void
+
+    public init(
+        name: String, tables: [Table],
+        apply: @escaping @Sendable (any DomainEvent, RecordedEvent, ProjectionContext) async throws -> Void
+    ) {
+        precondition(name.allSatisfy { $0.isLetter || $0.isNumber || $0 == "_" }, "projection names are identifiers")
+        self.name = name
+        self.tables = tables
+        self.apply = apply
+    }
+
+    /// The table recording which events were applied (`event_id` primary key): what makes applying idempotent.
+    public var appliedTable: Table {
+        Table(
+            name: "\(name)_applied",
+            createSQL: "CREATE TABLE {table} (event_id uuid PRIMARY KEY, position bigint NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+    }
+
+    var allTables: [Table] { tables + [appliedTable] }
+}
+
+/// Where a handler writes: a connection inside the apply transaction and the actual table names.
+public struct ProjectionContext: Sendable {
+    public let connection: PostgresConnection
+    let suffix: String
+
+    /// The actual name of one of the projection's tables (the live one, or its rebuild copy).
+    public func table(_ name: String) -> String { name + suffix }
+}
+
+/// Creates missing projection tables, and records what exists.
+enum ProjectionSchema {
+    static let deadLettersSQL = """
+        CREATE TABLE IF NOT EXISTS projection_dead_letters (
+            id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            consumer    text        NOT NULL,
+            topic       text        NOT NULL,
+            partition   int         NOT NULL,
+            "offset"    bigint      NOT NULL,
+            key         bytea,
+            value       bytea,
+            reason      text        NOT NULL,
+            received_at timestamptz NOT NULL DEFAULT now()
+        )
+        """
+
+    /// `true` if the live tables of `projection` exist.
+    static func exists(_ projection: Projection, on connection: PostgresConnection) async throws -> Bool {
+        try await connection.query(
+            "SELECT to_regclass($1) IS NOT NULL AS present", [.text(projection.appliedTable.name)],
+            statement: "projection: exists"
+        ).first!.decode(Bool.self, "present")
+    }
+
+    static func create(_ projection: Projection, suffix: String, on connection: PostgresConnection) async throws {
+        for table in projection.allTables {
+            try await connection.executeScript("DROP TABLE IF EXISTS \(table.name + suffix)")
+            try await connection.executeScript(
+                table.createSQL.replacingOccurrences(of: "{table}", with: table.name + suffix),
+                statement: "projection: create \(table.name + suffix)")
+        }
+    }
+}
+
+extension String {
+    fileprivate func replacingOccurrences(of target: String, with replacement: String) -> String {
+        split(separator: target, omittingEmptySubsequences: false).joined(separator: replacement)
+    }
+}

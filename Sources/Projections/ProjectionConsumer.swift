@@ -1,0 +1,219 @@
+import EventSourcing
+import Foundation
+import KafkaClient
+import Logging
+import Metrics
+import PostgresClient
+import ServiceLifecycle
+import Synchronization
+
+/// Settings of a ``ProjectionConsumer``.
+public struct ProjectionConsumerConfiguration: Sendable {
+    public var databaseURL: String
+    public var kafka: KafkaConfiguration
+    /// Kafka consumer group; members of one group share the partitions.
+    public var groupID: String
+    public var topics: [String]
+    /// Offsets are committed (after the database commit) at least this often while records flow. Default: 500 ms.
+    public var commitInterval: Duration = .milliseconds(500)
+    /// Upper bound of the wait between retries of a record after a database failure. Default: 5 s.
+    public var maxBackoff: Duration = .seconds(5)
+
+    public init(databaseURL: String, kafka: KafkaConfiguration, groupID: String, topics: [String]) {
+        self.databaseURL = databaseURL
+        self.kafka = kafka
+        self.groupID = groupID
+        self.topics = topics
+    }
+}
+
+/// Builds projections from Kafka, applying every event's effect once although Kafka delivers at least once.
+///
+/// For each record: decode the envelope, then in one PostgreSQL transaction record "event X applied to
+/// projection P" and run P's handler (see ``ProjectionApplier``); a second delivery of X is skipped and
+/// counted. The record's offset is committed to Kafka only after that transaction committed. A record that
+/// cannot be decoded or has an unknown type goes to `projection_dead_letters` with its raw bytes and the
+/// reason, and the consumer goes on. Database failures are retried (with backoff) on the same record.
+///
+/// On first start, projections whose tables do not exist are back-filled from the event store
+/// (see ``ProjectionRebuilder``) before consuming.
+public final class ProjectionConsumer: Service, Sendable {
+    public let configuration: ProjectionConsumerConfiguration
+    public let applier: ProjectionApplier
+    private let logger: Logger
+    private let stopping = Atomic<Bool>(false)
+    private let counts = ConsumerCounts()
+    private let metrics = ConsumerMetrics()
+
+    public init(configuration: ProjectionConsumerConfiguration, applier: ProjectionApplier, logger: Logger = Logger(label: "eventoutbox.projections")) {
+        self.configuration = configuration
+        self.applier = applier
+        self.logger = logger
+    }
+
+    public var appliedCount: Int { counts.applied.load(ordering: .relaxed) }
+    public var duplicateCount: Int { counts.duplicates.load(ordering: .relaxed) }
+    public var deadLetterCount: Int { counts.deadLettered.load(ordering: .relaxed) }
+
+    public func stop() { stopping.store(true, ordering: .releasing) }
+    private var isStopping: Bool { stopping.load(ordering: .acquiring) }
+
+    /// Creates the dead-letter table and back-fills projections that have never been built.
+    public func prepare() async throws {
+        let pool = PostgresPool(url: configuration.databaseURL, maxConnections: 2)
+        defer { Task { await pool.close() } }
+        try await pool.withConnection { try await $0.executeScript(ProjectionSchema.deadLettersSQL) }
+        for projection in applier.projections {
+            let exists = try await pool.withConnection { try await ProjectionSchema.exists(projection, on: $0) }
+            if !exists {
+                logger.info("back-filling a new projection from the event store", metadata: ["projection": "\(projection.name)"])
+                try await ProjectionRebuilder(pool: pool, registry: applier.registry, logger: logger).rebuild(projection)
+            }
+        }
+    }
+
+    /// Consumes until graceful shutdown: then it finishes the current record, commits offsets, leaves the group.
+    public func run() async throws {
+        try await prepare()
+        let consumer = try KafkaConsumer(configuration: configuration.kafka, groupID: configuration.groupID, logger: logger)
+        try consumer.subscribe(topics: configuration.topics)
+        await withGracefulShutdownHandler {
+            await withTaskCancellationHandler {
+                await self.consume(consumer)
+            } onCancel: {
+                self.stop()
+            }
+        } onGracefulShutdown: {
+            self.stop()
+        }
+        await consumer.close()
+        logger.info(
+            "projection consumer stopped",
+            metadata: ["applied": "\(appliedCount)", "duplicates": "\(duplicateCount)", "dead.lettered": "\(deadLetterCount)"])
+    }
+
+    private func consume(_ consumer: KafkaConsumer) async {
+        var connection: PostgresConnection?
+        var pending: [KafkaTopicPartition: Int64] = [:]
+        var pendingCount = 0
+        var lastCommit = ContinuousClock.now
+        var lastLag = ContinuousClock.now
+        var backoff: Duration = .milliseconds(100)
+
+        func commitPending() async {
+            guard !pending.isEmpty else { return }
+            let offsets = pending.map { KafkaTopicPartitionOffset(topic: $0.key.topic, partition: $0.key.partition, offset: $0.value) }
+            do {
+                try await consumer.commit(offsets)
+                pending.removeAll()
+                pendingCount = 0
+            } catch {
+                // Not fatal: the records are applied; at worst they are delivered again and skipped.
+                logger.warning("offset commit failed; will retry", metadata: ["kafka.error": "\(error)"])
+            }
+            lastCommit = .now
+        }
+
+        while !isStopping {
+            let message: KafkaMessage?
+            do {
+                message = try await consumer.poll(timeout: .milliseconds(100))
+            } catch {
+                logger.error("fatal Kafka consumer error; stopping", metadata: ["kafka.error": "\(error)"])
+                break
+            }
+            if let message {
+                while !isStopping {
+                    do {
+                        if connection == nil { connection = try await PostgresConnection.connect(to: configuration.databaseURL) }
+                        try await handle(message, on: connection!)
+                        backoff = .milliseconds(100)
+                        pending[KafkaTopicPartition(topic: message.topic, partition: message.partition)] = message.offset + 1
+                        pendingCount += 1
+                        break
+                    } catch {
+                        if let connection, await connection.isBroken { _ = connection }
+                        connection = nil  // a fresh connection for the retry
+                        logger.warning(
+                            "database failure while applying a record; retrying",
+                            metadata: ["error": "\(error)", "kafka.offset": "\(message.offset)", "retry.in": "\(backoff)"])
+                        try? await Task.sleep(for: backoff)
+                        backoff = min(backoff * 2, configuration.maxBackoff)
+                    }
+                }
+            }
+            if pendingCount >= 500 || ContinuousClock.now - lastCommit >= configuration.commitInterval {
+                await commitPending()
+            }
+            if ContinuousClock.now - lastLag >= .seconds(1) {
+                for (partition, lag) in await consumer.lag() {
+                    Gauge(label: "eventoutbox_projection_consumer_lag", dimensions: [("topic", partition.topic), ("partition", String(partition.partition))])
+                        .record(lag)
+                }
+                lastLag = .now
+            }
+        }
+        await commitPending()
+    }
+
+    /// Applies one record, or dead-letters it. Throws only for failures worth retrying (database).
+    private func handle(_ message: KafkaMessage, on connection: PostgresConnection) async throws {
+        var logger = self.logger
+        if let traceparent = message.header("traceparent")?.stringValue { logger[metadataKey: "traceparent"] = "\(traceparent)" }
+        let recorded: RecordedEvent
+        do {
+            guard let value = message.value else { throw EnvelopeError("the record has no value") }
+            recorded = try OutboxEnvelope.decode(value).recordedEvent()
+        } catch {
+            try await deadLetter(message, reason: "not an EventOutbox envelope: \(error)", on: connection, logger: logger)
+            return
+        }
+        let started = ContinuousClock.now
+        do {
+            let outcome = try await connection.withTransaction { tx in try await self.applier.apply(recorded, on: tx) }
+            counts.applied.add(outcome.applied, ordering: .relaxed)
+            counts.duplicates.add(outcome.duplicates, ordering: .relaxed)
+            metrics.applied.increment(by: outcome.applied)
+            metrics.duplicates.increment(by: outcome.duplicates)
+            let elapsed = (ContinuousClock.now - started).components
+            metrics.applyLatency.recordNanoseconds(elapsed.seconds * 1_000_000_000 + elapsed.attoseconds / 1_000_000_000)
+            logger.trace("applied", metadata: ["event.id": "\(recorded.eventID)", "duplicates": "\(outcome.duplicates)"])
+        } catch let error as EventDecodingError {
+            try await deadLetter(message, reason: error.description, on: connection, logger: logger)
+        } catch let error as PostgresError where !error.isRetriable && error.code == .server && error.sqlState?.hasPrefix("42") != true {
+            // A deterministic failure of the handler's SQL (constraint, bad value): retrying cannot help.
+            try await deadLetter(message, reason: "handler failed: \(error)", on: connection, logger: logger)
+        }
+    }
+
+    private func deadLetter(_ message: KafkaMessage, reason: String, on connection: PostgresConnection, logger: Logger) async throws {
+        try await connection.execute(
+            "INSERT INTO projection_dead_letters (consumer, topic, partition, \"offset\", key, value, reason) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            [.text(configuration.groupID), .text(message.topic), .int32(message.partition), .int64(message.offset),
+             message.key.map(PostgresBind.bytea) ?? .null, message.value.map(PostgresBind.bytea) ?? .null, .text(reason)],
+            statement: "projection: dead-letter")
+        counts.deadLettered.add(1, ordering: .relaxed)
+        metrics.deadLettered.increment()
+        logger.error(
+            "record moved to projection_dead_letters; consuming goes on",
+            metadata: ["kafka.topic": "\(message.topic)", "kafka.partition": "\(message.partition)", "kafka.offset": "\(message.offset)", "reason": "\(reason)"])
+    }
+}
+
+struct EnvelopeError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+private final class ConsumerCounts: Sendable {
+    let applied = Atomic<Int>(0)
+    let duplicates = Atomic<Int>(0)
+    let deadLettered = Atomic<Int>(0)
+}
+
+private struct ConsumerMetrics: Sendable {
+    let applied = Counter(label: "eventoutbox_projection_applied_total")
+    let duplicates = Counter(label: "eventoutbox_projection_duplicates_skipped_total")
+    let deadLettered = Counter(label: "eventoutbox_projection_dead_lettered_total")
+    let applyLatency = Metrics.Timer(label: "eventoutbox_projection_apply_duration_seconds")
+}

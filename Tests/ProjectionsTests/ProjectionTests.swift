@@ -1,0 +1,239 @@
+import BankAccount
+import EventSourcing
+import EventStore
+import Foundation
+import KafkaClient
+import OutboxRelay
+import PostgresClient
+import Projections
+import PropertyBased
+import TestSupport
+import Testing
+
+/// A bank, its relay and its projector on a test schema and topic of their own.
+struct Pipeline {
+    let test: TestEventStore
+    let topic: String
+    let brokers: String
+    let bank: Bank
+
+    static func make() async throws -> Pipeline {
+        let topic = uniqueName("bank")
+        let test = try await TestEventStore.create(maxConnections: 6)
+        return Pipeline(test: test, topic: topic, brokers: try TestEnvironment.kafkaBrokers(), bank: Bank(store: test.store, topic: topic))
+    }
+
+    func consumerConfiguration(group: String = uniqueName("projector")) -> ProjectionConsumerConfiguration {
+        var configuration = ProjectionConsumerConfiguration(
+            databaseURL: test.schema.url,
+            kafka: KafkaConfiguration(
+                bootstrapServers: brokers,
+                properties: ["allow.auto.create.topics": "true", "session.timeout.ms": "6000", "heartbeat.interval.ms": "500", "log_level": "3"]),
+            groupID: group, topics: [topic])
+        configuration.commitInterval = .milliseconds(200)
+        return configuration
+    }
+
+    /// Runs relay and projector while `body` runs, then stops both.
+    func running<T>(_ body: (ProjectionConsumer) async throws -> T) async throws -> T {
+        var relayConfiguration = OutboxRelayConfiguration(databaseURL: test.schema.url, kafka: KafkaConfiguration(bootstrapServers: brokers))
+        relayConfiguration.leaderLockKey = Int64.random(in: 1...Int64.max)
+        relayConfiguration.pollInterval = .milliseconds(200)
+        let relay = OutboxRelay(configuration: relayConfiguration)
+        let consumer = ProjectionConsumer(
+            configuration: consumerConfiguration(),
+            applier: ProjectionApplier(projections: AccountProjections.all, registry: BankEvents.registry))
+        try await consumer.prepare()  // tables exist before the body looks at them
+        let relayTask = Task { try await relay.run() }
+        let consumerTask = Task { try await consumer.run() }
+        defer {
+            relay.stop()
+            consumer.stop()
+        }
+        let value = try await body(consumer)
+        relay.stop()
+        consumer.stop()
+        try await relayTask.value
+        try await consumerTask.value
+        return value
+    }
+
+    func balances() async throws -> [String: Int64] {
+        try await test.pool.withConnection { connection in
+            Dictionary(uniqueKeysWithValues: try await connection.query("SELECT account_id, balance FROM account_balances").map {
+                (try $0.decode(String.self, "account_id"), try $0.decode(Int64.self, "balance"))
+            })
+        }
+    }
+
+    /// Every row of a table, as text, sorted: for comparing tables row by row.
+    func rows(_ table: String, except: [String] = ["updated_at"]) async throws -> [String] {
+        try await test.pool.withConnection { connection in
+            let columns = try await connection.query(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+                [.text(table)]
+            ).map { try $0.decode(String.self, "column_name") }.filter { !except.contains($0) }
+            return try await connection.query("SELECT concat_ws('|', \(columns.joined(separator: ", "))) AS line FROM \(table) ORDER BY 1")
+                .map { try $0.decode(String.self, "line") }
+        }
+    }
+
+    func expectedBalances(_ ids: [String]) async throws -> [String: Int64] {
+        var result: [String: Int64] = [:]
+        for id in ids { result[id] = try await bank.account(id).state.balance }
+        return result
+    }
+}
+
+@Suite("projections from Kafka (real PostgreSQL + kafka-mock-cluster + the real relay)")
+struct ProjectionTests {
+    @Test("end to end: bank commands → relay → projector; account_balances matches the bank for every account")
+    func endToEnd() async throws {
+        let pipeline = try await Pipeline.make()
+        var ids: [String] = []
+        try await pipeline.running { consumer in
+            for n in 0..<8 {
+                let id = try await pipeline.bank.open(owner: "Owner \(n) 'quoted' 🙂", initialDeposit: Int64(1000 * n))
+                ids.append(id)
+                _ = try await pipeline.bank.deposit(id, amount: 250, description: "pay")
+                _ = try await pipeline.bank.withdraw(id, amount: 600)
+                _ = try await pipeline.bank.withdraw(id, amount: 100_000)  // rejected
+            }
+            let expected = try await pipeline.expectedBalances(ids)
+            try await waitUntil("account_balances matches the bank") { try await pipeline.balances() == expected }
+            try await waitUntil("daily volume complete") {
+                try await pipeline.test.count("SELECT count(*) FROM daily_volume_applied") == 32
+            }
+            _ = consumer
+        }
+        let volume = try await pipeline.rows("daily_volume", except: ["day"])
+        // deposits: 7 initial (n > 0) + 8 x 250; withdrawals: 7 of 600 (n = 0 is rejected); rejected: 8 + 1.
+        #expect(volume == ["\(28_000 + 2000)|15|\(7 * 600)|7|9"])
+        try await pipeline.test.drop()
+    }
+
+    @Test("the same event delivered twice changes nothing and is counted as a duplicate")
+    func duplicateDelivery() async throws {
+        let pipeline = try await Pipeline.make()
+        let id = try await pipeline.bank.open(owner: "Dup", initialDeposit: 100)
+        _ = try await pipeline.bank.deposit(id, amount: 50)
+        try await pipeline.running { consumer in
+            try await waitUntil("applied") { try await pipeline.balances()[id] == 150 }
+            // Publish the deposit again, as a relay would after a crash.
+            let envelope = try await pipeline.test.pool.withConnection {
+                try await $0.query("SELECT envelope FROM outbox WHERE stream_version = 2").first!.decode(String.self, at: 0)
+            }
+            let producer = try KafkaProducer(configuration: .init(bootstrapServers: pipeline.brokers))
+            let report = try await producer.send(.init(topic: pipeline.topic, key: id, value: envelope))
+            #expect(report.error == nil)
+            await producer.close()
+            try await waitUntil("the duplicate is seen") { consumer.duplicateCount >= 2 }  // one per projection
+            #expect(try await pipeline.balances()[id] == 150)
+        }
+        #expect(try await pipeline.rows("daily_volume", except: ["day"]) == ["150|2|0|0|0"])
+        try await pipeline.test.drop()
+    }
+
+    @Test("a poison message (malformed JSON, unknown type) is dead-lettered with its bytes; later events are applied")
+    func poisonMessages() async throws {
+        let pipeline = try await Pipeline.make()
+        let first = try await pipeline.bank.open(owner: "Before", initialDeposit: 10)
+        try await pipeline.running { consumer in
+            try await waitUntil("first account") { try await pipeline.balances()[first] == 10 }
+            let producer = try KafkaProducer(configuration: .init(bootstrapServers: pipeline.brokers))
+            _ = try await producer.send(.init(topic: pipeline.topic, key: first, value: "{not json"))
+            let unknown = #"{"eventId":"6f9619ff-8b86-d011-b42d-00cf4fc964ff","streamId":"\#(first)","streamVersion":2,"eventType":"InterestAccrued","schemaVersion":1,"occurredAt":"2026-11-25T00:00:00.000000Z","payload":{"rate":3},"metadata":{}}"#
+            _ = try await producer.send(.init(topic: pipeline.topic, key: first, value: unknown))
+            await producer.close()
+            let later = try await pipeline.bank.open(owner: "After", initialDeposit: 20)
+            try await waitUntil("the event after the poison") { try await pipeline.balances()[later] == 20 }
+            #expect(consumer.deadLetterCount == 2)
+        }
+        let letters = try await pipeline.test.pool.withConnection {
+            try await $0.query("SELECT reason, value FROM projection_dead_letters ORDER BY id").map {
+                (try $0.decode(String.self, "reason"), try $0.decode([UInt8].self, "value"))
+            }
+        }
+        #expect(letters.count == 2)
+        #expect(letters[0].1 == Array("{not json".utf8))
+        #expect(letters[0].0.contains("not an EventOutbox envelope"))
+        #expect(letters[1].0.contains("InterestAccrued"))
+        #expect(letters[1].0.contains("not registered"))
+        try await pipeline.test.drop()
+    }
+
+    @Test("for random histories, a rebuilt projection equals the incrementally built one, row for row")
+    func rebuildEqualsIncremental() async throws {
+        let pipeline = try await Pipeline.make()
+        let histories = Gen.int(in: -400...400).array(of: 1...12).array(of: 1...4)
+        try await pipeline.running { consumer in
+            await propertyCheck(count: 6, input: histories) { accounts in
+                do {
+                    var events = 0
+                    for amounts in accounts {
+                        let id = try await pipeline.bank.open(owner: "R", initialDeposit: 200)
+                        events += 1
+                        for amount in amounts where amount != 0 {
+                            if amount > 0 {
+                                _ = try await pipeline.bank.deposit(id, amount: Int64(amount))
+                            } else {
+                                _ = try await pipeline.bank.withdraw(id, amount: Int64(-amount))
+                            }
+                            events += 1
+                        }
+                    }
+                    let total = try await pipeline.test.count("SELECT count(*) FROM events")
+                    try await waitUntil("the projector catches up") {
+                        let balances = try await pipeline.test.count("SELECT count(*) FROM account_balances_applied")
+                        let volume = try await pipeline.test.count("SELECT count(*) FROM daily_volume_applied")
+                        return balances == total && volume == total
+                    }
+                    let incremental = (try await pipeline.rows("account_balances"), try await pipeline.rows("daily_volume"))
+                    let rebuilder = ProjectionRebuilder(pool: pipeline.test.pool, registry: BankEvents.registry)
+                    for projection in AccountProjections.all { try await rebuilder.rebuild(projection) }
+                    #expect(try await pipeline.rows("account_balances") == incremental.0)
+                    #expect(try await pipeline.rows("daily_volume") == incremental.1)
+                    _ = consumer
+                } catch {
+                    Issue.record("\(error)")
+                }
+            }
+        }
+        try await pipeline.test.drop()
+    }
+
+    @Test("rebuild while events keep arriving: the live consumer goes on without double counting")
+    func rebuildUnderLoad() async throws {
+        let pipeline = try await Pipeline.make()
+        var ids: [String] = []
+        for n in 0..<6 { ids.append(try await pipeline.bank.open(owner: "L\(n)", initialDeposit: 1000)) }
+        let accounts = ids
+        try await pipeline.running { consumer in
+            let writer = Task {
+                for round in 0..<60 {
+                    let id = accounts[round % accounts.count]
+                    if round % 3 == 2 {
+                        _ = try await pipeline.bank.withdraw(id, amount: 70)
+                    } else {
+                        _ = try await pipeline.bank.deposit(id, amount: 10 + Int64(round))
+                    }
+                }
+            }
+            try await waitUntil("some events applied") { consumer.appliedCount > 20 }
+            let rebuilder = ProjectionRebuilder(pool: pipeline.test.pool, registry: BankEvents.registry, batchSize: 7)
+            for projection in AccountProjections.all { try await rebuilder.rebuild(projection) }
+            try await writer.value
+            let expected = try await pipeline.expectedBalances(accounts)
+            try await waitUntil("balances match the bank after the rebuild") { try await pipeline.balances() == expected }
+            let total = try await pipeline.test.count("SELECT count(*) FROM events")
+            try await waitUntil("every event applied once to daily_volume") {
+                try await pipeline.test.count("SELECT count(*) FROM daily_volume_applied") == total
+            }
+        }
+        // daily_volume (built live across a rebuild) equals a fresh rebuild of it.
+        let live = try await pipeline.rows("daily_volume")
+        try await ProjectionRebuilder(pool: pipeline.test.pool, registry: BankEvents.registry).rebuild(AccountProjections.dailyVolume)
+        #expect(try await pipeline.rows("daily_volume") == live)
+        try await pipeline.test.drop()
+    }
+}
