@@ -76,11 +76,36 @@ public struct ProjectionRebuilder: Sendable {
         }
         try await flush()
 
-        let caughtUp = try await pool.withTransaction { [last] connection -> Int in
+        let caughtUp = try await swapIn(projection, after: last, applier: applier, suffix: suffix)
+        try await lockConnection.query("SELECT pg_advisory_unlock(hashtext($1))", [.text("eventoutbox.rebuild." + projection.name)])
+        logger.info(
+            "projection rebuilt and swapped in",
+            metadata: ["projection": "\(projection.name)", "events": "\(done + caughtUp)", "caught.up": "\(caughtUp)"])
+        return done + caughtUp
+    }
+
+    /// Catches up and swaps the fresh tables in, in one transaction; retried if PostgreSQL picks it as a
+    /// deadlock victim.
+    private func swapIn(_ projection: Projection, after last: Int64, applier: ProjectionApplier, suffix: String) async throws -> Int {
+        var attempt = 0
+        while true {
+            attempt += 1
+            do {
+                return try await swapInOnce(projection, after: last, applier: applier, suffix: suffix)
+            } catch let error as PostgresError where error.isRetriable && attempt < 5 {
+                logger.warning("swap failed, retrying", metadata: ["projection": "\(projection.name)", "error": "\(error)"])
+            }
+        }
+    }
+
+    private func swapInOnce(_ projection: Projection, after last: Int64, applier: ProjectionApplier, suffix: String) async throws -> Int {
+        try await pool.withTransaction { connection -> Int in
             let live = try await ProjectionSchema.exists(projection, on: connection)
             var missingFilter = ""
             if live {
-                let names = projection.allTables.map(\.name).joined(separator: ", ")
+                // The consumer's apply transactions touch the `_applied` table first, then the others: lock in
+                // the same order so the two never wait on each other in a cycle.
+                let names = ([projection.appliedTable] + projection.tables).map(\.name).joined(separator: ", ")
                 try await connection.executeScript("LOCK TABLE \(names) IN ACCESS EXCLUSIVE MODE", statement: "rebuild: lock live tables")
                 missingFilter = " OR event_id IN (SELECT event_id FROM \(projection.appliedTable.name) "
                     + "EXCEPT SELECT event_id FROM \(projection.appliedTable.name + suffix))"
@@ -106,10 +131,5 @@ public struct ProjectionRebuilder: Sendable {
             }
             return tail.count
         }
-        try await lockConnection.query("SELECT pg_advisory_unlock(hashtext($1))", [.text("eventoutbox.rebuild." + projection.name)])
-        logger.info(
-            "projection rebuilt and swapped in",
-            metadata: ["projection": "\(projection.name)", "events": "\(done + caughtUp)", "caught.up": "\(caughtUp)"])
-        return done + caughtUp
     }
 }

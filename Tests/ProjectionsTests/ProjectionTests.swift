@@ -34,12 +34,27 @@ struct Pipeline {
         return configuration
     }
 
-    /// Runs relay and projector while `body` runs, then stops both.
-    func running<T>(_ body: (ProjectionConsumer) async throws -> T) async throws -> T {
+    /// Runs only the relay while `body` runs.
+    func relaying<T>(_ body: () async throws -> T) async throws -> T {
+        let relay = makeRelay()
+        let relayTask = Task { try await relay.run() }
+        defer { relay.stop() }
+        let value = try await body()
+        relay.stop()
+        try await relayTask.value
+        return value
+    }
+
+    func makeRelay() -> OutboxRelay {
         var relayConfiguration = OutboxRelayConfiguration(databaseURL: test.schema.url, kafka: KafkaConfiguration(bootstrapServers: brokers))
         relayConfiguration.leaderLockKey = Int64.random(in: 1...Int64.max)
         relayConfiguration.pollInterval = .milliseconds(200)
-        let relay = OutboxRelay(configuration: relayConfiguration)
+        return OutboxRelay(configuration: relayConfiguration)
+    }
+
+    /// Runs relay and projector while `body` runs, then stops both.
+    func running<T>(_ body: (ProjectionConsumer) async throws -> T) async throws -> T {
+        let relay = makeRelay()
         let consumer = ProjectionConsumer(
             configuration: consumerConfiguration(),
             applier: ProjectionApplier(projections: AccountProjections.all, registry: BankEvents.registry))

@@ -1,0 +1,67 @@
+import BankAccount
+import EventStore
+import Foundation
+import PostgresClient
+import Projections
+import TestSupport
+import Testing
+
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+
+@Suite("account-projector process (real PostgreSQL + kafka-mock-cluster + the real relay)")
+struct ProjectorProcessTests {
+    @Test("killed after its database commits but before its offset commits: on restart nothing is applied twice")
+    func killBeforeOffsetCommit() async throws {
+        let pipeline = try await Pipeline.make()
+        var ids: [String] = []
+        for n in 0..<5 {
+            let id = try await pipeline.bank.open(owner: "K\(n)", initialDeposit: 500)
+            _ = try await pipeline.bank.deposit(id, amount: 25)
+            _ = try await pipeline.bank.withdraw(id, amount: 100)
+            ids.append(id)
+        }
+        let total = try await pipeline.test.count("SELECT count(*) FROM events")
+        let group = uniqueName("projector")
+        let env = ["EVENTOUTBOX_DATABASE_URL": pipeline.test.schema.url, "KAFKA_BROKERS": pipeline.brokers]
+        let common = ["--group", group, "--topic", pipeline.topic, "--kafka-property", "allow.auto.create.topics=true",
+                      "--kafka-property", "session.timeout.ms=6000"]
+        let expected = try await pipeline.expectedBalances(ids)
+
+        // The projector applies from Kafka; with the relay publishing only after the projector has back-filled
+        // nothing, every event comes through Kafka. Offsets are never committed (interval of an hour).
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent(uniqueName("projector") + ".log")
+        try await pipeline.test.pool.withConnection { connection in
+            // Pretend the projection was built before these events: empty tables, nothing applied.
+            for projection in AccountProjections.all {
+                for table in projection.tables + [projection.appliedTable] {
+                    try await connection.executeScript(table.createSQL.replacingOccurrences(of: "{table}", with: table.name))
+                }
+            }
+        }
+        let first = try Tools.start("account-projector", common + ["--commit-interval", "3600"], environment: env, output: log)
+        try await pipeline.relaying {
+            try await waitUntil("the first projector applied everything") { try await pipeline.balances() == expected }
+        }
+        kill(first.processIdentifier, SIGKILL)
+        try await waitUntil("the first projector is gone") { !first.isRunning }
+
+        let port = Int.random(in: 20_000...40_000)
+        let second = try Tools.start("account-projector", common + ["--metrics-port", String(port)], environment: env, output: log)
+        try await waitUntil("the restarted projector skipped every redelivered event", timeout: .seconds(60)) {
+            guard let (body, _) = try? await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/metrics")!) else {
+                return false
+            }
+            let text = String(decoding: body, as: UTF8.self)
+            return text.split(separator: "\n").contains { $0.hasPrefix("eventoutbox_projection_duplicates_skipped_total ") && $0.hasSuffix(" \(2 * total)") }
+        }
+        kill(second.processIdentifier, SIGTERM)
+        try await waitUntil("the second projector stops") { !second.isRunning }
+        #expect(second.terminationStatus == 0)
+        #expect(try await pipeline.balances() == expected)
+        #expect(try await pipeline.test.count("SELECT count(*) FROM account_balances_applied") == total)
+        #expect(try await pipeline.rows("daily_volume", except: ["day"]) == ["\(5 * 525)|10|500|5|0"])
+        try await pipeline.test.drop()
+    }
+}
