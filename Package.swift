@@ -97,10 +97,14 @@ let package = Package(
             ],
             swiftSettings: strictSettings
         ),
-        // A minimal HTTP endpoint serving Prometheus text.
+        // Logging and metrics set-up of the executables, with a minimal HTTP endpoint for Prometheus.
         .target(
-            name: "MetricsEndpoint",
-            dependencies: [.product(name: "Prometheus", package: "swift-prometheus")],
+            name: "Observability",
+            dependencies: [
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ],
             swiftSettings: strictSettings
         ),
 
@@ -108,7 +112,7 @@ let package = Package(
         .executableTarget(
             name: "outbox-relay",
             dependencies: [
-                "OutboxRelay", "MetricsEndpoint", "KafkaClient",
+                "OutboxRelay", "Observability", "KafkaClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -121,13 +125,21 @@ let package = Package(
         .executableTarget(
             name: "account-projector",
             dependencies: [
-                "BankAccount", "Projections", "MetricsEndpoint", "KafkaClient", "PostgresClient",
+                "BankAccount", "Projections", "Observability", "KafkaClient", "PostgresClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .executableTarget(
+            name: "eventoutbox-bench",
+            dependencies: [
+                "BankAccount", "EventStore", "OutboxRelay", "Projections", "KafkaClient", "PostgresClient",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strictSettings
         ),
@@ -181,7 +193,7 @@ let package = Package(
         .testTarget(
             name: "OutboxRelayTests",
             dependencies: [
-                "OutboxRelay", "EventStore", "BankAccount", "KafkaClient", "TestSupport", "MetricsEndpoint",
+                "OutboxRelay", "EventStore", "BankAccount", "KafkaClient", "TestSupport", "Observability",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ],

@@ -35,6 +35,8 @@ public final class OutboxRelay: Service, Sendable {
 
     /// Rows this relay has seen delivered since it started.
     public var publishedCount: Int { counters.published.load(ordering: .relaxed) }
+    /// Deliveries that failed (retriable or not) since it started.
+    public var failedDeliveryCount: Int { counters.failed.load(ordering: .relaxed) }
     /// Whether this relay is currently the active one.
     public var isActive: Bool { counters.active.load(ordering: .relaxed) }
 
@@ -178,6 +180,7 @@ public final class OutboxRelay: Service, Sendable {
                 if let error = report.error {
                     blocked.insert(row.streamID)
                     metrics.deliveryErrors.increment()
+                    counters.failed.add(1, ordering: .relaxed)
                     if error.isPermanentForRecord {
                         try await deadLetter(row, error, connection)
                     } else {
@@ -248,6 +251,7 @@ public final class OutboxRelay: Service, Sendable {
 
 private final class RelayCounters: Sendable {
     let published = Atomic<Int>(0)
+    let failed = Atomic<Int>(0)
     let active = Atomic<Bool>(false)
 }
 

@@ -1,4 +1,5 @@
 import EventSourcing
+import Foundation
 import PostgresClient
 
 /// A read model built from events: its tables and the handler that applies one event to them.
@@ -82,11 +83,5 @@ enum ProjectionSchema {
                 table.createSQL.replacingOccurrences(of: "{table}", with: table.name + suffix),
                 statement: "projection: create \(table.name + suffix)")
         }
-    }
-}
-
-extension String {
-    fileprivate func replacingOccurrences(of target: String, with replacement: String) -> String {
-        split(separator: target, omittingEmptySubsequences: false).joined(separator: replacement)
     }
 }

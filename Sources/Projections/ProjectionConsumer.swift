@@ -61,15 +61,20 @@ public final class ProjectionConsumer: Service, Sendable {
     /// Creates the dead-letter table and back-fills projections that have never been built.
     public func prepare() async throws {
         let pool = PostgresPool(url: configuration.databaseURL, maxConnections: 2)
-        defer { Task { await pool.close() } }
-        try await pool.withConnection { try await $0.executeScript(ProjectionSchema.deadLettersSQL) }
-        for projection in applier.projections {
-            let exists = try await pool.withConnection { try await ProjectionSchema.exists(projection, on: $0) }
-            if !exists {
-                logger.info("back-filling a new projection from the event store", metadata: ["projection": "\(projection.name)"])
-                try await ProjectionRebuilder(pool: pool, registry: applier.registry, logger: logger).rebuild(projection)
+        do {
+            try await pool.withConnection { try await $0.executeScript(ProjectionSchema.deadLettersSQL) }
+            for projection in applier.projections {
+                let exists = try await pool.withConnection { try await ProjectionSchema.exists(projection, on: $0) }
+                if !exists {
+                    logger.info("back-filling a new projection from the event store", metadata: ["projection": "\(projection.name)"])
+                    try await ProjectionRebuilder(pool: pool, registry: applier.registry, logger: logger).rebuild(projection)
+                }
             }
+        } catch {
+            await pool.close()
+            throw error
         }
+        await pool.close()
     }
 
     /// Consumes until graceful shutdown: then it finishes the current record, commits offsets, leaves the group.
@@ -132,8 +137,7 @@ public final class ProjectionConsumer: Service, Sendable {
                         pendingCount += 1
                         break
                     } catch {
-                        if let connection, await connection.isBroken { _ = connection }
-                        connection = nil  // a fresh connection for the retry
+                        connection = nil  // the retry opens a fresh connection
                         logger.warning(
                             "database failure while applying a record; retrying",
                             metadata: ["error": "\(error)", "kafka.offset": "\(message.offset)", "retry.in": "\(backoff)"])

@@ -3,11 +3,9 @@ import BankAccount
 import Foundation
 import KafkaClient
 import Logging
-import Metrics
-import MetricsEndpoint
+import Observability
 import PostgresClient
 import Projections
-import Prometheus
 import ServiceLifecycle
 import UnixSignals
 
@@ -75,12 +73,10 @@ struct AccountProjectorCommand: AsyncParsableCommand {
         guard let url = databaseURL ?? env["EVENTOUTBOX_DATABASE_URL"], !url.isEmpty else {
             throw ValidationError("no database: pass --database-url or set EVENTOUTBOX_DATABASE_URL")
         }
-        let level = Logger.Level(rawValue: logLevel) ?? .info
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
+        let metricsServer = try Observability.bootstrap(
+            logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost,
+            metricsPort: rebuild == nil ? metricsPort : nil)
+        defer { metricsServer?.stop() }
         let logger = Logger(label: "account-projector")
 
         if let name = rebuild, let projection = AccountProjections.all.first(where: { $0.name == name }) {
@@ -98,13 +94,6 @@ struct AccountProjectorCommand: AsyncParsableCommand {
         guard let brokers = brokers ?? env["KAFKA_BROKERS"], !brokers.isEmpty else {
             throw ValidationError("no Kafka: pass --brokers or set KAFKA_BROKERS")
         }
-        var metricsServer: MetricsServer?
-        if let metricsPort {
-            let registry = PrometheusCollectorRegistry()
-            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
-            metricsServer = try MetricsServer(host: metricsHost, port: metricsPort, registry: registry)
-        }
-        defer { metricsServer?.stop() }
         var configuration = ProjectionConsumerConfiguration(
             databaseURL: url,
             kafka: KafkaConfiguration(bootstrapServers: brokers, properties: try KafkaConfiguration.parseProperties(kafkaProperties)),

@@ -2,10 +2,8 @@ import ArgumentParser
 import Foundation
 import KafkaClient
 import Logging
-import Metrics
-import MetricsEndpoint
+import Observability
 import OutboxRelay
-import Prometheus
 import ServiceLifecycle
 import UnixSignals
 
@@ -81,22 +79,11 @@ struct OutboxRelayCommand: AsyncParsableCommand {
         guard let brokers = brokers ?? env["KAFKA_BROKERS"], !brokers.isEmpty else {
             throw ValidationError("no Kafka: pass --brokers or set KAFKA_BROKERS")
         }
-        let level = Logger.Level(rawValue: logLevel) ?? .info
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
-        let logger = Logger(label: "outbox-relay")
-
-        var metricsServer: MetricsServer?
-        if let metricsPort {
-            let registry = PrometheusCollectorRegistry()
-            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
-            metricsServer = try MetricsServer(host: metricsHost, port: metricsPort, registry: registry)
-            logger.info("metrics at http://\(metricsHost):\(metricsServer!.port)/metrics")
-        }
+        let metricsServer = try Observability.bootstrap(
+            logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost, metricsPort: metricsPort)
         defer { metricsServer?.stop() }
+        let logger = Logger(label: "outbox-relay")
+        if let metricsServer { logger.info("metrics at http://\(metricsHost):\(metricsServer.port)/metrics") }
 
         var configuration = OutboxRelayConfiguration(
             databaseURL: url,

@@ -51,7 +51,7 @@ struct OutboxRelayTests {
         let drained = ContinuousClock.now - started
         try await reader.read(until: "first") { !$0.isEmpty }
         print("first message \(ContinuousClock.now - started) after the relay started")
-        try await reader.read(until: "5000 event ids") { _ in reader.eventIDs.count >= 5000 }
+        try await reader.read(until: "5000 event ids", timeout: .seconds(180)) { _ in reader.eventIDs.count >= 5000 }
         print("read 5000 messages \(ContinuousClock.now - started) after the relay started")
         print("relay drained 5000 outbox rows in \(drained)")
         #expect(reader.eventIDs == Set(ids.map { $0.uuidString.lowercased() }))
@@ -121,10 +121,8 @@ struct OutboxRelayTests {
             try await waitUntil("the relay publishes") { relay.publishedCount > 0 }
             try cluster.setAllBrokersDown()
             ids += try await test.appendTicks(streams: 10, perStream: 30, prefix: "later")
-            try await waitUntil("the relay notices the brokers are down") {
-                try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NULL") > 0
-                    && relay.publishedCount < 800
-            }
+            try await waitUntil("the relay sees deliveries fail") { relay.failedDeliveryCount > 0 }
+            #expect(try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NULL") > 0)
             try cluster.setAllBrokersUp()
             try await waitUntil("everything published after the brokers came back", timeout: .seconds(90)) {
                 try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
