@@ -37,12 +37,26 @@ public struct EventStore: Sendable {
         var attempt = 0
         while true {
             attempt += 1
+            // The envelope names each event's version, so the versions are fixed before the statement runs;
+            // `.any` reads the current version first and then appends as if it had expected exactly that.
+            let base: Int64
+            switch expectedVersion {
+            case .noStream: base = 0
+            case .exact(let version): base = version
+            case .any: base = try await currentVersion(of: streamID)
+            }
             do {
-                return try await pool.withTransaction { connection in
-                    try await Self.append(rows, to: streamID, expectedVersion: expectedVersion, on: connection)
+                let result = try await pool.withConnection { connection in
+                    try await Self.append(rows, to: streamID, after: base, on: connection)
+                }
+                switch result {
+                case .appended(let appended): return appended
+                case .versionMismatch(let actual):
+                    if expectedVersion == .any && attempt < 20 { continue }
+                    throw ConcurrencyConflict(streamID: streamID, expected: expectedVersion, actual: actual)
                 }
             } catch let error as PostgresError where error.constraint == "events_stream_version_unique" {
-                // Another transaction appended to the stream between our version check and our insert.
+                // Another append won the race for the same versions between our check and our insert.
                 if expectedVersion == .any && attempt < 20 { continue }
                 let actual = try await currentVersion(of: streamID)
                 throw ConcurrencyConflict(streamID: streamID, expected: expectedVersion, actual: actual)
@@ -50,45 +64,71 @@ public struct EventStore: Sendable {
         }
     }
 
+    private enum AppendOutcome {
+        case appended(AppendResult)
+        case versionMismatch(actual: Int64)
+    }
+
+    /// Writes the events, their outbox rows and the NOTIFY in **one statement**, so one round trip and
+    /// atomic on its own: the events are inserted only if the stream's version is still `base`, the outbox
+    /// rows only if the events were, and the notification only then.
     private static func append(
-        _ rows: [PreparedEvent], to streamID: String, expectedVersion: ExpectedVersion, on connection: PostgresConnection
-    ) async throws -> AppendResult {
-        let current = try await connection.query(
-            "SELECT COALESCE(max(stream_version), 0) AS version FROM events WHERE stream_id = $1",
-            [.text(streamID)], statement: "append: current version"
-        ).first!.decode(Int64.self, "version")
-        switch expectedVersion {
-        case .noStream where current != 0, .exact(_) where expectedVersion != .exact(current):
-            throw ConcurrencyConflict(streamID: streamID, expected: expectedVersion, actual: current)
-        default: break
+        _ rows: [PreparedEvent], to streamID: String, after base: Int64, on connection: PostgresConnection
+    ) async throws -> AppendOutcome {
+        var binds: [PostgresBind] = [.text(streamID), .int64(base), .text(EventStoreSchema.outboxChannel), .text(String(rows.count))]
+        func placeholder(_ bind: PostgresBind, _ cast: String) -> String {
+            binds.append(bind)
+            return "$\(binds.count)::\(cast)"
         }
-        var eventSQL = "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, "
-            + "metadata, occurred_at) VALUES "
-        var outboxSQL = "INSERT INTO outbox (event_id, stream_id, stream_version, topic, message_key, envelope, headers) VALUES "
-        var eventBinds: [PostgresBind] = []
-        var outboxBinds: [PostgresBind] = []
+        var eventValues: [String] = []
+        var outboxValues: [String] = []
         for (index, row) in rows.enumerated() {
-            let version = current + Int64(index) + 1
-            let e = index * 8
-            eventSQL += (index > 0 ? ", " : "") + "($\(e + 1), $\(e + 2), $\(e + 3), $\(e + 4), $\(e + 5), $\(e + 6), $\(e + 7), $\(e + 8))"
-            eventBinds += [
-                .uuid(row.event.eventID), .text(streamID), .int64(version), .text(row.event.eventType),
-                .int(row.event.schemaVersion), .jsonb(row.payload), .jsonb(row.metadata), .timestamp(row.event.occurredAt),
-            ]
-            let o = index * 7
-            outboxSQL += (index > 0 ? ", " : "") + "($\(o + 1), $\(o + 2), $\(o + 3), $\(o + 4), $\(o + 5), $\(o + 6), $\(o + 7))"
-            let envelope = try row.envelope(streamID: streamID, version: version)
-            outboxBinds += [
-                .uuid(row.event.eventID), .text(streamID), .int64(version), .text(row.topic), .text(streamID),
-                .text(envelope), .jsonb(row.headers(version: version)),
-            ]
+            let version = base + Int64(index) + 1
+            eventValues.append(
+                "(" + [
+                    placeholder(.uuid(row.event.eventID), "uuid"), placeholder(.int64(version), "bigint"),
+                    placeholder(.text(row.event.eventType), "text"), placeholder(.int(row.event.schemaVersion), "int"),
+                    placeholder(.jsonb(row.payload), "jsonb"), placeholder(.jsonb(row.metadata), "jsonb"),
+                    placeholder(.timestamp(row.event.occurredAt), "timestamptz"),
+                ].joined(separator: ", ") + ")")
+            outboxValues.append(
+                "(" + [
+                    placeholder(.uuid(row.event.eventID), "uuid"), placeholder(.int64(version), "bigint"),
+                    placeholder(.text(row.topic), "text"),
+                    placeholder(.text(try row.envelope(streamID: streamID, version: version)), "text"),
+                    placeholder(.jsonb(row.headers(version: version)), "jsonb"),
+                ].joined(separator: ", ") + ")")
         }
-        eventSQL += " RETURNING position"
-        let positions = try await connection.query(eventSQL, eventBinds, statement: "append: insert events")
-            .map { try $0.decode(Int64.self, "position") }
-        try await connection.execute(outboxSQL, outboxBinds, statement: "append: insert outbox rows")
-        try await connection.notify(EventStoreSchema.outboxChannel, payload: String(rows.count))
-        return AppendResult(streamVersion: current + Int64(rows.count), positions: positions.sorted())
+        let sql = """
+            WITH current AS (
+                SELECT COALESCE(max(stream_version), 0) AS version FROM events WHERE stream_id = $1
+            ), appended AS (
+                INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, metadata, occurred_at)
+                SELECT v.event_id, $1, v.version, v.event_type, v.schema_version, v.payload, v.metadata, v.occurred_at
+                FROM (VALUES \(eventValues.joined(separator: ", "))) AS v(event_id, version, event_type, schema_version, payload, metadata, occurred_at)
+                WHERE (SELECT version FROM current) = $2::bigint
+                RETURNING position
+            ), outboxed AS (
+                INSERT INTO outbox (event_id, stream_id, stream_version, topic, message_key, envelope, headers)
+                SELECT o.event_id, $1, o.version, o.topic, $1, o.envelope, o.headers
+                FROM (VALUES \(outboxValues.joined(separator: ", "))) AS o(event_id, version, topic, envelope, headers)
+                WHERE EXISTS (SELECT 1 FROM appended)
+                RETURNING 1
+            ), notified AS (
+                SELECT pg_notify($3, $4) FROM current WHERE EXISTS (SELECT 1 FROM appended)
+            )
+            SELECT (SELECT version FROM current) AS current,
+                   (SELECT count(*) FROM outboxed) AS outboxed,
+                   (SELECT count(*) FROM notified) AS notified,
+                   appended.position
+            FROM current LEFT JOIN appended ON true
+            """
+        let result = try await connection.query(sql, binds, statement: "append")
+        let positions = try result.compactMap { try $0.decodeIfPresent(Int64.self, "position") }
+        guard positions.count == rows.count else {
+            return .versionMismatch(actual: try result.first!.decode(Int64.self, "current"))
+        }
+        return .appended(AppendResult(streamVersion: base + Int64(rows.count), positions: positions.sorted()))
     }
 
     /// The version of a stream's last event (0 if the stream does not exist).
