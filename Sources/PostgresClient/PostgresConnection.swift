@@ -1,5 +1,6 @@
 import BlockingIO
 import Foundation
+import Synchronization
 
 /// One PostgreSQL connection.
 ///
@@ -15,6 +16,7 @@ public final class PostgresConnection: @unchecked Sendable {
     // Only touched on `queue` (see the type's doc comment).
     private let handle: PQConnectionHandle
     private let thread: SerialThread
+    private let broken = Atomic<Bool>(false)
 
     private init(handle: PQConnectionHandle, thread: SerialThread) {
         self.handle = handle
@@ -108,15 +110,18 @@ public final class PostgresConnection: @unchecked Sendable {
     }
 
     /// `true` once the connection is unusable (server gone, network dropped). A pool discards it.
-    public var isBroken: Bool {
-        get async { (try? await run { handle throws(PostgresError) in handle.isBroken }) ?? true }
-    }
+    /// Updated on the connection's thread after every call, so reading it needs no trip to that thread.
+    public var isBroken: Bool { broken.load(ordering: .acquiring) }
 
     private func run<T: Sendable>(_ work: @escaping @Sendable (PQConnectionHandle) throws(PostgresError) -> T)
         async throws -> T
     {
         let handle = UnsafeTransfer(handle)
-        return try await Self.onThread(thread) { () throws(PostgresError) in try work(handle.value) }
+        let state = UnsafeTransfer(self)
+        return try await Self.onThread(thread) { () throws(PostgresError) in
+            defer { state.value.broken.store(handle.value.isBroken, ordering: .releasing) }
+            return try work(handle.value)
+        }
     }
 
     private static func onThread<T>(_ thread: SerialThread, _ work: @escaping @Sendable () throws(PostgresError) -> T)

@@ -92,7 +92,7 @@ public actor PostgresPool {
     }
 
     private func release(_ connection: PostgresConnection) async {
-        let broken = await connection.isBroken
+        let broken = connection.isBroken
         if closed || broken {
             slotFreed()
             return
