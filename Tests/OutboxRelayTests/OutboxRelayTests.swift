@@ -10,11 +10,12 @@ import Testing
 /// Runs an in-process relay for the duration of `body`, then stops it gracefully.
 func withRelay<T>(
     _ test: TestEventStore, brokers: String, properties: [String: String] = [:], batchSize: Int = 500,
-    applicationName: String = "relay", _ body: (OutboxRelay) async throws -> T
+    applicationName: String = "relay", retention: Duration = .seconds(3600), _ body: (OutboxRelay) async throws -> T
 ) async throws -> T {
     var configuration = OutboxRelayConfiguration(
         databaseURL: test.schema.url + "&application_name=\(applicationName)", kafka: KafkaConfiguration(bootstrapServers: brokers, properties: properties))
     configuration.batchSize = batchSize
+    configuration.retention = retention
     configuration.pollInterval = .milliseconds(200)
     configuration.maxBackoff = .milliseconds(500)
     // Each test schema is its own "database": its relay must not wait for another test's lock.
@@ -163,6 +164,15 @@ struct OutboxRelayTests {
         }
         #expect(!reader.eventIDs.contains(held[1].uuidString.lowercased()))
         #expect(!reader.eventIDs.contains(held[2].uuidString.lowercased()))
+        let env = ["EVENTOUTBOX_DATABASE_URL": test.schema.url]
+        let listed = try await Tools.run("eventoutbox", ["dead-letters", "list"], environment: env)
+        #expect(listed.stdout.contains("stream held v2"))
+        #expect(listed.stdout.contains("MSG_SIZE_TOO_LARGE"))
+        let status = try await Tools.run("eventoutbox", ["outbox", "status", "--json"], environment: env)
+        let statusJSON = try JSONSerialization.jsonObject(with: Data(status.stdout.utf8)) as? [String: Any]
+        #expect(statusJSON?["deadLetters"] as? Int == 1)
+        #expect(statusJSON?["waiting"] as? Int == 1)
+        #expect(try await Tools.run("eventoutbox", ["dead-letters", "retry", "999999"], environment: env).status != 0)
         let letters = try await test.pool.withConnection { try await OutboxTable().deadLetters(on: $0) }
         #expect(letters.first?.eventID == held[1])
         #expect(letters.first?.error.contains("MSG_SIZE_TOO_LARGE") == true)
@@ -177,6 +187,22 @@ struct OutboxRelayTests {
         #expect(reader.versionsByKey["held"] == [1, 2, 3])
         #expect(try await test.count("SELECT count(*) FROM outbox_dead_letters") == 0)
         await reader.close()
+        try await test.drop()
+    }
+}
+
+@Suite("outbox retention")
+struct OutboxRetentionTests {
+    @Test("published rows are deleted after the retention period; waiting rows never are")
+    func retention() async throws {
+        let topic = uniqueName("retention")
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        try await test.appendTicks(streams: 3, perStream: 20)
+        try await withRelay(test, brokers: try TestEnvironment.kafkaBrokers(), retention: .zero) { relay in
+            try await waitUntil("all published") { relay.publishedCount == 60 }
+            try await waitUntil("published rows removed") { try await test.count("SELECT count(*) FROM outbox") == 0 }
+        }
+        #expect(try await test.count("SELECT count(*) FROM events") == 60)
         try await test.drop()
     }
 }

@@ -62,6 +62,15 @@ struct ProjectorProcessTests {
         #expect(try await pipeline.balances() == expected)
         #expect(try await pipeline.test.count("SELECT count(*) FROM account_balances_applied") == total)
         #expect(try await pipeline.rows("daily_volume", except: ["day"]) == ["\(5 * 525)|10|500|5|0"])
+
+        let rebuilt = try await Tools.run("account-projector", ["--rebuild", "daily_volume"], environment: env)
+        #expect(rebuilt.status == 0)
+        #expect(rebuilt.stdout.contains("rebuilt daily_volume from \(total) events"))
+        #expect(rebuilt.stderr.contains("\(total)/\(total) events"))
+        #expect(try await pipeline.rows("daily_volume", except: ["day"]) == ["\(5 * 525)|10|500|5|0"])
+        #expect(try await Tools.run("account-projector", ["--rebuild", "nope"], environment: env).stderr.contains("unknown projection"))
+        #expect(try await Tools.run("account-projector", ["--help"]).stdout.contains("--rebuild"))
+        #expect(try await Tools.run("outbox-relay", ["--help"]).stdout.contains("--kafka-property"))
         try await pipeline.test.drop()
     }
 }
