@@ -47,6 +47,8 @@ struct OutboxRelayTests {
         let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
         let started = ContinuousClock.now
         try await withRelay(test, brokers: brokers) { relay in
+            try await waitUntil("first row published") { relay.publishedCount > 0 }
+            print("first row published \(ContinuousClock.now - started) after the relay started")
             try await waitUntil("all rows published", timeout: .seconds(120)) { relay.publishedCount >= 5000 }
         }
         let drained = ContinuousClock.now - started

@@ -5,6 +5,8 @@ import KafkaClient
 public final class KafkaTopicReader {
     public let consumer: KafkaConsumer
     public private(set) var messages: [KafkaMessage] = []
+    /// Distinct `event-id` header values received (kept as messages arrive; conditions read it often).
+    public private(set) var eventIDs: Set<String> = []
 
     public init(brokers: String, topic: String) throws {
         consumer = try KafkaConsumer(
@@ -23,12 +25,12 @@ public final class KafkaTopicReader {
             guard ContinuousClock.now < deadline else {
                 throw DeadlineExceeded(what: "\(what) (received \(messages.count) messages)", timeout: timeout)
             }
-            if let message = try await consumer.poll(timeout: .milliseconds(100)) { messages.append(message) }
+            if let message = try await consumer.poll(timeout: .milliseconds(100)) {
+                messages.append(message)
+                if let id = message.header("event-id")?.stringValue { eventIDs.insert(id) }
+            }
         }
     }
-
-    /// Distinct `event-id` header values received.
-    public var eventIDs: Set<String> { Set(messages.compactMap { $0.header("event-id")?.stringValue }) }
 
     /// For each key, the `stream-version` headers in arrival order.
     public var versionsByKey: [String: [Int64]] {
