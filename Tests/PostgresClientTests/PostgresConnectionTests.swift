@@ -195,3 +195,37 @@ struct PostgresPoolTests {
         await pool.close()
     }
 }
+
+@Suite("prepared statements (real server)")
+struct PreparedStatementTests {
+    @Test("a repeated statement is prepared once and keeps working when its table is recreated with other columns")
+    func survivesSchemaChange() async throws {
+        let schema = try await TestSchema.create()
+        let connection = try await PostgresConnection.connect(to: schema.url)
+        try await connection.executeScript("CREATE TABLE item (id int4, name text)")
+        for n in 0..<50 {
+            try await connection.execute("INSERT INTO item VALUES ($1, $2)", [.int32(Int32(n)), .text("n\(n)")])
+        }
+        #expect(try await connection.query("SELECT * FROM item WHERE id = $1", [.int32(7)]).first?.decode(String.self, "name") == "n7")
+        let prepared = try await connection.query("SELECT count(*) AS n FROM pg_prepared_statements").first!.decode(Int.self, "n")
+        #expect(prepared >= 2)
+
+        try await connection.executeScript("DROP TABLE item; CREATE TABLE item (id int4, name text, extra bool DEFAULT true)")
+        try await connection.execute("INSERT INTO item VALUES ($1, $2)", [.int32(7), .text("again")])
+        let row = try #require(try await connection.query("SELECT * FROM item WHERE id = $1", [.int32(7)]).first)
+        #expect(try row.decode(String.self, "name") == "again")
+        #expect(try row.decode(Bool.self, "extra"))
+        try await schema.drop()
+    }
+
+    @Test("a statement that does not parse reports its SQLSTATE and name, and the connection stays usable")
+    func badStatement() async throws {
+        let connection = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())
+        let error = await #expect(throws: PostgresError.self) {
+            try await connection.query("SELEKT $1::int4", [.int32(1)], statement: "typo")
+        }
+        #expect(error?.sqlState == "42601")
+        #expect(error?.statement == "typo")
+        #expect(try await connection.query("SELECT $1::int4 AS one", [.int32(1)]).first?.decode(Int.self, "one") == 1)
+    }
+}
