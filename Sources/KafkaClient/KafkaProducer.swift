@@ -39,8 +39,9 @@ public final class KafkaProducer: Sendable {
             }
             // Fail what is still queued so that every promise is fulfilled, then serve those reports.
             rd_kafka_purge(handle.pointer, Int32(RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT))
-            while rd_kafka_outq_len(handle.pointer) > 0 && rd_kafka_poll(handle.pointer, 100) >= 0 {
-                if rd_kafka_outq_len(handle.pointer) == 0 { break }
+            let deadline = ContinuousClock.now + .seconds(5)
+            while rd_kafka_outq_len(handle.pointer) > 0 && ContinuousClock.now < deadline {
+                rd_kafka_poll(handle.pointer, 100)
             }
             rd_kafka_poll(handle.pointer, 0)
             let waiters = pollLoop.finished.withLock { waiters -> [CheckedContinuation<Void, Never>] in
