@@ -2,7 +2,9 @@ import BankAccount
 import EventSourcing
 import EventStore
 import Foundation
+import InMemoryLogging
 import KafkaClient
+import Logging
 import OutboxRelay
 import PostgresClient
 import Projections
@@ -53,11 +55,14 @@ struct Pipeline {
     }
 
     /// Runs relay and projector while `body` runs, then stops both.
-    func running<T>(_ body: (ProjectionConsumer) async throws -> T) async throws -> T {
+    func running<T>(
+        logger: Logger = Logger(label: "eventoutbox.projections"), _ body: (ProjectionConsumer) async throws -> T
+    ) async throws -> T {
         let relay = makeRelay()
         let consumer = ProjectionConsumer(
             configuration: consumerConfiguration(),
-            applier: ProjectionApplier(projections: AccountProjections.all, registry: BankEvents.registry))
+            applier: ProjectionApplier(projections: AccountProjections.all, registry: BankEvents.registry),
+            logger: logger)
         try await consumer.prepare()  // tables exist before the body looks at them
         let relayTask = Task { try await relay.run() }
         let consumerTask = Task { try await consumer.run() }
@@ -175,6 +180,29 @@ struct ProjectionTests {
         #expect(letters[0].0.contains("not an EventOutbox envelope"))
         #expect(letters[1].0.contains("InterestAccrued"))
         #expect(letters[1].0.contains("not registered"))
+        try await pipeline.test.drop()
+    }
+
+    @Test("a dead-letter log line carries the record's traceparent")
+    func traceparentInLogs() async throws {
+        let pipeline = try await Pipeline.make()
+        let handler = InMemoryLogHandler()
+        let logger = Logger(label: "test", factory: { _ in handler })
+        let id = try await pipeline.bank.open(owner: "Trace", initialDeposit: 1)
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        try await pipeline.running(logger: logger) { _ in
+            try await waitUntil("opened") { try await pipeline.balances()[id] == 1 }
+            let producer = try KafkaProducer(configuration: .init(bootstrapServers: pipeline.brokers))
+            _ = try await producer.send(
+                .init(topic: pipeline.topic, key: id, value: "garbage", headers: [KafkaHeader(name: "traceparent", value: traceparent)]))
+            await producer.close()
+            try await waitUntil("the dead-letter log line") {
+                handler.entries.contains { $0.level == .error && $0.metadata["traceparent"] == "\(traceparent)" }
+            }
+        }
+        let line = try #require(handler.entries.first { $0.level == .error })
+        #expect("\(line.message)".contains("projection_dead_letters"))
+        #expect(line.metadata["reason"].map { "\($0)".contains("not an EventOutbox envelope") } == true)
         try await pipeline.test.drop()
     }
 
