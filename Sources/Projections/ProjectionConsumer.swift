@@ -18,6 +18,8 @@ public struct ProjectionConsumerConfiguration: Sendable {
     public var commitInterval: Duration = .milliseconds(500)
     /// Upper bound of the wait between retries of a record after a database failure. Default: 5 s.
     public var maxBackoff: Duration = .seconds(5)
+    /// Records already received are applied together, up to this many per transaction. Default: 200.
+    public var maxBatch: Int = 200
 
     public init(databaseURL: String, kafka: KafkaConfiguration, groupID: String, topics: [String]) {
         self.databaseURL = databaseURL
@@ -120,27 +122,35 @@ public final class ProjectionConsumer: Service, Sendable {
         }
 
         while !isStopping {
-            let message: KafkaMessage?
+            // Whatever has arrived, up to maxBatch records, is applied in one transaction.
+            var batch: [KafkaMessage] = []
             do {
-                message = try await consumer.poll(timeout: .milliseconds(100))
+                if let first = try await consumer.poll(timeout: .milliseconds(100)) {
+                    batch.append(first)
+                    while batch.count < configuration.maxBatch, let next = try await consumer.poll(timeout: .zero) {
+                        batch.append(next)
+                    }
+                }
             } catch {
                 logger.error("fatal Kafka consumer error; stopping", metadata: ["kafka.error": "\(error)"])
                 break
             }
-            if let message {
+            if !batch.isEmpty {
                 while !isStopping {
                     do {
                         if connection == nil { connection = try await PostgresConnection.connect(to: configuration.databaseURL) }
-                        try await handle(message, on: connection!)
+                        try await handle(batch, on: connection!)
                         backoff = .milliseconds(100)
-                        pending[KafkaTopicPartition(topic: message.topic, partition: message.partition)] = message.offset + 1
-                        pendingCount += 1
+                        for message in batch {
+                            pending[KafkaTopicPartition(topic: message.topic, partition: message.partition)] = message.offset + 1
+                        }
+                        pendingCount += batch.count
                         break
                     } catch {
                         connection = nil  // the retry opens a fresh connection
                         logger.warning(
-                            "database failure while applying a record; retrying",
-                            metadata: ["error": "\(error)", "kafka.offset": "\(message.offset)", "retry.in": "\(backoff)"])
+                            "database failure while applying records; retrying",
+                            metadata: ["error": "\(error)", "kafka.offset": "\(batch[0].offset)", "retry.in": "\(backoff)"])
                         try? await Task.sleep(for: backoff)
                         backoff = min(backoff * 2, configuration.maxBackoff)
                     }
@@ -158,6 +168,48 @@ public final class ProjectionConsumer: Service, Sendable {
             }
         }
         await commitPending()
+    }
+
+    /// Applies a batch of records in one transaction. A batch holding a record that does not decode, or whose
+    /// handler fails for a reason other than the database being unavailable, is applied record by record
+    /// instead, so that only the bad record is dead-lettered. Throws only for failures worth retrying.
+    private func handle(_ batch: [KafkaMessage], on connection: PostgresConnection) async throws {
+        guard batch.count > 1 else { return try await handle(batch[0], on: connection) }
+        var events: [RecordedEvent] = []
+        for message in batch {
+            guard let value = message.value, let recorded = try? OutboxEnvelope.decode(value).recordedEvent(),
+                (try? applier.registry.decode(recorded)) != nil
+            else { break }
+            events.append(recorded)
+        }
+        if events.count == batch.count {
+            let started = ContinuousClock.now
+            let events = events
+            do {
+                let outcome = try await connection.withTransaction { tx in
+                    var total = ProjectionApplier.Outcome()
+                    for event in events {
+                        let outcome = try await self.applier.apply(event, on: tx)
+                        total.applied += outcome.applied
+                        total.duplicates += outcome.duplicates
+                    }
+                    return total
+                }
+                counts.applied.add(outcome.applied, ordering: .relaxed)
+                counts.duplicates.add(outcome.duplicates, ordering: .relaxed)
+                metrics.applied.increment(by: outcome.applied)
+                metrics.duplicates.increment(by: outcome.duplicates)
+                let elapsed = (ContinuousClock.now - started).components
+                let perEvent = (elapsed.seconds * 1_000_000_000 + elapsed.attoseconds / 1_000_000_000) / Int64(events.count)
+                for _ in events { metrics.applyLatency.recordNanoseconds(perEvent) }
+                return
+            } catch let error as PostgresError where error.isRetriable {
+                throw error
+            } catch {
+                logger.info("a batch failed; applying its records one by one", metadata: ["error": "\(error)"])
+            }
+        }
+        for message in batch { try await handle(message, on: connection) }
     }
 
     /// Applies one record, or dead-letters it. Throws only for failures worth retrying (database).
