@@ -108,10 +108,20 @@ let package = Package(
             swiftSettings: strictSettings
         ),
 
+        // What the executables share: database/broker options and error reporting.
+        .target(
+            name: "CommandLineSupport",
+            dependencies: [
+                "EventStore", "PostgresClient", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strictSettings
+        ),
+
         // Executables.
         .executableTarget(
             name: "outbox-relay",
             dependencies: [
+                "CommandLineSupport",
                 "OutboxRelay", "Observability", "KafkaClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -125,6 +135,7 @@ let package = Package(
         .executableTarget(
             name: "account-projector",
             dependencies: [
+                "CommandLineSupport",
                 "BankAccount", "Projections", "Observability", "KafkaClient", "PostgresClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -146,6 +157,7 @@ let package = Package(
         .executableTarget(
             name: "bank",
             dependencies: [
+                "CommandLineSupport",
                 "BankAccount", "EventStore", "PostgresClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
@@ -154,6 +166,7 @@ let package = Package(
         .executableTarget(
             name: "eventoutbox",
             dependencies: [
+                "CommandLineSupport",
                 "EventStore", "PostgresClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],

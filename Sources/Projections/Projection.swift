@@ -41,6 +41,12 @@ public struct Projection: Sendable {
     }
 
     var allTables: [Table] { tables + [appliedTable] }
+
+    /// Creates the projection's live tables, empty, replacing any that exist. A consumer that finds them
+    /// does not back-fill: it applies what Kafka delivers from its group's offsets on.
+    public func createEmptyTables(on connection: PostgresConnection) async throws {
+        try await ProjectionSchema.create(self, suffix: "", on: connection)
+    }
 }
 
 /// Where a handler writes: a connection inside the apply transaction and the actual table names.

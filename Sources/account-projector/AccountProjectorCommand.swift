@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandLineSupport
 import BankAccount
 import Foundation
 import KafkaClient
@@ -29,11 +30,9 @@ struct AccountProjectorCommand: AsyncParsableCommand {
             """
     )
 
-    @Option(help: "PostgreSQL URL (default: $EVENTOUTBOX_DATABASE_URL).")
-    var databaseURL: String?
+    @OptionGroup var database: DatabaseOption
 
-    @Option(help: "Kafka bootstrap servers (default: $KAFKA_BROKERS).")
-    var brokers: String?
+    @OptionGroup var kafka: KafkaBrokersOption
 
     @Option(help: "Kafka consumer group.")
     var group: String = "account-projector"
@@ -69,10 +68,7 @@ struct AccountProjectorCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let env = ProcessInfo.processInfo.environment
-        guard let url = databaseURL ?? env["EVENTOUTBOX_DATABASE_URL"], !url.isEmpty else {
-            throw ValidationError("no database: pass --database-url or set EVENTOUTBOX_DATABASE_URL")
-        }
+        let url = try database.url()
         let metricsServer = try Observability.bootstrap(
             logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost,
             metricsPort: rebuild == nil ? metricsPort : nil)
@@ -91,9 +87,7 @@ struct AccountProjectorCommand: AsyncParsableCommand {
             return
         }
 
-        guard let brokers = brokers ?? env["KAFKA_BROKERS"], !brokers.isEmpty else {
-            throw ValidationError("no Kafka: pass --brokers or set KAFKA_BROKERS")
-        }
+        let brokers = try kafka.bootstrapServers()
         var configuration = ProjectionConsumerConfiguration(
             databaseURL: url,
             kafka: KafkaConfiguration(bootstrapServers: brokers, properties: try KafkaConfiguration.parseProperties(kafkaProperties)),

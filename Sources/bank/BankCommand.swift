@@ -1,5 +1,6 @@
 import ArgumentParser
 import BankAccount
+import CommandLineSupport
 import EventSourcing
 import EventStore
 import Foundation
@@ -30,17 +31,13 @@ struct BankCommand: AsyncParsableCommand {
 }
 
 struct GlobalOptions: ParsableArguments {
-    @Option(help: "PostgreSQL URL (default: $EVENTOUTBOX_DATABASE_URL).")
-    var databaseURL: String?
+    @OptionGroup var database: DatabaseOption
 
     @Flag(help: "Print machine-readable JSON.")
     var json = false
 
     func bank() throws -> Bank {
-        guard let url = databaseURL ?? ProcessInfo.processInfo.environment["EVENTOUTBOX_DATABASE_URL"], !url.isEmpty else {
-            throw ValidationError("no database: pass --database-url or set EVENTOUTBOX_DATABASE_URL")
-        }
-        return Bank(store: EventStore(pool: PostgresPool(url: url, maxConnections: 2)))
+        Bank(store: EventStore(pool: try database.pool()))
     }
 
     func print<Value: Encodable>(json value: Value, text: String) throws {
@@ -49,20 +46,6 @@ struct GlobalOptions: ParsableArguments {
         } else {
             Swift.print(text)
         }
-    }
-}
-
-/// Runs a command body and turns failures into a message on stderr and exit status 1.
-func reportingFailures(_ body: () async throws -> Void) async throws {
-    do {
-        try await body()
-    } catch let error as ExitCode {
-        throw error
-    } catch let error as ValidationError {
-        throw error
-    } catch {
-        FileHandle.standardError.write(Data(("error: " + OperatorAdvice.explain(error) + "\n").utf8))
-        throw ExitCode.failure
     }
 }
 

@@ -197,11 +197,7 @@ struct Project: AsyncParsableCommand {
             // Tables exist and are empty, so the projector applies everything from Kafka (no back-fill).
             let pool = store.pool
             try await pool.withConnection { connection in
-                for projection in AccountProjections.all {
-                    for table in projection.tables + [projection.appliedTable] {
-                        try await connection.executeScript(table.createSQL.replacingOccurrences(of: "{table}", with: table.name))
-                    }
-                }
+                for projection in AccountProjections.all { try await projection.createEmptyTables(on: connection) }
             }
             let consumer = ProjectionConsumer(
                 configuration: ProjectionConsumerConfiguration(

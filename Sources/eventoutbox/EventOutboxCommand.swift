@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandLineSupport
 import EventSourcing
 import EventStore
 import Foundation
@@ -21,29 +22,6 @@ struct EventOutboxCommand: AsyncParsableCommand {
             """,
         subcommands: [Migrate.self, Stream.self, Outbox.self, DeadLetters.self]
     )
-}
-
-struct DatabaseOption: ParsableArguments {
-    @Option(help: "PostgreSQL URL (default: $EVENTOUTBOX_DATABASE_URL).")
-    var databaseURL: String?
-
-    func pool() throws -> PostgresPool {
-        guard let url = databaseURL ?? ProcessInfo.processInfo.environment["EVENTOUTBOX_DATABASE_URL"], !url.isEmpty else {
-            throw ValidationError("no database: pass --database-url or set EVENTOUTBOX_DATABASE_URL")
-        }
-        return PostgresPool(url: url, maxConnections: 2)
-    }
-}
-
-func reportingFailures(_ body: () async throws -> Void) async throws {
-    do {
-        try await body()
-    } catch let error as ExitCode {
-        throw error
-    } catch {
-        FileHandle.standardError.write(Data(("error: " + OperatorAdvice.explain(error) + "\n").utf8))
-        throw ExitCode.failure
-    }
 }
 
 struct Migrate: AsyncParsableCommand {
@@ -145,6 +123,7 @@ struct DeadLetters: AsyncParsableCommand {
         @Argument(help: "The dead letter's id (first column of `list`).") var id: Int64
 
         func run() async throws {
+            let id = self.id
             try await reportingFailures {
                 let moved = try await database.pool().withConnection { try await OutboxTable().retryDeadLetter(id, on: $0) }
                 guard moved else { throw ValidationError("no dead letter with id \(id); see `eventoutbox dead-letters list`") }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandLineSupport
 import Foundation
 import KafkaClient
 import Logging
@@ -28,11 +29,9 @@ struct OutboxRelayCommand: AsyncParsableCommand {
             """
     )
 
-    @Option(help: "PostgreSQL URL (default: $EVENTOUTBOX_DATABASE_URL).")
-    var databaseURL: String?
+    @OptionGroup var database: DatabaseOption
 
-    @Option(help: "Kafka bootstrap servers, host:port[,host:port] (default: $KAFKA_BROKERS).")
-    var brokers: String?
+    @OptionGroup var kafka: KafkaBrokersOption
 
     @Option(help: "Rows fetched per batch.")
     var batchSize: Int = 500
@@ -72,13 +71,8 @@ struct OutboxRelayCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let env = ProcessInfo.processInfo.environment
-        guard let url = databaseURL ?? env["EVENTOUTBOX_DATABASE_URL"], !url.isEmpty else {
-            throw ValidationError("no database: pass --database-url or set EVENTOUTBOX_DATABASE_URL")
-        }
-        guard let brokers = brokers ?? env["KAFKA_BROKERS"], !brokers.isEmpty else {
-            throw ValidationError("no Kafka: pass --brokers or set KAFKA_BROKERS")
-        }
+        let url = try database.url()
+        let brokers = try kafka.bootstrapServers()
         let metricsServer = try Observability.bootstrap(
             logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost, metricsPort: metricsPort)
         defer { metricsServer?.stop() }

@@ -81,11 +81,9 @@ struct RelayProcessTests {
         second.signal(SIGTERM)
         #expect(try await second.waitForExit() == 0)
 
-        let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
-        try await reader.read(until: "every event id", timeout: .seconds(120)) { _ in reader.eventIDs.count >= ids.count }
+        let reader = try await KafkaTopicReader.readAll(ids, brokers: brokers, topic: topic)
         #expect(reader.eventIDs == Set(ids.map { $0.uuidString.lowercased() }))
         #expect(reader.keysOutOfOrder.isEmpty)
-        await reader.close()
         try await test.drop()
     }
 
@@ -123,11 +121,9 @@ struct RelayProcessTests {
         survivor.signal(SIGTERM)
         #expect(try await survivor.waitForExit() == 0)
 
-        let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
-        try await reader.read(until: "every event id", timeout: .seconds(120)) { _ in reader.eventIDs.count >= ids.count }
+        let reader = try await KafkaTopicReader.readAll(ids, brokers: brokers, topic: topic)
         #expect(reader.eventIDs == Set(ids.map { $0.uuidString.lowercased() }))
         #expect(reader.keysOutOfOrder.isEmpty)
-        await reader.close()
         try await test.drop()
     }
 

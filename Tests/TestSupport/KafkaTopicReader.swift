@@ -51,3 +51,17 @@ public final class KafkaTopicReader {
 
     public func close() async { await consumer.close() }
 }
+
+extension KafkaTopicReader {
+    /// Reads `topic` from the start until every id in `ids` has arrived; returns the reader for assertions
+    /// (closed already).
+    public static func readAll(
+        _ ids: [UUID], brokers: String, topic: String, timeout: Duration = .seconds(120)
+    ) async throws -> KafkaTopicReader {
+        let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
+        let wanted = Set(ids.map { $0.uuidString.lowercased() })
+        try await reader.read(until: "every event id", timeout: timeout) { _ in reader.eventIDs.isSuperset(of: wanted) }
+        await reader.close()
+        return reader
+    }
+}
