@@ -34,8 +34,9 @@ final class PQConnectionHandle {
                 message: "could not connect to \(PostgresURL.redacted(conninfo)): \(handle.lastErrorMessage)"
             )
         }
-        // Fixed session settings that the decoders rely on (timestamps in UTC, ISO format, UTF-8 text).
-        try handle.executeScript("SET client_encoding = 'UTF8'; SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'")
+        // Fixed session settings that the decoders rely on (timestamps in UTC, ISO format, UTF-8 text);
+        // NOTICEs (e.g. "table does not exist, skipping") would otherwise go to stderr.
+        try handle.executeScript("SET client_encoding = 'UTF8'; SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET client_min_messages = warning")
         return handle
     }
 
