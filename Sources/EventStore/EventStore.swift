@@ -17,10 +17,17 @@ public struct AppendResult: Sendable, Hashable {
 public struct EventStore: Sendable {
     public let pool: PostgresPool
     public var routing: OutboxRouting
+    /// Whether appends send `NOTIFY` so that the relay wakes at once. Default: `true`.
+    ///
+    /// PostgreSQL serializes the commits of notifying transactions (a global lock at commit), which caps
+    /// concurrent append throughput (measured: 1,538 tps with NOTIFY vs 3,126 without, 8 clients). With
+    /// `false`, the relay finds new rows by polling (`--poll-interval`): more throughput, more latency.
+    public var notifiesOnAppend: Bool
 
-    public init(pool: PostgresPool, routing: OutboxRouting = OutboxRouting()) {
+    public init(pool: PostgresPool, routing: OutboxRouting = OutboxRouting(), notifiesOnAppend: Bool = true) {
         self.pool = pool
         self.routing = routing
+        self.notifiesOnAppend = notifiesOnAppend
     }
 
     /// Appends events to a stream if its version is as expected.
@@ -47,7 +54,7 @@ public struct EventStore: Sendable {
             }
             do {
                 let result = try await pool.withConnection { connection in
-                    try await Self.append(rows, to: streamID, after: base, on: connection)
+                    try await Self.append(rows, to: streamID, after: base, notify: notifiesOnAppend, on: connection)
                 }
                 switch result {
                 case .appended(let appended): return appended
@@ -73,7 +80,7 @@ public struct EventStore: Sendable {
     /// atomic on its own: the events are inserted only if the stream's version is still `base`, the outbox
     /// rows only if the events were, and the notification only then.
     private static func append(
-        _ rows: [PreparedEvent], to streamID: String, after base: Int64, on connection: PostgresConnection
+        _ rows: [PreparedEvent], to streamID: String, after base: Int64, notify: Bool, on connection: PostgresConnection
     ) async throws -> AppendOutcome {
         var binds: [PostgresBind] = [.text(streamID), .int64(base), .text(EventStoreSchema.outboxChannel), .text(String(rows.count))]
         func placeholder(_ bind: PostgresBind, _ cast: String) -> String {
@@ -115,7 +122,7 @@ public struct EventStore: Sendable {
                 WHERE EXISTS (SELECT 1 FROM appended)
                 RETURNING 1
             ), notified AS (
-                SELECT pg_notify($3, $4) FROM current WHERE EXISTS (SELECT 1 FROM appended)
+                SELECT pg_notify($3, $4) FROM current WHERE \(notify ? "" : "false AND ")EXISTS (SELECT 1 FROM appended)
             )
             SELECT (SELECT version FROM current) AS current,
                    (SELECT count(*) FROM outboxed) AS outboxed,

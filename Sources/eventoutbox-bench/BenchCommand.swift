@@ -93,14 +93,17 @@ struct Append: AsyncParsableCommand {
     @Option(help: "Parallel connections.") var connections = 1
     @Option(help: "Events to append.") var events = 5000
     @Option(help: "Streams written to.") var streams = 100
+    @Flag(help: "Append without NOTIFY (the relay then finds rows by polling).") var noNotify = false
 
     func run() async throws {
         let env = try Environment.read()
         try await env.withSchema(connections: connections) { _, store in
+            var store = store
+            store.notifiesOnAppend = !noNotify
             let start = ContinuousClock.now
             try await fill(store, events: events, tasks: connections, streams: streams)
             let elapsed = seconds(ContinuousClock.now - start)
-            print(String(format: "append: %d events, %d connections: %.2f s, %.0f appends/s", events, connections, elapsed, Double(events) / elapsed))
+            print(String(format: "append%@: %d events, %d connections: %.2f s, %.0f appends/s", noNotify ? " (no NOTIFY)" : "", events, connections, elapsed, Double(events) / elapsed))
         }
     }
 }

@@ -134,6 +134,32 @@ struct EventStoreTests {
         try await test.drop()
     }
 
+    @Test("with notifiesOnAppend off, an append sends no NOTIFY but still writes its outbox row")
+    func quietAppend() async throws {
+        // One connection, so both appends come from one backend: the channel is database-wide and other
+        // tests' appends notify it too, so only that backend's notifications count.
+        let test = try await TestEventStore.create(maxConnections: 1)
+        let backend = try await test.count("SELECT pg_backend_pid()")
+        let listener = try await PostgresConnection.connect(to: test.schema.url)
+        try await listener.listen(EventStoreSchema.outboxChannel)
+        var quiet = test.store
+        quiet.notifiesOnAppend = false
+        try await quiet.append([NewEvent(Note(text: "quiet"))], to: "q", category: "n", expectedVersion: .noStream)
+        // A notifying append afterwards. Notifications arrive in commit order, so had the quiet append sent
+        // one, it would be here by the time the loud one is.
+        try await test.store.append([NewEvent(Note(text: "loud"))], to: "l", category: "n", expectedVersion: .noStream)
+        var received: [PostgresNotification] = []
+        func ours(_ batch: [PostgresNotification]) -> [PostgresNotification] { batch.filter { $0.senderProcessID == backend } }
+        try await waitUntil("the loud append's notification") {
+            received += ours(try await listener.notifications(timeout: .milliseconds(200)))
+            return !received.isEmpty
+        }
+        received += ours(try await listener.notifications(timeout: .milliseconds(200)))
+        #expect(received.count == 1, "\(received)")
+        #expect(try await test.count("SELECT count(*) FROM outbox") == 2)
+        try await test.drop()
+    }
+
     @Test("outbox rows carry the topic, key, envelope and headers")
     func outboxRow() async throws {
         let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: "d", topicByCategory: ["n": "notes"]))
