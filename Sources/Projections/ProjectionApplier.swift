@@ -22,7 +22,13 @@ public struct ProjectionApplier: Sendable {
     /// Applies `recorded` to every projection inside the caller's transaction.
     /// - Throws: ``EventDecodingError`` if the event cannot be decoded (nothing written); database errors.
     public func apply(_ recorded: RecordedEvent, suffix: String = "", on connection: PostgresConnection) async throws -> Outcome {
-        let event = try registry.decode(recorded)
+        try await apply(recorded, decoded: try registry.decode(recorded), suffix: suffix, on: connection)
+    }
+
+    /// Applies an event already decoded by the caller (with ``registry``), so it is not decoded twice.
+    public func apply(
+        _ recorded: RecordedEvent, decoded event: any DomainEvent, suffix: String = "", on connection: PostgresConnection
+    ) async throws -> Outcome {
         var outcome = Outcome()
         let context = ProjectionContext(connection: connection, suffix: suffix)
         for projection in projections {

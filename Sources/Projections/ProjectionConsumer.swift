@@ -175,12 +175,12 @@ public final class ProjectionConsumer: Service, Sendable {
     /// instead, so that only the bad record is dead-lettered. Throws only for failures worth retrying.
     private func handle(_ batch: [KafkaMessage], on connection: PostgresConnection) async throws {
         guard batch.count > 1 else { return try await handle(batch[0], on: connection) }
-        var events: [RecordedEvent] = []
+        var events: [(recorded: RecordedEvent, event: any DomainEvent)] = []
         for message in batch {
             guard let value = message.value, let recorded = try? OutboxEnvelope.decode(value).recordedEvent(),
-                (try? applier.registry.decode(recorded)) != nil
+                let event = try? applier.registry.decode(recorded)
             else { break }
-            events.append(recorded)
+            events.append((recorded, event))
         }
         if events.count == batch.count {
             let started = ContinuousClock.now
@@ -189,7 +189,7 @@ public final class ProjectionConsumer: Service, Sendable {
                 let outcome = try await connection.withTransaction { tx in
                     var total = ProjectionApplier.Outcome()
                     for event in events {
-                        let outcome = try await self.applier.apply(event, on: tx)
+                        let outcome = try await self.applier.apply(event.recorded, decoded: event.event, on: tx)
                         total.applied += outcome.applied
                         total.duplicates += outcome.duplicates
                     }
