@@ -86,6 +86,12 @@ public enum EventStoreSchema {
                 );
                 CREATE INDEX outbox_dead_letters_stream ON outbox_dead_letters (stream_id);
                 """),
+        Migration(
+            version: 3, name: "outbox: waiting rows by stream",
+            sql: """
+                -- The relay asks, for each row it takes, whether its stream has an earlier waiting row.
+                CREATE INDEX outbox_waiting_stream ON outbox (stream_id, id) WHERE published_at IS NULL;
+                """),
     ]
 
     /// Applies the migrations that are missing. Returns the versions it applied (empty if up to date).

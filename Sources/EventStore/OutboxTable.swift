@@ -16,6 +16,39 @@ public struct OutboxRow: Sendable, Hashable {
     public var createdAt: Date
 }
 
+/// A waiting outbox row and the id of its stream's previous waiting row, if any.
+public struct WaitingRow: Sendable, Hashable {
+    public var row: OutboxRow
+    /// The highest id below ``row``'s of a waiting row of the same stream.
+    public var previousWaitingID: Int64?
+    public init(row: OutboxRow, previousWaitingID: Int64?) {
+        self.row = row
+        self.previousWaitingID = previousWaitingID
+    }
+}
+
+/// Which share of the outbox's streams a relay publishes.
+public struct StreamPartitions: Sendable, Hashable {
+    /// How many partitions the streams are split into (the same for every relay of a database).
+    public var count: Int
+    /// The partitions this relay holds (each in 0 ..< count).
+    public var owned: [Int]
+    public init(count: Int, owned: [Int]) {
+        precondition(count >= 1 && owned.allSatisfy { (0..<count).contains($0) }, "partitions out of range")
+        self.count = count
+        self.owned = owned
+    }
+    /// Every stream (one partition).
+    public static let all = StreamPartitions(count: 1, owned: [0])
+}
+
+/// An outbox row that cannot be read as written.
+public struct OutboxRowError: Error, CustomStringConvertible {
+    public var outboxID: Int64
+    public var reason: String
+    public var description: String { "outbox row \(outboxID) cannot be published: \(reason); fix or dead-letter it by hand" }
+}
+
 /// A row the relay could not publish for a reason retrying will not fix; its stream is held back until it
 /// is retried.
 public struct DeadLetter: Sendable, Hashable, Codable {
@@ -43,39 +76,66 @@ public struct OutboxStatus: Sendable, Hashable, Codable {
 public struct OutboxTable: Sendable {
     public init() {}
 
-    /// The oldest waiting rows, in commit-independent id order, skipping streams that have a dead letter
-    /// (their later rows wait so that the stream's order is kept).
+    /// Waiting rows with ids above `cursor`, in id order, skipping streams that have a dead letter (their
+    /// later rows wait so that the stream's order is kept).
     ///
-    /// Rows are found by `published_at IS NULL`, not by "id above the last one seen": a transaction that
-    /// took a lower id but committed later is still found.
-    public func waitingRows(limit: Int, on connection: PostgresConnection) async throws -> [OutboxRow] {
+    /// Each row comes with ``WaitingRow/previousWaitingID``: the id of the stream's latest waiting row below
+    /// it, if any. A relay that has not sent that row itself has found a hole (a transaction that took a lower
+    /// id committed late, after the cursor passed it) and must not send this row before it.
+    ///
+    /// - Parameters:
+    ///   - cursor: 0 for a full scan; else the highest id the caller has already taken.
+    ///   - partitions: with `count` > 1, only streams whose ``streamPartition`` is in `owned`.
+    public func waitingRows(
+        after cursor: Int64, limit: Int, partitions: StreamPartitions = .all, on connection: PostgresConnection
+    ) async throws -> [WaitingRow] {
         try await connection.query(
             """
             SELECT o.id, o.event_id, o.stream_id, o.stream_version, o.topic, o.message_key, o.envelope,
-                   o.headers::text AS headers, o.created_at
+                   o.headers::text AS headers, o.created_at,
+                   (SELECT max(p.id) FROM outbox p
+                     WHERE p.stream_id = o.stream_id AND p.published_at IS NULL AND p.id < o.id) AS previous_waiting
             FROM outbox o
-            WHERE o.published_at IS NULL
+            WHERE o.published_at IS NULL AND o.id > $1
+              AND ($3::int = 1 OR mod(hashtext(o.stream_id)::bigint + 2147483648, $3::int) = ANY($4::int[]))
               AND NOT EXISTS (SELECT 1 FROM outbox_dead_letters d WHERE d.stream_id = o.stream_id)
             ORDER BY o.id
-            LIMIT $1
-            """, [.int(limit)], statement: "outbox: waiting rows"
+            LIMIT $2
+            """,
+            [.int64(cursor), .int(limit), .int32(Int32(partitions.count)), .int32Array(partitions.owned.map { Int32($0) })],
+            statement: "outbox: waiting rows"
         ).map { row in
+            let id = try row.decode(Int64.self, "id")
             let headersText = try row.decode(String.self, "headers")
-            return OutboxRow(
-                id: try row.decode(Int64.self, "id"),
-                eventID: try row.decode(UUID.self, "event_id"),
-                streamID: try row.decode(String.self, "stream_id"),
-                streamVersion: try row.decode(Int64.self, "stream_version"),
-                topic: try row.decode(String.self, "topic"),
-                key: try row.decode(String.self, "message_key"),
-                envelope: try row.decode(String.self, "envelope"),
-                headers: (try? JSONDecoder().decode([String: String].self, from: Data(headersText.utf8))) ?? [:],
-                createdAt: try row.decode(Date.self, "created_at"))
+            guard let headers = try? JSONDecoder().decode([String: String].self, from: Data(headersText.utf8)) else {
+                throw OutboxRowError(outboxID: id, reason: "its headers are not a JSON object of strings: \(headersText.prefix(200))")
+            }
+            return WaitingRow(
+                row: OutboxRow(
+                    id: id,
+                    eventID: try row.decode(UUID.self, "event_id"),
+                    streamID: try row.decode(String.self, "stream_id"),
+                    streamVersion: try row.decode(Int64.self, "stream_version"),
+                    topic: try row.decode(String.self, "topic"),
+                    key: try row.decode(String.self, "message_key"),
+                    envelope: try row.decode(String.self, "envelope"),
+                    headers: headers,
+                    createdAt: try row.decode(Date.self, "created_at")),
+                previousWaitingID: try row.decodeIfPresent(Int64.self, "previous_waiting"))
         }
     }
 
+    /// The partition (0 ..< `count`) of a stream when relays split the outbox by stream: a stable hash of the
+    /// stream id, computed by PostgreSQL (`hashtext`), so every relay of a database agrees.
+    public func streamPartition(_ streamID: String, count: Int, on connection: PostgresConnection) async throws -> Int {
+        try await connection.query(
+            "SELECT mod(hashtext($1)::bigint + 2147483648, $2::int)::int AS p", [.text(streamID), .int(count)],
+            statement: "outbox: stream partition"
+        ).first!.decode(Int.self, "p")
+    }
+
     /// Where a row was stored in Kafka.
-    public struct Delivery: Sendable {
+    public struct Delivery: Sendable, Hashable {
         public var id: Int64
         public var partition: Int32
         public var offset: Int64
@@ -86,19 +146,26 @@ public struct OutboxTable: Sendable {
         }
     }
 
-    /// Marks rows as published, with their partition and offset.
+    /// Marks rows as published, with their partition and offset: one statement of fixed shape (arrays), so
+    /// one prepared statement serves every batch size.
     public func markPublished(_ deliveries: [Delivery], on connection: PostgresConnection) async throws {
         guard !deliveries.isEmpty else { return }
-        var values: [String] = []
-        var binds: [PostgresBind] = []
-        for (index, delivery) in deliveries.enumerated() {
-            values.append("($\(index * 3 + 1)::bigint, $\(index * 3 + 2)::int, $\(index * 3 + 3)::bigint)")
-            binds += [.int64(delivery.id), .int32(delivery.partition), .int64(delivery.offset)]
-        }
         try await connection.execute(
-            "UPDATE outbox o SET published_at = clock_timestamp(), kafka_partition = d.p, kafka_offset = d.off "
-                + "FROM (VALUES \(values.joined(separator: ", "))) AS d(id, p, off) WHERE o.id = d.id",
-            binds, statement: "outbox: mark published")
+            """
+            UPDATE outbox o SET published_at = clock_timestamp(), kafka_partition = d.p, kafka_offset = d.off
+            FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS d(id, p, off) WHERE o.id = d.id
+            """,
+            [.int64Array(deliveries.map(\.id)), .int32Array(deliveries.map(\.partition)),
+             .int64Array(deliveries.map(\.offset))],
+            statement: "outbox: mark published")
+    }
+
+    /// Deletes published rows at once instead of marking them (for relays run with no retention).
+    public func deletePublished(_ deliveries: [Delivery], on connection: PostgresConnection) async throws {
+        guard !deliveries.isEmpty else { return }
+        try await connection.execute(
+            "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [.int64Array(deliveries.map(\.id))],
+            statement: "outbox: delete published")
     }
 
     /// Moves a row to the dead-letter table with the reason.

@@ -59,6 +59,9 @@ public struct KafkaMessage: Sendable {
 
 /// Where a produced record was stored, or why it was not.
 public struct KafkaDeliveryReport: Sendable {
+    /// The id the record was enqueued with (``KafkaProducer/enqueue(_:messageID:)``), so that a report
+    /// handler can tell which record this is.
+    public var messageID: UInt64
     public var topic: String
     public var partition: Int32
     /// The record's offset; `nil` when delivery failed.
@@ -68,7 +71,8 @@ public struct KafkaDeliveryReport: Sendable {
 
     public var isDelivered: Bool { error == nil }
 
-    public init(topic: String, partition: Int32, offset: Int64?, error: KafkaError?) {
+    public init(messageID: UInt64 = 0, topic: String, partition: Int32, offset: Int64?, error: KafkaError?) {
+        self.messageID = messageID
         self.topic = topic
         self.partition = partition
         self.offset = offset

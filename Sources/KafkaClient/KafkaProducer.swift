@@ -23,15 +23,31 @@ public final class KafkaProducer: Sendable {
     ]
 
     private let handle: RDKafkaHandle
+    private let router: KafkaDeliveryRouter
     private let pollLoop = PollLoopState()
     private let logger: Logger
 
     /// Creates a producer.
+    /// - Parameters:
+    ///   - deliveryReports: receives the report of every record enqueued with ``enqueue(_:messageID:)``, on
+    ///     the producer's poll thread, in the order librdkafka produces them (per partition: the order the
+    ///     records were enqueued). It must return quickly.
+    ///   - errors: receives client-level errors, on the poll thread: brokers unreachable (librdkafka keeps
+    ///     retrying) and fatal errors (``KafkaError/isFatal``), after which this producer can send nothing
+    ///     more and must be replaced.
     /// - Throws: ``KafkaError`` with ``KafkaError/Code/invalidConfiguration`` naming a rejected property.
-    public init(configuration: KafkaConfiguration, logger: Logger = Logger(label: "eventoutbox.kafka.producer")) throws {
+    public init(
+        configuration: KafkaConfiguration, logger: Logger = Logger(label: "eventoutbox.kafka.producer"),
+        deliveryReports: (@Sendable (KafkaDeliveryReport) -> Void)? = nil,
+        errors: (@Sendable (KafkaError) -> Void)? = nil
+    ) throws {
         let conf = try RDKafkaConfig.make(configuration.merged(over: Self.defaultProperties))
         rd_kafka_conf_set_dr_msg_cb(conf, deliveryReportCallback)
-        handle = try RDKafkaHandle(type: RD_KAFKA_PRODUCER, conf: conf, context: RDKafkaContext(logger: logger))
+        rd_kafka_conf_set_error_cb(conf, rdKafkaErrorCallback)
+        router = KafkaDeliveryRouter(handler: deliveryReports)
+        handle = try RDKafkaHandle(
+            type: RD_KAFKA_PRODUCER, conf: conf,
+            context: RDKafkaContext(logger: logger, deliveries: router, errorHandler: errors))
         self.logger = logger
         let thread = Thread { [handle, pollLoop] in
             while !pollLoop.stopping.load(ordering: .acquiring) {
@@ -59,19 +75,53 @@ public final class KafkaProducer: Sendable {
     /// Hands a record to librdkafka without waiting for the broker.
     /// - Returns: a promise of the record's delivery report.
     /// - Throws: ``KafkaError`` when librdkafka refuses the record right away (e.g. ``KafkaError/Code/queueFull``,
-    ///   an unknown partition, or the producer is closed). Nothing was enqueued then.
+    ///   ``KafkaError/Code/messageSizeTooLarge`` above `message.max.bytes`, or the producer is closed). Nothing
+    ///   was enqueued then.
     public func enqueue(_ message: KafkaOutgoingMessage) throws -> KafkaDeliveryPromise {
-        guard !pollLoop.stopping.load(ordering: .acquiring) else {
-            throw KafkaError(code: .closed, message: "producer is closed; cannot send to '\(message.topic)'")
-        }
         let promise = KafkaDeliveryPromise(topic: message.topic)
-        // One retain travels with the record as its opaque; the delivery callback takes it back.
-        let opaque = Unmanaged.passRetained(promise).toOpaque()
-        if let error = RDKafkaProduce.produce(handle.pointer, message, opaque: opaque) {
-            Unmanaged<KafkaDeliveryPromise>.fromOpaque(opaque).release()  // C will never call back for it
+        let id = router.register(promise)
+        do {
+            try produce(message, messageID: id)
+        } catch {
+            router.unregister(id)
             throw error
         }
         return promise
+    }
+
+    /// Hands a record to librdkafka without waiting for the broker; its report goes to the `deliveryReports`
+    /// handler given at creation, carrying `messageID`. No allocation per record beyond librdkafka's own.
+    /// - Parameter messageID: the caller's id for the record, from 1 to 2^63 - 1.
+    /// - Throws: as ``enqueue(_:)``; the handler never hears of a record that was refused.
+    public func enqueue(_ message: KafkaOutgoingMessage, messageID: UInt64) throws {
+        precondition(router.hasHandler, "enqueue(_:messageID:) needs a producer created with a deliveryReports handler")
+        precondition(messageID > 0 && messageID < KafkaDeliveryRouter.firstPromiseID, "messageID out of range")
+        try produce(message, messageID: messageID)
+    }
+
+    private func produce(_ message: KafkaOutgoingMessage, messageID: UInt64) throws {
+        guard !pollLoop.stopping.load(ordering: .acquiring) else {
+            throw KafkaError(code: .closed, message: "producer is closed; cannot send to '\(message.topic)'")
+        }
+        // The id travels as the record's opaque pointer value (never dereferenced).
+        if let error = RDKafkaProduce.produce(handle.pointer, message, opaque: UnsafeMutableRawPointer(bitPattern: UInt(messageID))!) {
+            throw error
+        }
+    }
+
+    /// The fatal error this producer hit, if any: it can send nothing more and must be replaced.
+    public var fatalError: KafkaError? {
+        var text = [CChar](repeating: 0, count: 512)
+        let code = rd_kafka_fatal_error(handle.pointer, &text, text.count)
+        guard code != RD_KAFKA_RESP_ERR_NO_ERROR else { return nil }
+        return KafkaError(code: KafkaError.Code(code), message: "fatal: \(RDKafkaConfig.string(text))", isFatal: true)
+    }
+
+    /// Fails every record not yet acknowledged, queued or in flight, at once: each gets a report with
+    /// ``KafkaError/Code/purgedQueue`` or ``KafkaError/Code/purgedInFlight``. A purged in-flight record may
+    /// still have been stored by the broker; treat it as "unknown", never as "not sent".
+    public func purge() {
+        rd_kafka_purge(handle.pointer, Int32(RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT))
     }
 
     /// Enqueues a record and waits for its delivery report, retrying while librdkafka's local queue is full.
@@ -172,20 +222,51 @@ public final class KafkaDeliveryPromise: Sendable {
     }
 }
 
+/// Sends each delivery report to its promise, or else to the producer's report handler.
+final class KafkaDeliveryRouter: Sendable {
+    /// Ids from here up belong to promises; callers' ids (``KafkaProducer/enqueue(_:messageID:)``) stay below.
+    static let firstPromiseID: UInt64 = 1 << 62
+    private let handler: (@Sendable (KafkaDeliveryReport) -> Void)?
+    private let promises = Mutex<(next: UInt64, waiting: [UInt64: KafkaDeliveryPromise])>((firstPromiseID, [:]))
+
+    init(handler: (@Sendable (KafkaDeliveryReport) -> Void)?) { self.handler = handler }
+
+    var hasHandler: Bool { handler != nil }
+
+    func register(_ promise: KafkaDeliveryPromise) -> UInt64 {
+        promises.withLock { state in
+            let id = state.next
+            state.next += 1
+            state.waiting[id] = promise
+            return id
+        }
+    }
+
+    func unregister(_ id: UInt64) { _ = promises.withLock { $0.waiting.removeValue(forKey: id) } }
+
+    func route(_ report: KafkaDeliveryReport) {
+        if report.messageID >= Self.firstPromiseID {
+            promises.withLock { $0.waiting.removeValue(forKey: report.messageID) }?.fulfill(report)
+        } else {
+            handler?(report)
+        }
+    }
+}
+
 /// Called by librdkafka (on the producer's poll thread) once per record.
 private let deliveryReportCallback: @convention(c) (OpaquePointer?, UnsafePointer<rd_kafka_message_t>?, UnsafeMutableRawPointer?) -> Void = {
-    _, message, _ in
-    guard let message, let opaque = message.pointee._private else { return }
-    // Takes back the retain made in `enqueue`.
-    let promise = Unmanaged<KafkaDeliveryPromise>.fromOpaque(opaque).takeRetainedValue()
+    client, message, _ in
+    guard let message, let router = RDKafkaHandle.context(of: client)?.deliveries else { return }
+    let messageID = UInt64(UInt(bitPattern: message.pointee._private))
     let error = message.pointee.err
-    promise.fulfill(
+    let topic = message.pointee.rkt.map { String(cString: rd_kafka_topic_name($0)) } ?? ""
+    router.route(
         KafkaDeliveryReport(
-            topic: promise.topic,
+            messageID: messageID,
+            topic: topic,
             partition: message.pointee.partition,
             offset: error == RD_KAFKA_RESP_ERR_NO_ERROR ? message.pointee.offset : nil,
-            error: error == RD_KAFKA_RESP_ERR_NO_ERROR
-                ? nil : KafkaError(error, context: "delivery to '\(promise.topic)' failed")
+            error: error == RD_KAFKA_RESP_ERR_NO_ERROR ? nil : KafkaError(error, context: "delivery to '\(topic)' failed")
         )
     )
 }

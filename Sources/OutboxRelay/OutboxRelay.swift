@@ -12,12 +12,14 @@ import Synchronization
 /// - Only one relay per database is active: it holds a PostgreSQL advisory lock on its connection; others
 ///   wait as standbys and take over within ``OutboxRelayConfiguration/standbyRetryInterval`` once the active
 ///   one's connection is gone (crash, kill, network).
+/// - Pipelined: rows are fetched in batches and handed to librdkafka without waiting for earlier batches;
+///   up to ``OutboxRelayConfiguration/maxInFlight`` rows are unacknowledged at a time. Delivery reports are
+///   marked in the database in one statement per group of reports, between fetches.
 /// - A row is marked published only after its delivery report says Kafka stored it. A crash between the two
 ///   publishes the row again (at-least-once); consumers dedupe by event id.
-/// - Per-stream order: the message key is the stream id, and a stream never has more than one message in
-///   flight. Each batch is sent in waves (the first waiting row of every stream, then the second, ...), and a
-///   stream whose message failed sends nothing more until that message is delivered. So version n+1 never
-///   reaches Kafka before version n, whatever the broker does.
+/// - Per-stream order: the message key is the stream id; see ``PublishPipeline`` for the rules and README's
+///   design notes for the argument. On any failed delivery or fatal producer error the relay purges the
+///   producer, marks what was stored, and resumes with a new producer from the rows still waiting.
 /// - A row Kafka can never accept (too large, invalid) moves to `outbox_dead_letters`; its stream waits
 ///   until it is retried (`eventoutbox dead-letters retry`); other streams go on.
 public final class OutboxRelay: Service, Sendable {
@@ -25,8 +27,10 @@ public final class OutboxRelay: Service, Sendable {
     private let logger: Logger
     private let table = OutboxTable()
     private let stopping = Atomic<Bool>(false)
+    private let wakeup = Wakeup()
     private let counters = RelayCounters()
     private let metrics = RelayMetrics()
+    private let latestStatus = Mutex<OutboxStatus?>(nil)
 
     public init(configuration: OutboxRelayConfiguration, logger: Logger = Logger(label: "eventoutbox.relay")) {
         self.configuration = configuration
@@ -35,53 +39,59 @@ public final class OutboxRelay: Service, Sendable {
 
     /// Rows this relay has seen delivered since it started.
     public var publishedCount: Int { counters.published.load(ordering: .relaxed) }
-    /// Deliveries that failed (retriable or not) since it started.
+    /// Deliveries that failed since it started (purges the relay made itself not counted).
     public var failedDeliveryCount: Int { counters.failed.load(ordering: .relaxed) }
+    /// Producers this relay has replaced after a failed delivery or a fatal error.
+    public var producerRestartCount: Int { counters.producerRestarts.load(ordering: .relaxed) }
+    /// Client-level Kafka errors reported by librdkafka (brokers unreachable, fatal errors).
+    public var kafkaErrorCount: Int { counters.kafkaErrors.load(ordering: .relaxed) }
     /// Whether this relay is currently the active one.
     public var isActive: Bool { counters.active.load(ordering: .relaxed) }
+    /// The outbox as the last housekeeping saw it (`nil` before the first).
+    public var lastStatus: OutboxStatus? { latestStatus.withLock { $0 } }
 
-    /// Runs until graceful shutdown (SIGTERM/SIGINT through a `ServiceGroup`) or task cancellation:
-    /// then it takes no new rows, waits for in-flight deliveries, marks them, and returns.
+    /// Runs until graceful shutdown (SIGTERM/SIGINT through a `ServiceGroup`) or task cancellation: then it
+    /// takes no new rows, waits up to ``OutboxRelayConfiguration/shutdownTimeout`` for in-flight deliveries,
+    /// marks them, and returns. Rows not acknowledged by then stay waiting.
     public func run() async throws {
-        let producer = try KafkaProducer(
-            configuration: KafkaConfiguration(
-                bootstrapServers: configuration.kafka.bootstrapServers,
-                properties: OutboxRelayConfiguration.producerDefaults.merging(configuration.kafka.properties) { $1 }),
-            logger: logger)
+        if let timeout = configuration.kafka.properties["message.timeout.ms"], timeout != "0" {
+            logger.warning(
+                "message.timeout.ms is not 0: a message that times out while later ones of its partition get through leaves a gap; the relay counts such order violations but cannot undo them",
+                metadata: ["kafka.message.timeout.ms": "\(timeout)"])
+        }
         await withGracefulShutdownHandler {
             await withTaskCancellationHandler {
-                await self.superviseLeadership(producer)
+                await self.superviseLeadership()
             } onCancel: {
                 self.stop()
             }
         } onGracefulShutdown: {
             self.stop()
         }
-        await producer.close(timeout: configuration.shutdownTimeout)
         logger.info("relay stopped", metadata: ["outbox.published": "\(publishedCount)"])
     }
 
-    /// Asks the relay to finish: no new rows, in-flight deliveries are awaited and marked.
-    public func stop() { stopping.store(true, ordering: .releasing) }
+    /// Asks the relay to finish: no new rows, in-flight deliveries are awaited (bounded) and marked.
+    public func stop() {
+        stopping.store(true, ordering: .releasing)
+        wakeup.signal()
+    }
 
     private var isStopping: Bool { stopping.load(ordering: .acquiring) }
 
-    private func superviseLeadership(_ producer: KafkaProducer) async {
+    private func superviseLeadership() async {
         var backoff = Backoff(max: configuration.maxBackoff)
         while !isStopping {
             do {
                 let connection = try await PostgresConnection.connect(to: configuration.databaseURL)
                 guard try await becomeActive(connection) else { return }
-                counters.active.store(true, ordering: .relaxed)
-                metrics.active.record(1)
+                setActive(true)
                 logger.info("this relay is now the active one", metadata: ["outbox.lock": "\(configuration.leaderLockKey)"])
                 backoff.reset()
-                try await lead(connection, producer)
-                counters.active.store(false, ordering: .relaxed)
-                metrics.active.record(0)
+                try await lead(connection)
+                setActive(false)
             } catch {
-                counters.active.store(false, ordering: .relaxed)
-                metrics.active.record(0)
+                setActive(false)
                 let delay = backoff.next()
                 logger.warning(
                     "relay lost its database connection or failed; retrying",
@@ -89,6 +99,11 @@ public final class OutboxRelay: Service, Sendable {
                 await sleepUnlessStopping(delay)
             }
         }
+    }
+
+    private func setActive(_ active: Bool) {
+        counters.active.store(active, ordering: .relaxed)
+        metrics.active.record(active ? 1 : 0)
     }
 
     /// Waits for the advisory lock. Returns `false` if asked to stop first.
@@ -109,112 +124,189 @@ public final class OutboxRelay: Service, Sendable {
         return false
     }
 
-    private func lead(_ connection: PostgresConnection, _ producer: KafkaProducer) async throws {
-        try await connection.listen(EventStoreSchema.outboxChannel)
-        var backoff = Backoff(max: configuration.maxBackoff)
-        var lastHousekeeping = ContinuousClock.now - .seconds(3600)
-        while !isStopping {
-            let rows = try await table.waitingRows(limit: configuration.batchSize, on: connection)
-            if rows.isEmpty {
-                if ContinuousClock.now - lastHousekeeping > .seconds(5) {
-                    try await housekeeping(connection)
-                    lastHousekeeping = .now
+    /// Publishes while this relay holds the lock: one producer after another, each until it fails or the
+    /// relay stops. A NOTIFY listener on a second connection wakes the loop when rows are committed.
+    private func lead(_ connection: PostgresConnection) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { await self.listenForAppends() }
+            defer { group.cancelAll() }
+            var backoff = Backoff(max: configuration.maxBackoff)
+            var housekeeping = HousekeepingClock(interval: configuration.housekeepingInterval)
+            while !isStopping {
+                let inbox = ProducerInbox(wakeup: wakeup)
+                let producer = try KafkaProducer(
+                    configuration: KafkaConfiguration(
+                        bootstrapServers: configuration.kafka.bootstrapServers,
+                        properties: OutboxRelayConfiguration.producerDefaults.merging(configuration.kafka.properties) { $1 }),
+                    logger: logger, deliveryReports: inbox.add, errors: { [counters, metrics] error in
+                        counters.kafkaErrors.add(1, ordering: .relaxed)
+                        metrics.kafkaErrors.increment()
+                        inbox.error(error)
+                    })
+                let end: GenerationEnd
+                do {
+                    end = try await publish(producer, inbox, connection, &housekeeping)
+                } catch {
+                    producer.purge()
+                    await producer.close(timeout: .seconds(1))
+                    throw error
                 }
-                _ = try await connection.notifications(timeout: configuration.pollInterval)
+                await producer.close(timeout: .seconds(1))
+                guard case .failed(let error, let onlyDeadLetters) = end else { return }
+                counters.producerRestarts.add(1, ordering: .relaxed)
+                metrics.producerRestarts.increment()
+                let delay = onlyDeadLetters ? Duration.zero : backoff.next()
+                logger.warning(
+                    "Kafka producer failed; starting a new one from the rows still waiting",
+                    metadata: ["kafka.error": "\(error)", "retry.in": "\(delay)"])
+                await sleepUnlessStopping(delay)
+            }
+        }
+    }
+
+    private enum GenerationEnd {
+        case stopped
+        /// The producer is done for; `onlyDeadLetters` when the sole failures were rows now dead-lettered.
+        case failed(KafkaError, onlyDeadLetters: Bool)
+    }
+
+    /// Runs one producer: fetch, enqueue, mark, until it fails or the relay stops.
+    private func publish(
+        _ producer: KafkaProducer, _ inbox: ProducerInbox, _ connection: PostgresConnection,
+        _ housekeeping: inout HousekeepingClock
+    ) async throws -> GenerationEnd {
+        var pipeline = PublishPipeline()
+        var purged = false
+        var retriableFailures = 0
+        var lastFullScan = ContinuousClock.now
+        var shutdownDeadline: ContinuousClock.Instant?
+        while true {
+            retriableFailures += try await settle(inbox.take(), &pipeline, connection)
+            if let fatal = inbox.fatalError { pipeline.abandon(fatal) }
+            if let failure = pipeline.failure {
+                if !purged {
+                    producer.purge()
+                    purged = true
+                }
+                if pipeline.isIdle { return .failed(failure, onlyDeadLetters: retriableFailures == 0 && inbox.fatalError == nil) }
+                await wakeup.wait(timeout: .milliseconds(100))
                 continue
             }
-            let started = ContinuousClock.now
-            let outcome = try await publish(rows, producer, connection)
-            let elapsed = (ContinuousClock.now - started).components
-            metrics.batchDuration.recordNanoseconds(elapsed.seconds * 1_000_000_000 + elapsed.attoseconds / 1_000_000_000)
-            if outcome.retriableFailures > 0 {
-                let delay = backoff.next()
-                logger.warning(
-                    "some deliveries failed; their rows stay in the outbox and are retried",
-                    metadata: ["outbox.failed": "\(outcome.retriableFailures)", "retry.in": "\(delay)",
-                               "kafka.error": "\(outcome.lastError.map { "\($0)" } ?? "")"])
-                try await housekeeping(connection)
-                await sleepUnlessStopping(delay)
-            } else {
-                backoff.reset()
-            }
-        }
-    }
-
-    private struct BatchOutcome {
-        var delivered = 0
-        var retriableFailures = 0
-        var lastError: KafkaError?
-    }
-
-    /// Sends a batch in waves of at most one message per stream; see the type's documentation.
-    private func publish(_ rows: [OutboxRow], _ producer: KafkaProducer, _ connection: PostgresConnection) async throws
-        -> BatchOutcome
-    {
-        var order: [String] = []
-        var byStream: [String: [OutboxRow]] = [:]
-        for row in rows {
-            if byStream[row.streamID] == nil { order.append(row.streamID) }
-            byStream[row.streamID, default: []].append(row)
-        }
-        var blocked = Set<String>()
-        var outcome = BatchOutcome()
-        var wave = 0
-        while !isStopping {
-            let waveRows = order.compactMap { stream -> OutboxRow? in
-                guard !blocked.contains(stream), let streamRows = byStream[stream], wave < streamRows.count else { return nil }
-                return streamRows[wave]
-            }
-            if waveRows.isEmpty { break }
-            var sent: [(OutboxRow, Result<KafkaDeliveryPromise, KafkaError>)] = []
-            for row in waveRows {
-                sent.append((row, await enqueue(row, producer)))
-            }
-            var deliveries: [OutboxTable.Delivery] = []
-            for (row, result) in sent {
-                let report: KafkaDeliveryReport
-                switch result {
-                case .success(let promise): report = await promise.report()
-                case .failure(let error): report = KafkaDeliveryReport(topic: row.topic, partition: -1, offset: nil, error: error)
+            if isStopping {
+                let deadline = shutdownDeadline ?? ContinuousClock.now + configuration.shutdownTimeout
+                shutdownDeadline = deadline
+                if pipeline.isIdle { return .stopped }
+                if ContinuousClock.now >= deadline && !purged {
+                    logger.warning(
+                        "shutdown timeout: rows without a delivery report stay waiting and go out again later",
+                        metadata: ["outbox.in_flight": "\(pipeline.inFlight.count)"])
+                    producer.purge()
+                    purged = true
                 }
-                if let error = report.error {
-                    blocked.insert(row.streamID)
-                    metrics.deliveryErrors.increment()
+                await wakeup.wait(timeout: min(.milliseconds(50), max(.milliseconds(1), deadline - ContinuousClock.now)))
+                continue
+            }
+            if housekeeping.isDue {
+                try await self.housekeeping(connection)
+                housekeeping.ran()
+            }
+            // A pass from the first waiting row finds rows of late commits; it may start only when nothing is
+            // in flight. With nothing in flight it costs nothing extra, so take it then; under continuous load
+            // pause fetching once per poll interval (or at once after a hole) to let the pipeline empty.
+            if pipeline.isIdle && pipeline.cursor > 0 {
+                pipeline.rescan()
+                lastFullScan = .now
+            }
+            let drainingForRescan =
+                !pipeline.isIdle && (pipeline.needsRescan || ContinuousClock.now - lastFullScan >= configuration.pollInterval)
+            let room = configuration.maxInFlight - pipeline.inFlight.count
+            if !drainingForRescan && room > 0 {
+                let limit = min(configuration.batchSize, room)
+                let rows = try await table.waitingRows(after: pipeline.cursor, limit: limit, on: connection)
+                try await enqueue(pipeline.admit(rows), producer, &pipeline, connection)
+                if rows.count == limit { continue }
+            }
+            await wakeup.wait(timeout: configuration.pollInterval)
+        }
+    }
+
+    /// Hands admitted rows to the producer in order. A row refused for good is dead-lettered; its stream's
+    /// later rows wait for the next pass.
+    private func enqueue(
+        _ rows: [OutboxRow], _ producer: KafkaProducer, _ pipeline: inout PublishPipeline, _ connection: PostgresConnection
+    ) async throws {
+        for row in rows where pipeline.mayEnqueue(row) {
+            let message = KafkaOutgoingMessage(
+                topic: row.topic, key: Array(row.key.utf8), value: Array(row.envelope.utf8),
+                headers: row.headers.sorted { $0.key < $1.key }.map { KafkaHeader(name: $0.key, value: $0.value) })
+            while true {
+                do {
+                    try producer.enqueue(message, messageID: UInt64(row.id))
+                    pipeline.sent(row)
+                } catch let error as KafkaError where error.code == .queueFull {
+                    // librdkafka's own queue is full (its limits are below maxInFlight): let reports drain it.
+                    try await Task.sleep(for: .milliseconds(1))
+                    continue
+                } catch let error as KafkaError where error.isPermanentForRecord {
+                    pipeline.refused(row)
                     counters.failed.add(1, ordering: .relaxed)
-                    if error.isPermanentForRecord {
-                        try await deadLetter(row, error, connection)
-                    } else {
-                        outcome.retriableFailures += 1
-                        outcome.lastError = error
-                    }
-                } else {
-                    deliveries.append(.init(id: row.id, partition: report.partition, offset: report.offset ?? -1))
+                    metrics.deliveryErrors.increment()
+                    try await deadLetter(row, error, connection)
+                } catch let error as KafkaError {
+                    pipeline.refused(row)
+                    pipeline.abandon(error)
+                } catch {
+                    pipeline.refused(row)
+                    pipeline.abandon(KafkaError(code: .invalidArgument, message: "cannot enqueue outbox row \(row.id): \(error)"))
                 }
+                break
             }
-            try await table.markPublished(deliveries, on: connection)
-            outcome.delivered += deliveries.count
-            counters.published.add(deliveries.count, ordering: .relaxed)
-            metrics.published.increment(by: deliveries.count)
-            wave += 1
         }
-        return outcome
     }
 
-    private func enqueue(_ row: OutboxRow, _ producer: KafkaProducer) async -> Result<KafkaDeliveryPromise, KafkaError> {
-        let message = KafkaOutgoingMessage(
-            topic: row.topic, key: Array(row.key.utf8), value: Array(row.envelope.utf8),
-            headers: row.headers.sorted { $0.key < $1.key }.map { KafkaHeader(name: $0.key, value: $0.value) })
-        while true {
-            do {
-                return .success(try producer.enqueue(message))
-            } catch let error as KafkaError where error.code == .queueFull && !isStopping {
-                try? await Task.sleep(for: .milliseconds(5))
-            } catch let error as KafkaError {
-                return .failure(error)
-            } catch {
-                return .failure(KafkaError(code: .invalidArgument, message: "\(error)"))
+    /// Applies delivery reports: marks what Kafka stored (one statement), dead-letters what it never will.
+    /// Returns how many deliveries failed for reasons a new attempt may fix.
+    private func settle(_ reports: [KafkaDeliveryReport], _ pipeline: inout PublishPipeline, _ connection: PostgresConnection)
+        async throws -> Int
+    {
+        guard !reports.isEmpty else { return 0 }
+        var deliveries: [OutboxTable.Delivery] = []
+        deliveries.reserveCapacity(reports.count)
+        var deadLetters: [(OutboxRow, KafkaError)] = []
+        var retriable = 0
+        let violationsBefore = pipeline.orderViolations
+        for report in reports {
+            switch pipeline.record(report) {
+            case .delivered(let delivery): deliveries.append(delivery)
+            case .deadLetter(let row, let error): deadLetters.append((row, error))
+            case .retry:
+                if report.error?.code.isPurge == false {
+                    retriable += 1
+                    counters.failed.add(1, ordering: .relaxed)
+                    metrics.deliveryErrors.increment()
+                }
+            case .unknown: break
             }
         }
+        if pipeline.orderViolations > violationsBefore {
+            metrics.orderViolations.increment(by: pipeline.orderViolations - violationsBefore)
+            logger.error(
+                "Kafka stored a row after an earlier row of its stream failed on the same producer; consumers may see that stream out of order",
+                metadata: ["outbox.order_violations": "\(pipeline.orderViolations)"])
+        }
+        if configuration.publishedRows.deletesAtOnce {
+            try await table.deletePublished(deliveries, on: connection)
+        } else {
+            try await table.markPublished(deliveries, on: connection)
+        }
+        counters.published.add(deliveries.count, ordering: .relaxed)
+        metrics.published.increment(by: deliveries.count)
+        for (row, error) in deadLetters {
+            counters.failed.add(1, ordering: .relaxed)
+            metrics.deliveryErrors.increment()
+            try await deadLetter(row, error, connection)
+        }
+        return retriable
     }
 
     private func deadLetter(_ row: OutboxRow, _ error: KafkaError, _ connection: PostgresConnection) async throws {
@@ -228,17 +320,36 @@ public final class OutboxRelay: Service, Sendable {
             ])
     }
 
-    /// Gauges of the outbox and retention of published rows.
+    /// Gauges of the outbox and retention of published rows (a bounded amount per run, so a backlog keeps
+    /// draining meanwhile).
     private func housekeeping(_ connection: PostgresConnection) async throws {
         let status = try await table.status(on: connection)
+        latestStatus.withLock { $0 = status }
         metrics.waiting.record(status.waiting)
         metrics.oldestAge.record(status.oldestWaitingAgeSeconds)
         metrics.deadLetters.record(status.deadLetters)
-        var deleted = 0
-        repeat {
-            deleted = try await table.deletePublished(
+        for _ in 0..<10 {
+            let deleted = try await table.deletePublished(
                 olderThan: configuration.retention, limit: configuration.retentionBatchSize, on: connection)
-        } while deleted == configuration.retentionBatchSize && !isStopping
+            if deleted < configuration.retentionBatchSize || isStopping { break }
+        }
+    }
+
+    /// Signals the publish loop on every NOTIFY of the outbox channel, from a connection of its own. Polling
+    /// covers the gaps (a failed listener reconnects after a second).
+    private func listenForAppends() async {
+        while !Task.isCancelled && !isStopping {
+            do {
+                let listener = try await PostgresConnection.connect(to: configuration.databaseURL)
+                try await listener.listen(EventStoreSchema.outboxChannel)
+                while !Task.isCancelled && !isStopping {
+                    if try await !listener.notifications(timeout: .milliseconds(250)).isEmpty { wakeup.signal() }
+                }
+            } catch {
+                logger.debug("NOTIFY listener failed; the relay polls meanwhile", metadata: ["error": "\(error)"])
+                try? await Task.sleep(for: .seconds(1))
+            }
+        }
     }
 
     private func sleepUnlessStopping(_ duration: Duration) async {
@@ -249,9 +360,48 @@ public final class OutboxRelay: Service, Sendable {
     }
 }
 
+/// Where one producer's delivery reports and errors land (on librdkafka's poll thread) until the publish
+/// loop takes them.
+private final class ProducerInbox: Sendable {
+    private let wakeup: Wakeup
+    private let reports = Mutex<[KafkaDeliveryReport]>([])
+    private let fatal = Mutex<KafkaError?>(nil)
+
+    init(wakeup: Wakeup) { self.wakeup = wakeup }
+
+    func add(_ report: KafkaDeliveryReport) {
+        let wasEmpty = reports.withLock { reports in
+            defer { reports.append(report) }
+            return reports.isEmpty
+        }
+        if wasEmpty { wakeup.signal() }
+    }
+
+    func error(_ error: KafkaError) {
+        guard error.isFatal else { return }
+        fatal.withLock { $0 = $0 ?? error }
+        wakeup.signal()
+    }
+
+    func take() -> [KafkaDeliveryReport] { reports.withLock { reports in defer { reports = [] }; return reports } }
+
+    var fatalError: KafkaError? { fatal.withLock { $0 } }
+}
+
+/// When housekeeping is next due.
+private struct HousekeepingClock {
+    let interval: Duration
+    private var last: ContinuousClock.Instant?
+    init(interval: Duration) { self.interval = interval }
+    var isDue: Bool { last.map { ContinuousClock.now - $0 >= interval } ?? true }
+    mutating func ran() { last = .now }
+}
+
 private final class RelayCounters: Sendable {
     let published = Atomic<Int>(0)
     let failed = Atomic<Int>(0)
+    let producerRestarts = Atomic<Int>(0)
+    let kafkaErrors = Atomic<Int>(0)
     let active = Atomic<Bool>(false)
 }
 
@@ -260,11 +410,13 @@ private struct RelayMetrics: Sendable {
     let published = Counter(label: "eventoutbox_relay_published_total")
     let deliveryErrors = Counter(label: "eventoutbox_relay_delivery_errors_total")
     let deadLettered = Counter(label: "eventoutbox_relay_dead_lettered_total")
+    let producerRestarts = Counter(label: "eventoutbox_relay_producer_restarts_total")
+    let kafkaErrors = Counter(label: "eventoutbox_relay_kafka_errors_total")
+    let orderViolations = Counter(label: "eventoutbox_relay_order_violations_total")
     let waiting = Gauge(label: "eventoutbox_relay_rows_waiting")
     let oldestAge = Gauge(label: "eventoutbox_relay_oldest_waiting_age_seconds")
     let deadLetters = Gauge(label: "eventoutbox_relay_dead_letters")
     let active = Gauge(label: "eventoutbox_relay_active")
-    let batchDuration = Metrics.Timer(label: "eventoutbox_relay_batch_duration_seconds")
 }
 
 /// Exponential backoff: 100 ms, 200 ms, ... up to `max`.

@@ -6,32 +6,60 @@ public struct OutboxRelayConfiguration: Sendable {
     public var databaseURL: String
     /// Brokers and librdkafka properties of the producer.
     public var kafka: KafkaConfiguration
-    /// Rows fetched per batch. Default: 500.
-    public var batchSize: Int = 500
-    /// Longest wait between looks at the outbox when no NOTIFY arrives. Default: 1 s.
+    /// Rows fetched per statement. Default: 1000.
+    public var batchSize: Int = 1000 {
+        didSet { precondition(batchSize >= 1, "batchSize must be at least 1") }
+    }
+    /// Most rows handed to Kafka and not yet acknowledged. Bounds the relay's memory while brokers are slow or
+    /// down (the rest waits in the outbox). Default: 10,000.
+    public var maxInFlight: Int = 10_000 {
+        didSet { precondition(maxInFlight >= 1, "maxInFlight must be at least 1") }
+    }
+    /// Longest wait between looks at the outbox when no NOTIFY arrives; also how often a relay under
+    /// continuous load rescans from the first waiting row (which finds rows of transactions that committed
+    /// late). Default: 1 s.
     public var pollInterval: Duration = .seconds(1)
+    /// How often the outbox gauges are refreshed and retention runs, backlog or not. Default: 5 s.
+    public var housekeepingInterval: Duration = .seconds(5)
     /// How often a standby replica tries to become the active one. Default: 1 s.
     public var standbyRetryInterval: Duration = .seconds(1)
     /// The PostgreSQL advisory lock that elects the one active relay of a database. Relays that should
     /// take turns share it. Default: 7240511002.
     public var leaderLockKey: Int64 = 7_240_511_002
+    /// What happens to a row once Kafka has it: marked (and deleted after ``retention``) or deleted at once.
+    /// Default: ``PublishedRows/mark``.
+    public var publishedRows: PublishedRows = .mark
     /// Published rows are kept this long, then deleted in batches. Default: 1 hour.
     public var retention: Duration = .seconds(3600)
     /// Rows deleted per retention statement. Default: 1000.
     public var retentionBatchSize: Int = 1000
     /// Upper bound of the wait between retries after Kafka or PostgreSQL failures. Default: 10 s.
     public var maxBackoff: Duration = .seconds(10)
-    /// On shutdown, how long to wait for in-flight deliveries before giving up on them (they stay unmarked
-    /// and are published again by the next relay). Default: 10 s.
+    /// On shutdown, the longest wait for in-flight deliveries; rows not acknowledged by then stay waiting and
+    /// are published again by the next relay. Default: 10 s.
     public var shutdownTimeout: Duration = .seconds(10)
 
-    /// librdkafka defaults of the relay, under the caller's properties: idempotent, acks=all, and a bounded
-    /// delivery timeout so that a dead broker is noticed and retried from the outbox.
+    /// What the relay does to an outbox row once Kafka has acknowledged it.
+    public struct PublishedRows: Sendable, Hashable {
+        fileprivate let delete: Bool
+        /// Set `published_at`, partition and offset; retention deletes the row later. Keeps a record of where
+        /// each event went (`eventoutbox outbox status`, audits).
+        public static let mark = PublishedRows(delete: false)
+        /// Delete the row at once: less write traffic and nothing to vacuum later, no record kept.
+        public static let delete = PublishedRows(delete: true)
+        public var deletesAtOnce: Bool { delete }
+    }
+
+    /// librdkafka defaults of the relay, under the caller's properties. See README, "Design notes": the
+    /// idempotent producer with the gapless guarantee and no message timeout is what keeps each stream in
+    /// order with many messages in flight; a broker that is down means waiting, not failing.
     public static let producerDefaults: [String: String] = [
         "enable.idempotence": "true",
+        "enable.gapless.guarantee": "true",
         "acks": "all",
+        "message.timeout.ms": "0",
         "linger.ms": "2",
-        "message.timeout.ms": "30000",
+        "batch.num.messages": "10000",
     ]
 
     public init(databaseURL: String, kafka: KafkaConfiguration) {

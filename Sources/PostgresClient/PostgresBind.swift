@@ -13,6 +13,11 @@ public enum PostgresBind: Sendable, Hashable {
     /// JSON text for a `jsonb` parameter; the server validates it.
     case jsonb(String)
     case bytea([UInt8])
+    /// A `bigint[]` parameter (e.g. `WHERE id = ANY($1)` or `unnest($1, $2)`): one statement of fixed shape
+    /// for any number of values, so one prepared statement serves every batch.
+    case int64Array([Int64])
+    /// An `int[]` parameter.
+    case int32Array([Int32])
 
     /// Convenience for `Int`.
     public static func int(_ value: Int) -> PostgresBind { .int64(Int64(value)) }
@@ -32,6 +37,8 @@ public enum PostgresBind: Sendable, Hashable {
         case .timestamp: return PostgresType.timestamptz.oid
         case .jsonb: return PostgresType.jsonb.oid
         case .bytea: return PostgresType.bytea.oid
+        case .int64Array: return PostgresType.int8Array.oid
+        case .int32Array: return PostgresType.int4Array.oid
         }
     }
 
@@ -57,7 +64,23 @@ public enum PostgresBind: Sendable, Hashable {
         case .uuid(let value): return (Array(value.uuidString.utf8), false)
         case .timestamp(let value): return (Array(PostgresTimestamp.format(value).utf8), false)
         case .bytea(let value): return (value, true)
+        case .int64Array(let values): return (Self.arrayLiteral(values), false)
+        case .int32Array(let values): return (Self.arrayLiteral(values), false)
         }
+    }
+}
+
+extension PostgresBind {
+    /// The text form of an integer array, `{1,2,3}`; integers need no quoting.
+    fileprivate static func arrayLiteral<Integer: FixedWidthInteger>(_ values: [Integer]) -> [UInt8] {
+        var bytes: [UInt8] = [UInt8(ascii: "{")]
+        bytes.reserveCapacity(values.count * 8 + 2)
+        for (index, value) in values.enumerated() {
+            if index > 0 { bytes.append(UInt8(ascii: ",")) }
+            bytes.append(contentsOf: String(value).utf8)
+        }
+        bytes.append(UInt8(ascii: "}"))
+        return bytes
     }
 }
 
@@ -79,6 +102,8 @@ public struct PostgresType: Hashable, Sendable, CustomStringConvertible {
     public static let numeric = PostgresType(oid: 1700)
     public static let uuid = PostgresType(oid: 2950)
     public static let jsonb = PostgresType(oid: 3802)
+    public static let int4Array = PostgresType(oid: 1007)
+    public static let int8Array = PostgresType(oid: 1016)
 
     public var description: String {
         switch self {
@@ -95,6 +120,8 @@ public struct PostgresType: Hashable, Sendable, CustomStringConvertible {
         case .numeric: "numeric"
         case .uuid: "uuid"
         case .jsonb: "jsonb"
+        case .int4Array: "int4[]"
+        case .int8Array: "int8[]"
         default: "oid \(oid)"
         }
     }

@@ -18,11 +18,15 @@ struct OutboxRelayCommand: AsyncParsableCommand {
             polls. Several replicas may run against one database: one is active (PostgreSQL advisory lock), the \
             others stand by and take over within seconds if it dies.
 
-            Rows are marked published only after Kafka acknowledges them (idempotent producer, acks=all). A \
-            broker that is down means retries with backoff; nothing is dropped. A row Kafka can never accept \
-            goes to the dead-letter table (see `eventoutbox dead-letters`) and holds back its stream.
+            Publishing is pipelined: up to --max-in-flight rows are with Kafka at once, and each stream stays in \
+            order (idempotent producer with the gapless guarantee, no message timeout; any failed delivery or \
+            fatal producer error restarts the producer from the rows still waiting). Rows are marked published \
+            (or deleted, with --delete-published) only after Kafka acknowledges them. A broker that is down \
+            means waiting; nothing is dropped. A row Kafka can never accept goes to the dead-letter table (see \
+            `eventoutbox dead-letters`) and holds back its stream.
 
-            SIGTERM/SIGINT: stop taking rows, wait for in-flight deliveries, mark them, exit 0.
+            SIGTERM/SIGINT: stop taking rows, wait up to --shutdown-timeout for in-flight deliveries, mark them, \
+            exit 0. Rows still unacknowledged stay in the outbox for the next run.
 
             Example:
               outbox-relay --database-url postgresql:///app --brokers 127.0.0.1:9092 --metrics-port 9464
@@ -33,8 +37,20 @@ struct OutboxRelayCommand: AsyncParsableCommand {
 
     @OptionGroup var kafka: KafkaBrokersOption
 
-    @Option(help: "Rows fetched per batch.")
-    var batchSize: Int = 500
+    @Option(help: "Rows fetched per statement.")
+    var batchSize: Int = 1000
+
+    @Option(help: "Most rows with Kafka and not yet acknowledged (bounds memory while brokers are slow or down).")
+    var maxInFlight: Int = 10_000
+
+    @Option(help: "Seconds to wait for in-flight deliveries on SIGTERM/SIGINT before leaving them for the next run.")
+    var shutdownTimeout: Double = 10
+
+    @Option(help: "Seconds between refreshes of the outbox gauges and retention runs.")
+    var housekeepingInterval: Double = 5
+
+    @Flag(help: "Delete rows as soon as Kafka has them, instead of marking them and deleting them after --retention.")
+    var deletePublished = false
 
     @Option(help: "Seconds between looks at the outbox when no NOTIFY arrives.")
     var pollInterval: Double = 1
@@ -66,7 +82,11 @@ struct OutboxRelayCommand: AsyncParsableCommand {
 
     func validate() throws {
         guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
-        guard pollInterval > 0, standbyInterval > 0 else { throw ValidationError("intervals must be positive") }
+        guard maxInFlight >= 1 else { throw ValidationError("--max-in-flight must be at least 1") }
+        guard pollInterval > 0, standbyInterval > 0, housekeepingInterval > 0 else {
+            throw ValidationError("--poll-interval, --standby-interval and --housekeeping-interval must be positive")
+        }
+        guard shutdownTimeout >= 0 else { throw ValidationError("--shutdown-timeout cannot be negative") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
     }
 
@@ -83,6 +103,10 @@ struct OutboxRelayCommand: AsyncParsableCommand {
             databaseURL: url,
             kafka: KafkaConfiguration(bootstrapServers: brokers, properties: try KafkaConfiguration.parseProperties(kafkaProperties)))
         configuration.batchSize = batchSize
+        configuration.maxInFlight = maxInFlight
+        configuration.shutdownTimeout = .milliseconds(Int(shutdownTimeout * 1000))
+        configuration.housekeepingInterval = .milliseconds(Int(housekeepingInterval * 1000))
+        configuration.publishedRows = deletePublished ? .delete : .mark
         configuration.pollInterval = .milliseconds(Int(pollInterval * 1000))
         configuration.standbyRetryInterval = .milliseconds(Int(standbyInterval * 1000))
         configuration.leaderLockKey = lockKey

@@ -49,6 +49,21 @@ struct PostgresConnectionTests {
         try await schema.drop()
     }
 
+    @Test("integer arrays bind as int8[] and int4[]: one statement shape for any count, empty included")
+    func integerArrays() async throws {
+        let schema = try await TestSchema.create()
+        let connection = try await PostgresConnection.connect(to: schema.url)
+        for ids in [[Int64](), [Int64.min, -1, 0, 42, Int64.max], Array(1...2000)] {
+            let parts = ids.map { Int32(truncatingIfNeeded: $0 % 1000) }
+            let rows = try await connection.query(
+                "SELECT d.id, d.p FROM unnest($1::bigint[], $2::int[]) WITH ORDINALITY AS d(id, p, n) ORDER BY d.n",
+                [.int64Array(ids), .int32Array(parts)], statement: "unnest arrays")
+            #expect(try rows.map { try $0.decode(Int64.self, "id") } == ids)
+            #expect(try rows.map { try $0.decode(Int32.self, "p") } == parts)
+        }
+        try await schema.drop()
+    }
+
     @Test("a NUL byte in text is refused with a clear error, not truncated")
     func nulByteIsRefused() async throws {
         let connection = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())

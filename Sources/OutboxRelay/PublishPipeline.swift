@@ -1,0 +1,112 @@
+import EventStore
+import KafkaClient
+
+/// What a relay has handed to one Kafka producer, and the rules that keep every stream in order.
+///
+/// Pure state, no I/O: ``OutboxRelay`` feeds it fetched rows and delivery reports and acts on what it answers.
+///
+/// Order per stream rests on three rules:
+/// - A row is sent only if its stream's previous waiting row is in flight on this producer or sent just before
+///   it. Otherwise that earlier row is a hole (its transaction took a lower id and committed after the fetch
+///   cursor passed it): the row is skipped and a full rescan is due, which starts only once nothing is in
+///   flight, so the earlier row goes first.
+/// - After the first failed delivery nothing more is sent on this producer: the relay purges it, waits for
+///   every report, and starts a new producer from the rows still waiting in the database.
+/// - Within one producer, librdkafka's idempotent producer (gapless, no message timeout) never lets record
+///   n+1 of a partition be stored once record n has failed. A delivery that contradicts that is counted in
+///   ``orderViolations`` (it would come from a setting such as `message.timeout.ms` > 0).
+struct PublishPipeline {
+    /// The highest outbox id taken; the next fetch continues above it.
+    private(set) var cursor: Int64 = 0
+    /// Rows handed to the producer whose reports have not arrived, by outbox id (the Kafka message id).
+    private(set) var inFlight: [Int64: OutboxRow] = [:]
+    /// A row was passed over (a hole before it, or its stream was refused): rescan from the start once
+    /// nothing is in flight.
+    private(set) var needsRescan = false
+    /// The first failed delivery of this producer; once set, ``admit(_:)`` admits nothing.
+    private(set) var failure: KafkaError?
+    /// Rows stored by Kafka after an earlier row of their stream failed on the same producer.
+    private(set) var orderViolations = 0
+    /// Streams with a failed delivery on this producer.
+    private var failedStreams: Set<String> = []
+    /// Streams whose row was refused before it was enqueued; their later rows wait for the rescan.
+    private var blockedStreams: Set<String> = []
+
+    var isIdle: Bool { inFlight.isEmpty }
+
+    /// Of `rows` (a fetch result in id order), the ones that may be sent now, in order. Moves the cursor past
+    /// all of them.
+    mutating func admit(_ rows: [WaitingRow]) -> [OutboxRow] {
+        var admitted: [OutboxRow] = []
+        var admittedIDs: Set<Int64> = []
+        for waiting in rows {
+            cursor = max(cursor, waiting.row.id)
+            guard failure == nil, !blockedStreams.contains(waiting.row.streamID) else {
+                needsRescan = true
+                continue
+            }
+            if let previous = waiting.previousWaitingID, inFlight[previous] == nil, !admittedIDs.contains(previous) {
+                needsRescan = true
+                continue
+            }
+            admitted.append(waiting.row)
+            admittedIDs.insert(waiting.row.id)
+        }
+        return admitted
+    }
+
+    /// The producer accepted `row`.
+    mutating func sent(_ row: OutboxRow) { inFlight[row.id] = row }
+
+    /// The producer refused `row` before enqueueing it: its stream sends nothing more until the rescan.
+    mutating func refused(_ row: OutboxRow) {
+        blockedStreams.insert(row.streamID)
+        needsRescan = true
+    }
+
+    /// Whether a row of this stream may still be enqueued in the current pass.
+    func mayEnqueue(_ row: OutboxRow) -> Bool { failure == nil && !blockedStreams.contains(row.streamID) }
+
+    /// What a delivery report means for the outbox.
+    enum ReportOutcome {
+        /// Stored by Kafka: mark the row.
+        case delivered(OutboxTable.Delivery)
+        /// The first failure of its stream on this producer, and one that sending again cannot fix.
+        case deadLetter(OutboxRow, KafkaError)
+        /// Failed; the row stays waiting and goes out again on the next producer.
+        case retry(OutboxRow)
+        /// Not a row of this pipeline (a report after the pipeline was reset).
+        case unknown
+    }
+
+    mutating func record(_ report: KafkaDeliveryReport) -> ReportOutcome {
+        guard let row = inFlight.removeValue(forKey: Int64(report.messageID)) else { return .unknown }
+        guard let error = report.error else {
+            if failedStreams.contains(row.streamID) { orderViolations += 1 }
+            return .delivered(.init(id: row.id, partition: report.partition, offset: report.offset ?? -1))
+        }
+        if failure == nil { failure = error }
+        let firstOfStream = failedStreams.insert(row.streamID).inserted
+        return firstOfStream && error.isPermanentForRecord ? .deadLetter(row, error) : .retry(row)
+    }
+
+    /// Gives up on this producer without a failed report (a fatal error, a refused enqueue): nothing more is
+    /// admitted.
+    mutating func abandon(_ error: KafkaError) {
+        if failure == nil { failure = error }
+    }
+
+    /// Starts the next pass from the first waiting row. Only when nothing is in flight, so that a row found
+    /// now cannot overtake an earlier row of its stream.
+    mutating func rescan() {
+        precondition(inFlight.isEmpty, "rescan with rows in flight")
+        cursor = 0
+        needsRescan = false
+        blockedStreams = []
+    }
+}
+
+extension KafkaError.Code {
+    /// Failures that a relay causes itself when it gives up on a producer (purge), not the broker's verdict.
+    var isPurge: Bool { self == .purgedQueue || self == .purgedInFlight }
+}
