@@ -16,17 +16,6 @@ public struct OutboxRow: Sendable, Hashable {
     public var createdAt: Date
 }
 
-/// A waiting outbox row and the id of its stream's previous waiting row, if any.
-public struct WaitingRow: Sendable, Hashable {
-    public var row: OutboxRow
-    /// The highest id below ``row``'s of a waiting row of the same stream.
-    public var previousWaitingID: Int64?
-    public init(row: OutboxRow, previousWaitingID: Int64?) {
-        self.row = row
-        self.previousWaitingID = previousWaitingID
-    }
-}
-
 /// Which share of the outbox's streams a relay publishes.
 public struct StreamPartitions: Sendable, Hashable {
     /// How many partitions the streams are split into (the same for every relay of a database).
@@ -79,22 +68,19 @@ public struct OutboxTable: Sendable {
     /// Waiting rows with ids above `cursor`, in id order, skipping streams that have a dead letter (their
     /// later rows wait so that the stream's order is kept).
     ///
-    /// Each row comes with ``WaitingRow/previousWaitingID``: the id of the stream's latest waiting row below
-    /// it, if any. A relay that has not sent that row itself has found a hole (a transaction that took a lower
-    /// id committed late, after the cursor passed it) and must not send this row before it.
+    /// A cursor can pass a row whose transaction took a lower id and commits later; see
+    /// ``streamsWithWaitingRows(in:on:)`` for how a relay finds such holes.
     ///
     /// - Parameters:
     ///   - cursor: 0 for a full scan; else the highest id the caller has already taken.
-    ///   - partitions: with `count` > 1, only streams whose ``streamPartition`` is in `owned`.
+    ///   - partitions: with `count` > 1, only streams whose ``streamPartition(_:count:on:)`` is in `owned`.
     public func waitingRows(
         after cursor: Int64, limit: Int, partitions: StreamPartitions = .all, on connection: PostgresConnection
-    ) async throws -> [WaitingRow] {
+    ) async throws -> [OutboxRow] {
         try await connection.query(
             """
             SELECT o.id, o.event_id, o.stream_id, o.stream_version, o.topic, o.message_key, o.envelope,
-                   o.headers::text AS headers, o.created_at,
-                   (SELECT max(p.id) FROM outbox p
-                     WHERE p.stream_id = o.stream_id AND p.published_at IS NULL AND p.id < o.id) AS previous_waiting
+                   o.headers::text AS headers, o.created_at
             FROM outbox o
             WHERE o.published_at IS NULL AND o.id > $1
               AND ($3::int = 1 OR mod(hashtext(o.stream_id)::bigint + 2147483648, $3::int) = ANY($4::int[]))
@@ -110,19 +96,47 @@ public struct OutboxTable: Sendable {
             guard let headers = try? JSONDecoder().decode([String: String].self, from: Data(headersText.utf8)) else {
                 throw OutboxRowError(outboxID: id, reason: "its headers are not a JSON object of strings: \(headersText.prefix(200))")
             }
-            return WaitingRow(
-                row: OutboxRow(
-                    id: id,
-                    eventID: try row.decode(UUID.self, "event_id"),
-                    streamID: try row.decode(String.self, "stream_id"),
-                    streamVersion: try row.decode(Int64.self, "stream_version"),
-                    topic: try row.decode(String.self, "topic"),
-                    key: try row.decode(String.self, "message_key"),
-                    envelope: try row.decode(String.self, "envelope"),
-                    headers: headers,
-                    createdAt: try row.decode(Date.self, "created_at")),
-                previousWaitingID: try row.decodeIfPresent(Int64.self, "previous_waiting"))
+            return OutboxRow(
+                id: id,
+                eventID: try row.decode(UUID.self, "event_id"),
+                streamID: try row.decode(String.self, "stream_id"),
+                streamVersion: try row.decode(Int64.self, "stream_version"),
+                topic: try row.decode(String.self, "topic"),
+                key: try row.decode(String.self, "message_key"),
+                envelope: try row.decode(String.self, "envelope"),
+                headers: headers,
+                createdAt: try row.decode(Date.self, "created_at"))
         }
+    }
+
+    /// A question about one stream: does it have a waiting row with an id strictly between `afterID` and
+    /// `beforeID`?
+    public struct StreamRange: Sendable, Hashable {
+        public var streamID: String
+        public var afterID: Int64
+        public var beforeID: Int64
+        public init(streamID: String, afterID: Int64, beforeID: Int64) {
+            self.streamID = streamID
+            self.afterID = afterID
+            self.beforeID = beforeID
+        }
+    }
+
+    /// Of the given ranges, the streams that have a waiting row inside theirs: one statement for any number.
+    /// A relay asks this for a row it is about to send whose predecessor it has not sent itself; a waiting row
+    /// in between is a hole (a late commit) that must go first.
+    public func streamsWithWaitingRows(in ranges: [StreamRange], on connection: PostgresConnection) async throws -> Set<String> {
+        guard !ranges.isEmpty else { return [] }
+        return Set(
+            try await connection.query(
+                """
+                SELECT s.stream_id FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS s(stream_id, after_id, before_id)
+                WHERE EXISTS (SELECT 1 FROM outbox p WHERE p.stream_id = s.stream_id AND p.published_at IS NULL
+                                AND p.id > s.after_id AND p.id < s.before_id)
+                """,
+                [.textArray(ranges.map(\.streamID)), .int64Array(ranges.map(\.afterID)), .int64Array(ranges.map(\.beforeID))],
+                statement: "outbox: holes before rows"
+            ).map { try $0.decode(String.self, "stream_id") })
     }
 
     /// The partition (0 ..< `count`) of a stream when relays split the outbox by stream: a stable hash of the

@@ -132,6 +132,10 @@ public final class OutboxRelay: Service, Sendable {
             defer { group.cancelAll() }
             var backoff = Backoff(max: configuration.maxBackoff)
             var housekeeping = HousekeepingClock(interval: configuration.housekeepingInterval)
+            // Marks go over a second connection, so that marking one group overlaps fetching the next batch.
+            let marker = PublishedRowMarker(
+                connection: try await PostgresConnection.connect(to: configuration.databaseURL),
+                deletes: configuration.publishedRows.deletesAtOnce, wakeup: wakeup)
             while !isStopping {
                 let inbox = ProducerInbox(wakeup: wakeup)
                 let producer = try KafkaProducer(
@@ -145,7 +149,7 @@ public final class OutboxRelay: Service, Sendable {
                     })
                 let end: GenerationEnd
                 do {
-                    end = try await publish(producer, inbox, connection, &housekeeping)
+                    end = try await publish(producer, inbox, connection, marker, &housekeeping)
                 } catch {
                     producer.purge()
                     await producer.close(timeout: .seconds(1))
@@ -173,7 +177,7 @@ public final class OutboxRelay: Service, Sendable {
     /// Runs one producer: fetch, enqueue, mark, until it fails or the relay stops.
     private func publish(
         _ producer: KafkaProducer, _ inbox: ProducerInbox, _ connection: PostgresConnection,
-        _ housekeeping: inout HousekeepingClock
+        _ marker: PublishedRowMarker, _ housekeeping: inout HousekeepingClock
     ) async throws -> GenerationEnd {
         var pipeline = PublishPipeline()
         var purged = false
@@ -181,21 +185,28 @@ public final class OutboxRelay: Service, Sendable {
         var lastFullScan = ContinuousClock.now
         var shutdownDeadline: ContinuousClock.Instant?
         while true {
-            retriableFailures += try await settle(inbox.take(), &pipeline, connection)
+            retriableFailures += try await settle(inbox.take(), &pipeline, connection, marker)
+            try marker.startIfIdle()
             if let fatal = inbox.fatalError { pipeline.abandon(fatal) }
             if let failure = pipeline.failure {
                 if !purged {
                     producer.purge()
                     purged = true
                 }
-                if pipeline.isIdle { return .failed(failure, onlyDeadLetters: retriableFailures == 0 && inbox.fatalError == nil) }
+                if pipeline.isIdle {
+                    try await marker.flush()
+                    return .failed(failure, onlyDeadLetters: retriableFailures == 0 && inbox.fatalError == nil)
+                }
                 await wakeup.wait(timeout: .milliseconds(100))
                 continue
             }
             if isStopping {
                 let deadline = shutdownDeadline ?? ContinuousClock.now + configuration.shutdownTimeout
                 shutdownDeadline = deadline
-                if pipeline.isIdle { return .stopped }
+                if pipeline.isIdle {
+                    try await marker.flush()
+                    return .stopped
+                }
                 if ContinuousClock.now >= deadline && !purged {
                     logger.warning(
                         "shutdown timeout: rows without a delivery report stay waiting and go out again later",
@@ -214,6 +225,7 @@ public final class OutboxRelay: Service, Sendable {
             // in flight. With nothing in flight it costs nothing extra, so take it then; under continuous load
             // pause fetching once per poll interval (or at once after a hole) to let the pipeline empty.
             if pipeline.isIdle && pipeline.cursor > 0 {
+                try await marker.flush()
                 pipeline.rescan()
                 lastFullScan = .now
             }
@@ -223,7 +235,8 @@ public final class OutboxRelay: Service, Sendable {
             if !drainingForRescan && room > 0 {
                 let limit = min(configuration.batchSize, room)
                 let rows = try await table.waitingRows(after: pipeline.cursor, limit: limit, on: connection)
-                try await enqueue(pipeline.admit(rows), producer, &pipeline, connection)
+                let holes = try await table.streamsWithWaitingRows(in: pipeline.rangesToCheck(rows), on: connection)
+                try await enqueue(pipeline.admit(rows, holes: holes), producer, &pipeline, connection)
                 if rows.count == limit { continue }
             }
             await wakeup.wait(timeout: configuration.pollInterval)
@@ -264,11 +277,12 @@ public final class OutboxRelay: Service, Sendable {
         }
     }
 
-    /// Applies delivery reports: marks what Kafka stored (one statement), dead-letters what it never will.
+    /// Applies delivery reports: hands what Kafka stored to the marker, dead-letters what it never will.
     /// Returns how many deliveries failed for reasons a new attempt may fix.
-    private func settle(_ reports: [KafkaDeliveryReport], _ pipeline: inout PublishPipeline, _ connection: PostgresConnection)
-        async throws -> Int
-    {
+    private func settle(
+        _ reports: [KafkaDeliveryReport], _ pipeline: inout PublishPipeline, _ connection: PostgresConnection,
+        _ marker: PublishedRowMarker
+    ) async throws -> Int {
         guard !reports.isEmpty else { return 0 }
         var deliveries: [OutboxTable.Delivery] = []
         deliveries.reserveCapacity(reports.count)
@@ -294,11 +308,7 @@ public final class OutboxRelay: Service, Sendable {
                 "Kafka stored a row after an earlier row of its stream failed on the same producer; consumers may see that stream out of order",
                 metadata: ["outbox.order_violations": "\(pipeline.orderViolations)"])
         }
-        if configuration.publishedRows.deletesAtOnce {
-            try await table.deletePublished(deliveries, on: connection)
-        } else {
-            try await table.markPublished(deliveries, on: connection)
-        }
+        marker.add(deliveries)
         counters.published.add(deliveries.count, ordering: .relaxed)
         metrics.published.increment(by: deliveries.count)
         for (row, error) in deadLetters {
@@ -386,6 +396,65 @@ private final class ProducerInbox: Sendable {
     func take() -> [KafkaDeliveryReport] { reports.withLock { reports in defer { reports = [] }; return reports } }
 
     var fatalError: KafkaError? { fatal.withLock { $0 } }
+}
+
+/// Writes delivered rows to the outbox (marked, or deleted) on a connection of its own, one statement at a
+/// time covering every delivery that arrived meanwhile, while the publish loop goes on fetching.
+///
+/// Used by the publish loop only (not concurrently): `add`, `startIfIdle` and `flush` are called from that one
+/// task; the statement runs in a child task that signals the loop's wakeup when done.
+private final class PublishedRowMarker: @unchecked Sendable {
+    private let connection: PostgresConnection
+    private let deletes: Bool
+    private let wakeup: Wakeup
+    private let table = OutboxTable()
+    private var pending: [OutboxTable.Delivery] = []
+    private var running: Task<Void, Never>?
+    private let runningDone = Atomic<Bool>(true)
+    private let failure = Mutex<PostgresError?>(nil)
+
+    init(connection: PostgresConnection, deletes: Bool, wakeup: Wakeup) {
+        self.connection = connection
+        self.deletes = deletes
+        self.wakeup = wakeup
+    }
+
+    func add(_ deliveries: [OutboxTable.Delivery]) { pending += deliveries }
+
+    /// Starts writing what is pending unless a statement is still running. Rethrows a finished statement's error.
+    func startIfIdle() throws {
+        guard runningDone.load(ordering: .acquiring) else { return }
+        running = nil
+        if let error = failure.withLock({ $0 }) { throw error }
+        guard !pending.isEmpty else { return }
+        let batch = pending
+        pending = []
+        runningDone.store(false, ordering: .releasing)
+        running = Task { [self] in
+            defer {
+                runningDone.store(true, ordering: .releasing)
+                wakeup.signal()
+            }
+            do {
+                if deletes {
+                    try await table.deletePublished(batch, on: connection)
+                } else {
+                    try await table.markPublished(batch, on: connection)
+                }
+            } catch {
+                failure.withLock { $0 = error as? PostgresError ?? PostgresError(code: .server, message: "\(error)") }
+            }
+        }
+    }
+
+    /// Waits until every delivery added so far is written.
+    func flush() async throws {
+        while true {
+            await running?.value
+            try startIfIdle()
+            if running == nil { return }
+        }
+    }
 }
 
 /// When housekeeping is next due.

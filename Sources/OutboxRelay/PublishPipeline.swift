@@ -6,10 +6,12 @@ import KafkaClient
 /// Pure state, no I/O: ``OutboxRelay`` feeds it fetched rows and delivery reports and acts on what it answers.
 ///
 /// Order per stream rests on three rules:
-/// - A row is sent only if its stream's previous waiting row is in flight on this producer or sent just before
-///   it. Otherwise that earlier row is a hole (its transaction took a lower id and committed after the fetch
-///   cursor passed it): the row is skipped and a full rescan is due, which starts only once nothing is in
-///   flight, so the earlier row goes first.
+/// - A row is sent only if no earlier row of its stream is still waiting unsent. The pipeline remembers the
+///   last row it sent of each stream: the next version needs no check; any other row (a stream not seen yet,
+///   or versions that do not follow) is checked in the database first (``rangesToCheck(_:)``). A waiting row
+///   in between is a hole (its transaction took a lower id and committed after the fetch cursor passed it):
+///   the row is skipped and a full rescan is due, which starts only once nothing is in flight, so the
+///   earlier row goes first.
 /// - After the first failed delivery nothing more is sent on this producer: the relay purges it, waits for
 ///   every report, and starts a new producer from the rows still waiting in the database.
 /// - Within one producer, librdkafka's idempotent producer (gapless, no message timeout) never lets record
@@ -34,25 +36,56 @@ struct PublishPipeline {
 
     var isIdle: Bool { inFlight.isEmpty }
 
-    /// Of `rows` (a fetch result in id order), the ones that may be sent now, in order. Moves the cursor past
-    /// all of them.
-    mutating func admit(_ rows: [WaitingRow]) -> [OutboxRow] {
+    /// The ranges to look up (``OutboxTable/streamsWithWaitingRows(in:on:)``) before `rows` (a fetch result,
+    /// id order) can be admitted: one per row whose predecessor this pipeline has not just sent.
+    func rangesToCheck(_ rows: [OutboxRow]) -> [OutboxTable.StreamRange] {
+        var latest: [String: SentRow] = [:]
+        var ranges: [OutboxTable.StreamRange] = []
+        for row in rows {
+            let previous = latest[row.streamID] ?? lastSent[row.streamID]
+            if !Self.follows(row, previous) {
+                ranges.append(.init(streamID: row.streamID, afterID: previous?.id ?? 0, beforeID: row.id))
+            }
+            latest[row.streamID] = SentRow(id: row.id, version: row.streamVersion)
+        }
+        return ranges
+    }
+
+    /// Of `rows` (the same fetch result), the ones that may be sent now, in order, given the streams the
+    /// database found holes in. Moves the cursor past all of them.
+    mutating func admit(_ rows: [OutboxRow], holes: Set<String>) -> [OutboxRow] {
+        if lastSent.count > Self.rememberedStreams { lastSent.removeAll() }  // bounded; forgetting only costs checks
         var admitted: [OutboxRow] = []
-        var admittedIDs: Set<Int64> = []
-        for waiting in rows {
-            cursor = max(cursor, waiting.row.id)
-            guard failure == nil, !blockedStreams.contains(waiting.row.streamID) else {
+        for row in rows {
+            cursor = max(cursor, row.id)
+            guard failure == nil, !blockedStreams.contains(row.streamID) else {
                 needsRescan = true
                 continue
             }
-            if let previous = waiting.previousWaitingID, inFlight[previous] == nil, !admittedIDs.contains(previous) {
+            if !Self.follows(row, lastSent[row.streamID]) && holes.contains(row.streamID) {
+                blockedStreams.insert(row.streamID)
                 needsRescan = true
                 continue
             }
-            admitted.append(waiting.row)
-            admittedIDs.insert(waiting.row.id)
+            admitted.append(row)
+            lastSent[row.streamID] = SentRow(id: row.id, version: row.streamVersion)
         }
         return admitted
+    }
+
+    private struct SentRow {
+        var id: Int64
+        var version: Int64
+    }
+    /// Per stream, the last row handed to this producer.
+    private var lastSent: [String: SentRow] = [:]
+    private static let rememberedStreams = 100_000
+
+    /// Whether `row` is the version right after `previous` (or a stream's first version): nothing can be
+    /// waiting between them.
+    private static func follows(_ row: OutboxRow, _ previous: SentRow?) -> Bool {
+        guard let previous else { return row.streamVersion == 1 }
+        return row.streamVersion == previous.version + 1
     }
 
     /// The producer accepted `row`.
@@ -96,8 +129,8 @@ struct PublishPipeline {
         if failure == nil { failure = error }
     }
 
-    /// Starts the next pass from the first waiting row. Only when nothing is in flight, so that a row found
-    /// now cannot overtake an earlier row of its stream.
+    /// Starts the next pass from the first waiting row. Only when nothing is in flight (and every delivery
+    /// is marked), so that a row found now cannot overtake an earlier row of its stream.
     mutating func rescan() {
         precondition(inFlight.isEmpty, "rescan with rows in flight")
         cursor = 0

@@ -18,6 +18,8 @@ public enum PostgresBind: Sendable, Hashable {
     case int64Array([Int64])
     /// An `int[]` parameter.
     case int32Array([Int32])
+    /// A `text[]` parameter; any text (quotes, backslashes, commas, braces) arrives unchanged.
+    case textArray([String])
 
     /// Convenience for `Int`.
     public static func int(_ value: Int) -> PostgresBind { .int64(Int64(value)) }
@@ -39,6 +41,7 @@ public enum PostgresBind: Sendable, Hashable {
         case .bytea: return PostgresType.bytea.oid
         case .int64Array: return PostgresType.int8Array.oid
         case .int32Array: return PostgresType.int4Array.oid
+        case .textArray: return PostgresType.textArray.oid
         }
     }
 
@@ -66,6 +69,20 @@ public enum PostgresBind: Sendable, Hashable {
         case .bytea(let value): return (value, true)
         case .int64Array(let values): return (Self.arrayLiteral(values), false)
         case .int32Array(let values): return (Self.arrayLiteral(values), false)
+        case .textArray(let values):
+            // Every element double-quoted, with `"` and `\` escaped by a backslash: the array input syntax.
+            var bytes: [UInt8] = [UInt8(ascii: "{")]
+            for (index, value) in values.enumerated() {
+                if index > 0 { bytes.append(UInt8(ascii: ",")) }
+                bytes.append(UInt8(ascii: "\""))
+                for byte in try textBytes(value) {
+                    if byte == UInt8(ascii: "\"") || byte == UInt8(ascii: "\\") { bytes.append(UInt8(ascii: "\\")) }
+                    bytes.append(byte)
+                }
+                bytes.append(UInt8(ascii: "\""))
+            }
+            bytes.append(UInt8(ascii: "}"))
+            return (bytes, false)
         }
     }
 }
@@ -104,6 +121,7 @@ public struct PostgresType: Hashable, Sendable, CustomStringConvertible {
     public static let jsonb = PostgresType(oid: 3802)
     public static let int4Array = PostgresType(oid: 1007)
     public static let int8Array = PostgresType(oid: 1016)
+    public static let textArray = PostgresType(oid: 1009)
 
     public var description: String {
         switch self {
@@ -122,6 +140,7 @@ public struct PostgresType: Hashable, Sendable, CustomStringConvertible {
         case .jsonb: "jsonb"
         case .int4Array: "int4[]"
         case .int8Array: "int8[]"
+        case .textArray: "text[]"
         default: "oid \(oid)"
         }
     }

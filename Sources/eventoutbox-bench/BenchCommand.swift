@@ -109,56 +109,215 @@ struct Append: AsyncParsableCommand {
 }
 
 struct Drain: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Relay throughput: events/s draining a pre-filled outbox.")
-    @Option(help: "Events in the outbox.") var events = 20000
-    @Option(help: "Streams they belong to.") var streams = 200
-    @Option(help: "Relay batch size.") var batchSize = 500
+    static let configuration = CommandConfiguration(
+        abstract: "Relay drain rate of a pre-filled outbox, beside PostgreSQL alone and librdkafka alone.",
+        discussion: """
+            Fills an outbox (two identical schemas) with --events rows over --streams streams, then measures in one run:
+              PostgreSQL alone: fetch + mark the rows, --batch-size per statement, one connection, no Kafka;
+              librdkafka alone: kcat producing the same key/value pairs (idempotent, acks=all);
+              outbox-relay: the release executable draining the outbox; its peak RSS from /proc.
+            and prints the relay's rate as a ratio of the slower baseline.
+            """)
+    @Option(help: "Rows in the outbox.") var events = 100_000
+    @Option(help: "Streams they belong to (10 = a few hot streams).") var streams = 1000
+    @Option(help: "Rows per statement (baseline and relay).") var batchSize = 1000
+    @Flag(help: "Run the relay with --delete-published.") var deletePublished = false
+    @Option(help: "The outbox-relay executable (default: beside this one).") var relay: String?
 
     func run() async throws {
         let env = try Environment.read()
-        try await env.withSchema(connections: 4) { url, store in
-            try await fill(store, events: events, tasks: 4, streams: streams)
-            var configuration = OutboxRelayConfiguration(databaseURL: url, kafka: KafkaConfiguration(bootstrapServers: env.brokers))
-            configuration.batchSize = batchSize
-            configuration.leaderLockKey = Int64.random(in: 1...Int64.max)
-            let relay = OutboxRelay(configuration: configuration)
-            let start = ContinuousClock.now
-            let task = Task { try await relay.run() }
-            while relay.publishedCount < events { try await Task.sleep(for: .milliseconds(5)) }
-            let elapsed = seconds(ContinuousClock.now - start)
-            relay.stop()
-            try await task.value
-            print(String(format: "drain: %d events over %d streams, batch %d: %.2f s, %.0f events/s", events, streams, batchSize, elapsed, Double(events) / elapsed))
+        let topic = "drain-" + UUID().uuidString.prefix(8).lowercased()
+        let relayPath = relay ?? siblingExecutable("outbox-relay")
+        print("drain: \(events) events over \(streams) streams, \(batchSize) rows per statement")
+
+        let postgres = try await env.withSchema(connections: 1) { _, store in
+            try await store.pool.withConnection { connection in
+                try await fillOutbox(connection, events: events, streams: streams, topic: topic)
+                let start = ContinuousClock.now
+                var cursor: Int64 = 0
+                var total = 0
+                while true {
+                    let rows = try await connection.query(
+                        """
+                        SELECT id, event_id, stream_id, stream_version, topic, message_key, envelope, headers::text AS headers, created_at
+                        FROM outbox WHERE published_at IS NULL AND id > $1 ORDER BY id LIMIT $2
+                        """, [.int64(cursor), .int(batchSize)])
+                    if rows.isEmpty { break }
+                    let ids = try rows.map { try $0.decode(Int64.self, "id") }
+                    try await OutboxTable().markPublished(
+                        ids.map { OutboxTable.Delivery(id: $0, partition: 0, offset: $0) }, on: connection)
+                    cursor = ids.last!
+                    total += ids.count
+                }
+                return Double(total) / seconds(ContinuousClock.now - start)
+            }
         }
+        print(String(format: "  PostgreSQL alone (fetch + mark): %.0f rows/s", postgres))
+
+        let (kafka, relayRate, rss) = try await env.withSchema(connections: 1) { url, store in
+            try await store.pool.withConnection { try await fillOutbox($0, events: events, streams: streams, topic: topic) }
+            let pairs = try await store.pool.withConnection { connection in
+                try await connection.query("SELECT message_key || chr(9) || envelope AS line FROM outbox ORDER BY id")
+                    .map { try $0.decode(String.self, "line") }
+            }
+            let file = FileManager.default.temporaryDirectory.appendingPathComponent("\(topic).tsv")
+            try (pairs.joined(separator: "\n") + "\n").write(to: file, atomically: true, encoding: .utf8)
+            defer { try? FileManager.default.removeItem(at: file) }
+            let kcatStart = ContinuousClock.now
+            let kcat = Process()
+            kcat.executableURL = URL(fileURLWithPath: "/usr/bin/kcat")
+            kcat.arguments = ["-P", "-b", env.brokers, "-t", topic + "-kcat", "-K", "\t",
+                              "-X", "enable.idempotence=true", "-X", "acks=all", "-X", "linger.ms=2"]
+            kcat.standardInput = try FileHandle(forReadingFrom: file)
+            try kcat.run()
+            kcat.waitUntilExit()
+            guard kcat.terminationStatus == 0 else { throw ValidationError("kcat failed with status \(kcat.terminationStatus)") }
+            let kafkaRate = Double(events) / seconds(ContinuousClock.now - kcatStart)
+
+            let relayStart = ContinuousClock.now
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: relayPath)
+            process.arguments = ["--database-url", url, "--brokers", env.brokers, "--batch-size", String(batchSize),
+                                 "--lock-key", String(Int64.random(in: 1...Int64.max)), "--log-level", "error"]
+                + (deletePublished ? ["--delete-published"] : [])
+            try process.run()
+            let pid = process.processIdentifier
+            var peak = try await store.pool.withConnection { connection in
+                var peak = 0
+                while try await connection.query(
+                    "SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL) AS waiting").first!.decode(Bool.self, "waiting")
+                {
+                    peak = max(peak, peakRSSKilobytes(pid))
+                    try await Task.sleep(for: .milliseconds(20))
+                }
+                return peak
+            }
+            let rate = Double(events) / seconds(ContinuousClock.now - relayStart)
+            peak = max(peak, peakRSSKilobytes(process.processIdentifier))
+            process.terminate()
+            process.waitUntilExit()
+            return (kafkaRate, rate, peak)
+        }
+        print(String(format: "  librdkafka alone (kcat -P, idempotent, acks=all): %.0f msgs/s", kafka))
+        print(String(format: "  outbox-relay%@: %.0f events/s = %.2f x the slower baseline; peak RSS %.1f MB",
+                     deletePublished ? " --delete-published" : "", relayRate, relayRate / min(postgres, kafka), Double(rss) / 1024))
     }
 }
 
+/// The path of another executable of this package, built beside this one.
+func siblingExecutable(_ name: String) -> String {
+    URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent(name).path
+}
+
+/// Peak resident set size of a process (VmHWM), in kB; 0 if unknown.
+func peakRSSKilobytes(_ pid: Int32) -> Int {
+    guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+        let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") })
+    else { return 0 }
+    return Int(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "0") ?? 0
+}
+
+/// Writes `events` events and outbox rows in a few statements (stream `s-(n mod streams)`, versions in id order),
+/// shaped as the event store writes them.
+func fillOutbox(_ connection: PostgresConnection, events: Int, streams: Int, topic: String) async throws {
+    try await connection.execute(
+        """
+        INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, occurred_at)
+        SELECT gen_random_uuid(), 's-' || (n % $2), n / $2 + 1, 'Sample', 1, jsonb_build_object('n', n), clock_timestamp()
+        FROM generate_series(0, $1 - 1) AS n ORDER BY n
+        """, [.int(events), .int(streams)])
+    try await connection.execute(
+        """
+        INSERT INTO outbox (event_id, stream_id, stream_version, topic, message_key, envelope, headers)
+        SELECT event_id, stream_id, stream_version, $1, stream_id,
+               json_build_object('eventId', event_id, 'streamId', stream_id, 'streamVersion', stream_version,
+                                 'eventType', event_type, 'schemaVersion', schema_version, 'occurredAt', occurred_at,
+                                 'payload', payload, 'metadata', json_build_object('actor', 'bench'))::text,
+               jsonb_build_object('event-id', event_id::text, 'event-type', event_type,
+                                  'stream-version', stream_version::text, 'content-type', 'application/json')
+        FROM events ORDER BY position
+        """, [.text(topic)])
+    try await connection.executeScript("VACUUM ANALYZE outbox")
+}
+
 struct Latency: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Commit-to-delivered latency at low load (append, then wait for Kafka's ack).")
-    @Option(help: "Samples, one at a time.") var samples = 200
+    static let configuration = CommandConfiguration(
+        abstract: "Commit → acknowledged by Kafka under sustained load, with the outbox-relay executable running.",
+        discussion: """
+            Appends --rate single-event transactions per second for --seconds (paced over --connections), while the
+            release outbox-relay publishes them. Latency per row is published_at - created_at (both stamped by
+            PostgreSQL); prints p50/p90/p99/max, and the same for the first second alone (the cold start).
+            """)
+    @Option(help: "Commits per second.") var rate = 1000
+    @Option(name: .customLong("seconds"), help: "How long to keep committing.") var duration = 15
+    @Option(help: "Connections committing in parallel.") var connections = 4
+    @Flag(help: "Append without NOTIFY (the relay then finds rows by polling).") var noNotify = false
+    @Option(help: "The outbox-relay executable (default: beside this one).") var relay: String?
 
     func run() async throws {
         let env = try Environment.read()
-        try await env.withSchema(connections: 2) { url, store in
-            var configuration = OutboxRelayConfiguration(databaseURL: url, kafka: KafkaConfiguration(bootstrapServers: env.brokers))
-            configuration.leaderLockKey = Int64.random(in: 1...Int64.max)
-            let relay = OutboxRelay(configuration: configuration)
-            let task = Task { try await relay.run() }
-            var latencies: [Double] = []
-            for n in 0..<samples {
-                let before = relay.publishedCount
-                let start = ContinuousClock.now
-                try await store.append([NewEvent(Sample(n: n))], to: "latency", category: "bench", expectedVersion: .any)
-                while relay.publishedCount == before { try await Task.sleep(for: .microseconds(200)) }
-                latencies.append(seconds(ContinuousClock.now - start) * 1000)
-                try await Task.sleep(for: .milliseconds(10))
+        try await env.withSchema(connections: connections + 1) { url, store in
+            var store = store
+            store.notifiesOnAppend = !noNotify
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: relay ?? siblingExecutable("outbox-relay"))
+            process.arguments = ["--database-url", url, "--brokers", env.brokers, "--lock-key",
+                                 String(Int64.random(in: 1...Int64.max)), "--log-level", "error"]
+            try process.run()
+            defer {
+                process.terminate()
+                process.waitUntilExit()
             }
-            relay.stop()
-            try await task.value
-            latencies.sort()
-            func pct(_ p: Double) -> Double { latencies[min(latencies.count - 1, Int(Double(latencies.count) * p))] }
-            print(String(format: "latency commit→acknowledged by Kafka, %d samples: p50 %.1f ms, p90 %.1f ms, p99 %.1f ms, max %.1f ms",
-                         samples, pct(0.5), pct(0.9), pct(0.99), latencies.last ?? 0))
+            try await Task.sleep(for: .milliseconds(500))  // connected and idle, as a sidecar would be
+            let total = rate * duration
+            let perConnection = total / connections
+            let interval = Duration.seconds(Double(connections) / Double(rate))
+            let start = ContinuousClock.now
+            let appendStore = store
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for worker in 0..<connections {
+                    group.addTask {
+                        var next = start + interval * Double(worker) / Double(connections)
+                        for n in 0..<perConnection {
+                            try await Task.sleep(until: next)
+                            try await appendStore.append(
+                                [NewEvent(Sample(n: n))], to: "latency-\(worker)-\(n % 50)", category: "bench", expectedVersion: .any)
+                            next = next + interval
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            let achieved = Double(perConnection * connections) / seconds(ContinuousClock.now - start)
+            let deadline = ContinuousClock.now + .seconds(60)
+            try await store.pool.withConnection { connection in
+                while try await connection.query(
+                    "SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL) AS waiting").first!.decode(Bool.self, "waiting")
+                {
+                    guard ContinuousClock.now < deadline else { throw ValidationError("rows still unpublished after 60 s") }
+                    try await Task.sleep(for: .milliseconds(20))
+                }
+            }
+            let rows = try await store.pool.withConnection { connection in
+                try await connection.query(
+                    """
+                    SELECT (EXTRACT(EPOCH FROM published_at - created_at) * 1000)::float8::text AS ms,
+                           (EXTRACT(EPOCH FROM created_at - min(created_at) OVER ()))::float8::text AS at
+                    FROM outbox
+                    """
+                ).map { (Double(try $0.decode(String.self, "ms")) ?? 0, Double(try $0.decode(String.self, "at")) ?? 0) }
+            }
+            func summary(_ values: [Double]) -> String {
+                let sorted = values.sorted()
+                guard !sorted.isEmpty else { return "no samples" }
+                func pct(_ p: Double) -> Double { sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))] }
+                return String(format: "p50 %.1f ms, p90 %.1f ms, p99 %.1f ms, max %.1f ms (%d rows)",
+                              pct(0.5), pct(0.9), pct(0.99), sorted.last!, sorted.count)
+            }
+            print(String(format: "latency commit → acknowledged by Kafka at %.0f commits/s for %d s%@:", achieved, duration, noNotify ? " (no NOTIFY)" : ""))
+            print("  all rows: " + summary(rows.map(\.0)))
+            print("  first second: " + summary(rows.filter { $0.1 < 1 }.map(\.0)))
+            print("  after the first second: " + summary(rows.filter { $0.1 >= 1 }.map(\.0)))
         }
     }
 }

@@ -49,7 +49,7 @@ struct PostgresConnectionTests {
         try await schema.drop()
     }
 
-    @Test("integer arrays bind as int8[] and int4[]: one statement shape for any count, empty included")
+    @Test("arrays bind as int8[], int4[] and text[]: one statement shape for any count; any text survives")
     func integerArrays() async throws {
         let schema = try await TestSchema.create()
         let connection = try await PostgresConnection.connect(to: schema.url)
@@ -61,6 +61,10 @@ struct PostgresConnectionTests {
             #expect(try rows.map { try $0.decode(Int64.self, "id") } == ids)
             #expect(try rows.map { try $0.decode(Int32.self, "p") } == parts)
         }
+        let texts = ["", "plain", #"it's "quoted" \back\slash\"#, "{braces},commas", "NULL", "🏦 ünïcödé", " spaced "]
+        let echoed = try await connection.query(
+            "SELECT t FROM unnest($1::text[]) WITH ORDINALITY AS d(t, n) ORDER BY n", [.textArray(texts)])
+        #expect(try echoed.map { try $0.decode(String.self, "t") } == texts)
         try await schema.drop()
     }
 
