@@ -1,3 +1,4 @@
+import BlockingIO
 import CRdKafka
 import Foundation
 import Logging
@@ -25,6 +26,9 @@ public final class KafkaProducer: Sendable {
     private let handle: RDKafkaHandle
     private let router: KafkaDeliveryRouter
     private let pollLoop = PollLoopState()
+    /// Topics ``prepare(topics:)`` has looked up; its blocking metadata requests run on their own thread.
+    private let knownTopics = Mutex<Set<String>>([])
+    private let metadataThread = SerialThread(name: "eventoutbox-kafka-metadata")
     private let logger: Logger
 
     /// Creates a producer.
@@ -70,7 +74,10 @@ public final class KafkaProducer: Sendable {
         thread.start()
     }
 
-    deinit { pollLoop.stopping.store(true, ordering: .releasing) }
+    deinit {
+        pollLoop.stopping.store(true, ordering: .releasing)
+        metadataThread.stop()
+    }
 
     /// Hands a record to librdkafka without waiting for the broker.
     /// - Returns: a promise of the record's delivery report.
@@ -106,6 +113,28 @@ public final class KafkaProducer: Sendable {
         // The id travels as the record's opaque pointer value (never dereferenced).
         if let error = RDKafkaProduce.produce(handle.pointer, message, opaque: UnsafeMutableRawPointer(bitPattern: UInt(messageID))!) {
             throw error
+        }
+    }
+
+    /// Fetches the metadata (partitions, leaders) of topics this producer has not sent to yet, waiting up to
+    /// `timeout`. Optional: without it, librdkafka learns of a topic first used by a running producer only on
+    /// its next periodic topic scan, up to a second later, and holds that topic's first records meanwhile.
+    public func prepare(topics: [String], timeout: Duration = .seconds(5)) async {
+        let newTopics = knownTopics.withLock { known in topics.filter { known.insert($0).inserted } }
+        guard !newTopics.isEmpty else { return }
+        let milliseconds = Int32(clamping: timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+        let handle = self.handle
+        await metadataThread.run {
+            for topic in newTopics {
+                guard let topicHandle = rd_kafka_topic_new(handle.pointer, topic, nil) else { continue }
+                var metadata: UnsafePointer<rd_kafka_metadata>?
+                if rd_kafka_metadata(handle.pointer, 0, topicHandle, &metadata, milliseconds) == RD_KAFKA_RESP_ERR_NO_ERROR,
+                    let metadata
+                {
+                    rd_kafka_metadata_destroy(metadata)
+                }
+                rd_kafka_topic_destroy(topicHandle)
+            }
         }
     }
 

@@ -248,6 +248,7 @@ public final class OutboxRelay: Service, Sendable {
     private func enqueue(
         _ rows: [OutboxRow], _ producer: KafkaProducer, _ pipeline: inout PublishPipeline, _ connection: PostgresConnection
     ) async throws {
+        await producer.prepare(topics: Array(Set(rows.map(\.topic))))
         for row in rows where pipeline.mayEnqueue(row) {
             let message = KafkaOutgoingMessage(
                 topic: row.topic, key: Array(row.key.utf8), value: Array(row.envelope.utf8),
