@@ -14,6 +14,21 @@ public struct OutboxRow: Sendable, Hashable {
     /// Kafka headers by name.
     public var headers: [String: String]
     public var createdAt: Date
+
+    public init(
+        id: Int64, eventID: UUID, streamID: String, streamVersion: Int64, topic: String, key: String, envelope: String,
+        headers: [String: String], createdAt: Date
+    ) {
+        self.id = id
+        self.eventID = eventID
+        self.streamID = streamID
+        self.streamVersion = streamVersion
+        self.topic = topic
+        self.key = key
+        self.envelope = envelope
+        self.headers = headers
+        self.createdAt = createdAt
+    }
 }
 
 /// Which share of the outbox's streams a relay publishes.

@@ -10,7 +10,8 @@ import Testing
 /// Runs an in-process relay for the duration of `body`, then stops it gracefully.
 func withRelay<T>(
     _ test: TestEventStore, brokers: String, properties: [String: String] = [:], batchSize: Int = 500,
-    applicationName: String = "relay", retention: Duration = .seconds(3600), _ body: (OutboxRelay) async throws -> T
+    applicationName: String = "relay", retention: Duration = .seconds(3600),
+    configure: (inout OutboxRelayConfiguration) -> Void = { _ in }, _ body: (OutboxRelay) async throws -> T
 ) async throws -> T {
     var configuration = OutboxRelayConfiguration(
         databaseURL: test.schema.url + "&application_name=\(applicationName)", kafka: KafkaConfiguration(bootstrapServers: brokers, properties: properties))
@@ -20,6 +21,7 @@ func withRelay<T>(
     configuration.maxBackoff = .milliseconds(500)
     // Each test schema is its own "database": its relay must not wait for another test's lock.
     configuration.leaderLockKey = Int64.random(in: 1...Int64.max)
+    configure(&configuration)
     let relay = OutboxRelay(configuration: configuration)
     let task = Task { try await relay.run() }
     do {
@@ -112,7 +114,7 @@ struct OutboxRelayTests {
         try await test.drop()
     }
 
-    @Test("brokers down mid-run, back a few seconds later: every event arrives, order per key holds")
+    @Test("message timeouts while every broker is down: the producer is replaced, every event arrives, order per key holds")
     func brokerDownMidRun() async throws {
         let cluster = try MockCluster(brokers: 3)
         let topic = uniqueName("down")
@@ -125,6 +127,7 @@ struct OutboxRelayTests {
             try cluster.setAllBrokersDown()
             ids += try await test.appendTicks(streams: 10, perStream: 30, prefix: "later")
             try await waitUntil("the relay sees deliveries fail") { relay.failedDeliveryCount > 0 }
+            try await waitUntil("the relay replaces its producer") { relay.producerRestartCount > 0 }
             #expect(try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NULL") > 0)
             try cluster.setAllBrokersUp()
             try await waitUntil("everything published after the brokers came back", timeout: .seconds(90)) {

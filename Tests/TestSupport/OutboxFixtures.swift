@@ -1,6 +1,7 @@
 import EventSourcing
 import EventStore
 import Foundation
+import PostgresClient
 
 /// A small event for relay tests.
 public struct Tick: DomainEvent, Hashable {
@@ -30,5 +31,30 @@ extension TestEventStore {
             }
         }
         return ids
+    }
+}
+
+extension TestEventStore {
+    /// Writes `streams * perStream` events and their outbox rows in two statements (streams `bulk-0`, ...,
+    /// versions in id order), for tests that need a large backlog fast. Returns how many rows it wrote.
+    @discardableResult
+    public func bulkFill(streams: Int, perStream: Int, topic: String) async throws -> Int {
+        try await pool.withConnection { connection in
+            try await connection.execute(
+                """
+                INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, occurred_at)
+                SELECT gen_random_uuid(), 'bulk-' || (n % $2), n / $2 + 1, 'Tick', 1, jsonb_build_object('n', n), now()
+                FROM generate_series(0, $1 - 1) AS n ORDER BY n
+                """, [.int(streams * perStream), .int(streams)])
+            return try await connection.execute(
+                """
+                INSERT INTO outbox (event_id, stream_id, stream_version, topic, message_key, envelope, headers)
+                SELECT event_id, stream_id, stream_version, $1, stream_id,
+                       json_build_object('eventId', event_id, 'streamId', stream_id, 'streamVersion', stream_version)::text,
+                       jsonb_build_object('event-id', event_id::text, 'event-type', event_type,
+                                          'stream-version', stream_version::text)
+                FROM events WHERE stream_id LIKE 'bulk-%' ORDER BY position
+                """, [.text(topic)])
+        }
     }
 }
