@@ -31,21 +31,6 @@ public struct OutboxRow: Sendable, Hashable {
     }
 }
 
-/// Which share of the outbox's streams a relay publishes.
-public struct StreamPartitions: Sendable, Hashable {
-    /// How many partitions the streams are split into (the same for every relay of a database).
-    public var count: Int
-    /// The partitions this relay holds (each in 0 ..< count).
-    public var owned: [Int]
-    public init(count: Int, owned: [Int]) {
-        precondition(count >= 1 && owned.allSatisfy { (0..<count).contains($0) }, "partitions out of range")
-        self.count = count
-        self.owned = owned
-    }
-    /// Every stream (one partition).
-    public static let all = StreamPartitions(count: 1, owned: [0])
-}
-
 /// An outbox row that cannot be read as written.
 public struct OutboxRowError: Error, CustomStringConvertible {
     public var outboxID: Int64
@@ -86,25 +71,19 @@ public struct OutboxTable: Sendable {
     /// A cursor can pass a row whose transaction took a lower id and commits later; see
     /// ``streamsWithWaitingRows(in:on:)`` for how a relay finds such holes.
     ///
-    /// - Parameters:
-    ///   - cursor: 0 for a full scan; else the highest id the caller has already taken.
-    ///   - partitions: with `count` > 1, only streams whose ``streamPartition(_:count:on:)`` is in `owned`.
-    public func waitingRows(
-        after cursor: Int64, limit: Int, partitions: StreamPartitions = .all, on connection: PostgresConnection
-    ) async throws -> [OutboxRow] {
+    /// - Parameter cursor: 0 for a full scan; else the highest id the caller has already taken.
+    public func waitingRows(after cursor: Int64, limit: Int, on connection: PostgresConnection) async throws -> [OutboxRow] {
         try await connection.query(
             """
             SELECT o.id, o.event_id, o.stream_id, o.stream_version, o.topic, o.message_key, o.envelope,
                    o.headers::text AS headers, o.created_at
             FROM outbox o
             WHERE o.published_at IS NULL AND o.id > $1
-              AND ($3::int = 1 OR mod(hashtext(o.stream_id)::bigint + 2147483648, $3::int) = ANY($4::int[]))
               AND NOT EXISTS (SELECT 1 FROM outbox_dead_letters d WHERE d.stream_id = o.stream_id)
             ORDER BY o.id
             LIMIT $2
             """,
-            [.int64(cursor), .int(limit), .int32(Int32(partitions.count)), .int32Array(partitions.owned.map { Int32($0) })],
-            statement: "outbox: waiting rows"
+            [.int64(cursor), .int(limit)], statement: "outbox: waiting rows"
         ).map { row in
             let id = try row.decode(Int64.self, "id")
             let headersText = try row.decode(String.self, "headers")
@@ -152,15 +131,6 @@ public struct OutboxTable: Sendable {
                 [.textArray(ranges.map(\.streamID)), .int64Array(ranges.map(\.afterID)), .int64Array(ranges.map(\.beforeID))],
                 statement: "outbox: holes before rows"
             ).map { try $0.decode(String.self, "stream_id") })
-    }
-
-    /// The partition (0 ..< `count`) of a stream when relays split the outbox by stream: a stable hash of the
-    /// stream id, computed by PostgreSQL (`hashtext`), so every relay of a database agrees.
-    public func streamPartition(_ streamID: String, count: Int, on connection: PostgresConnection) async throws -> Int {
-        try await connection.query(
-            "SELECT mod(hashtext($1)::bigint + 2147483648, $2::int)::int AS p", [.text(streamID), .int(count)],
-            statement: "outbox: stream partition"
-        ).first!.decode(Int.self, "p")
     }
 
     /// Where a row was stored in Kafka.

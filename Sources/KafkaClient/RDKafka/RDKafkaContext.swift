@@ -37,16 +37,20 @@ final class RDKafkaContext: Sendable {
 let rdKafkaLogCallback: @convention(c) (OpaquePointer?, Int32, UnsafePointer<CChar>?, UnsafePointer<CChar>?) -> Void = {
     client, level, facility, text in
     guard let context = RDKafkaHandle.context(of: client) else { return }
-    let swiftLevel: Logger.Level
+    var swiftLevel: Logger.Level
     switch level {
     case ...3: swiftLevel = .error  // emerg, alert, crit, err
     case 4: swiftLevel = .warning
     case 5, 6: swiftLevel = .info
     default: swiftLevel = .debug
     }
+    let message = text.map { String(cString: $0) } ?? ""
+    // librdkafka flags the gapless guarantee as experimental on every start; the relay relies on it on purpose
+    // (README, "Design notes"), so that notice is not worth a warning each time.
+    if swiftLevel == .warning, message.contains("enable.gapless.guarantee is experimental") { swiftLevel = .debug }
     context.logger.log(
         level: swiftLevel,
-        "\(text.map { String(cString: $0) } ?? "")",
+        "\(message)",
         metadata: ["kafka.facility": "\(facility.map { String(cString: $0) } ?? "")"]
     )
 }
