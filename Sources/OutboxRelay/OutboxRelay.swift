@@ -234,7 +234,18 @@ public final class OutboxRelay: Service, Sendable {
             let room = configuration.maxInFlight - pipeline.inFlight.count
             if !drainingForRescan && room > 0 {
                 let limit = min(configuration.batchSize, room)
-                let rows = try await table.waitingRows(after: pipeline.cursor, limit: limit, on: connection)
+                let rows: [OutboxRow]
+                do {
+                    rows = try await table.waitingRows(after: pipeline.cursor, limit: limit, on: connection)
+                } catch let error as OutboxRowError {
+                    // One unreadable row must not stall the outbox: it goes to dead letters (its stream waits
+                    // behind it), and the same fetch runs again without it.
+                    try await table.moveToDeadLetters(error.outboxID, error: "\(error)", on: connection)
+                    metrics.deadLettered.increment()
+                    logger.error("outbox row cannot be read; moved to dead letters, its stream is held back",
+                                 metadata: ["outbox.id": "\(error.outboxID)", "error": "\(error)"])
+                    continue
+                }
                 let holes = try await table.streamsWithWaitingRows(in: pipeline.rangesToCheck(rows), on: connection)
                 try await enqueue(pipeline.admit(rows, holes: holes), producer, &pipeline, connection)
                 if rows.count == limit { continue }

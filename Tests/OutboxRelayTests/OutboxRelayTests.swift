@@ -196,6 +196,30 @@ struct OutboxRelayTests {
     }
 }
 
+extension OutboxRelayTests {
+    @Test("an outbox row whose headers cannot be read is dead-lettered with the reason; its stream waits, others go on")
+    func unreadableRow() async throws {
+        let topic = uniqueName("unreadable")
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let bad = try await test.appendTicks(streams: 1, perStream: 2, prefix: "bad")
+        try await test.pool.withConnection { connection in
+            try await connection.execute(
+                #"UPDATE outbox SET headers = '{"event-id": 42}' WHERE stream_id = 'bad-0' AND stream_version = 1"#)
+        }
+        let good = try await test.appendTicks(streams: 2, perStream: 5, prefix: "good")
+        try await withRelay(test, brokers: try TestEnvironment.kafkaBrokers()) { relay in
+            try await waitUntil("the good streams published") { relay.publishedCount >= good.count }
+        }
+        let letters = try await test.pool.withConnection { try await OutboxTable().deadLetters(on: $0) }
+        #expect(letters.map(\.eventID) == [bad[0]])
+        #expect(letters.first?.error.contains("headers are not a JSON object of strings") == true)
+        #expect(try await test.count("SELECT count(*) FROM outbox WHERE stream_id = 'bad-0' AND published_at IS NULL") == 1)
+        let reader = try await KafkaTopicReader.readAll(good, brokers: try TestEnvironment.kafkaBrokers(), topic: topic)
+        #expect(!reader.eventIDs.contains(bad[1].uuidString.lowercased()))
+        try await test.drop()
+    }
+}
+
 @Suite("outbox retention")
 struct OutboxRetentionTests {
     @Test("published rows are deleted after the retention period; waiting rows never are")
