@@ -31,6 +31,39 @@ public struct OutboxRow: Sendable, Hashable {
     }
 }
 
+/// A share of the outbox's streams, for relays that split the work (`outbox-relay --partitions N`).
+///
+/// A stream's partition is a stable hash of its id computed by PostgreSQL (`hashtext`), so every relay of a
+/// database agrees, whatever it runs on.
+public struct OutboxPartitions: Sendable, Hashable {
+    /// How many partitions the streams are split into: the same for every relay of one database.
+    public var count: Int
+    /// The partitions meant, each in `0 ..< count`.
+    public var owned: [Int]
+
+    public init(count: Int, owned: [Int]) {
+        precondition(count >= 1, "partition count must be at least 1")
+        precondition(owned.allSatisfy { (0..<count).contains($0) }, "partitions must lie in 0..<\(count)")
+        self.count = count
+        self.owned = owned
+    }
+
+    /// Every stream.
+    public static let all = OutboxPartitions(count: 1, owned: [0])
+
+    /// The SQL expression of a stream's partition (0 ..< count); `hashtext` is int4, shifted to be non-negative.
+    public static func sql(_ streamColumn: String, count: String) -> String {
+        "mod(hashtext(\(streamColumn))::bigint + 2147483648, \(count))::int"
+    }
+
+    /// The partition of one stream, as PostgreSQL computes it.
+    public static func partition(of streamID: String, count: Int, on connection: PostgresConnection) async throws -> Int {
+        try await connection.query(
+            "SELECT \(sql("$1::text", count: "$2::int")) AS p", [.text(streamID), .int(count)], statement: "outbox: stream partition"
+        ).first!.decode(Int.self, "p")
+    }
+}
+
 /// An outbox row that cannot be read as written.
 public struct OutboxRowError: Error, CustomStringConvertible {
     public var outboxID: Int64
@@ -71,19 +104,25 @@ public struct OutboxTable: Sendable {
     /// A cursor can pass a row whose transaction took a lower id and commits later; see
     /// ``streamsWithWaitingRows(in:on:)`` for how a relay finds such holes.
     ///
-    /// - Parameter cursor: 0 for a full scan; else the highest id the caller has already taken.
-    public func waitingRows(after cursor: Int64, limit: Int, on connection: PostgresConnection) async throws -> [OutboxRow] {
+    /// - Parameters:
+    ///   - cursor: 0 for a full scan; else the highest id the caller has already taken.
+    ///   - partitions: only streams of these partitions (``OutboxPartitions``); every stream by default.
+    public func waitingRows(
+        after cursor: Int64, limit: Int, partitions: OutboxPartitions = .all, on connection: PostgresConnection
+    ) async throws -> [OutboxRow] {
         try await connection.query(
             """
             SELECT o.id, o.event_id, o.stream_id, o.stream_version, o.topic, o.message_key, o.envelope,
                    o.headers::text AS headers, o.created_at
             FROM outbox o
             WHERE o.published_at IS NULL AND o.id > $1
+              AND ($3::int = 1 OR \(OutboxPartitions.sql("o.stream_id", count: "$3::int")) = ANY($4::int[]))
               AND NOT EXISTS (SELECT 1 FROM outbox_dead_letters d WHERE d.stream_id = o.stream_id)
             ORDER BY o.id
             LIMIT $2
             """,
-            [.int64(cursor), .int(limit)], statement: "outbox: waiting rows"
+            [.int64(cursor), .int(limit), .int(partitions.count), .int32Array(partitions.owned.map(Int32.init))],
+            statement: "outbox: waiting rows"
         ).map { row in
             let id = try row.decode(Int64.self, "id")
             let headersText = try row.decode(String.self, "headers")

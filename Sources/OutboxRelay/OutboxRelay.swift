@@ -84,11 +84,18 @@ public final class OutboxRelay: Service, Sendable {
         while !isStopping {
             do {
                 let connection = try await PostgresConnection.connect(to: configuration.databaseURL)
-                guard try await becomeActive(connection) else { return }
-                setActive(true)
-                logger.info("this relay is now the active one", metadata: ["outbox.lock": "\(configuration.leaderLockKey)"])
+                var ownership: PartitionOwnership?
+                if configuration.partitions > 1 {
+                    let partitioned = PartitionOwnership(count: configuration.partitions, baseKey: configuration.leaderLockKey)
+                    try await partitioned.join(on: connection)
+                    ownership = partitioned
+                } else {
+                    guard try await becomeActive(connection) else { return }
+                    setActive(true)
+                    logger.info("this relay is now the active one", metadata: ["outbox.lock": "\(configuration.leaderLockKey)"])
+                }
                 backoff.reset()
-                try await lead(connection)
+                try await lead(connection, ownership)
                 setActive(false)
             } catch {
                 setActive(false)
@@ -126,12 +133,13 @@ public final class OutboxRelay: Service, Sendable {
 
     /// Publishes while this relay holds the lock: one producer after another, each until it fails or the
     /// relay stops. A NOTIFY listener on a second connection wakes the loop when rows are committed.
-    private func lead(_ connection: PostgresConnection) async throws {
+    private func lead(_ connection: PostgresConnection, _ initialOwnership: PartitionOwnership?) async throws {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { await self.listenForAppends() }
             defer { group.cancelAll() }
             var backoff = Backoff(max: configuration.maxBackoff)
             var housekeeping = HousekeepingClock(interval: configuration.housekeepingInterval)
+            var ownership = initialOwnership
             // Marks go over a second connection, so that marking one group overlaps fetching the next batch.
             let marker = PublishedRowMarker(
                 connection: try await PostgresConnection.connect(to: configuration.databaseURL),
@@ -149,7 +157,7 @@ public final class OutboxRelay: Service, Sendable {
                     })
                 let end: GenerationEnd
                 do {
-                    end = try await publish(producer, inbox, connection, marker, &housekeeping)
+                    end = try await publish(producer, inbox, connection, marker, &housekeeping, &ownership)
                 } catch {
                     producer.purge()
                     await producer.close(timeout: .seconds(1))
@@ -177,9 +185,10 @@ public final class OutboxRelay: Service, Sendable {
     /// Runs one producer: fetch, enqueue, mark, until it fails or the relay stops.
     private func publish(
         _ producer: KafkaProducer, _ inbox: ProducerInbox, _ connection: PostgresConnection,
-        _ marker: PublishedRowMarker, _ housekeeping: inout HousekeepingClock
+        _ marker: PublishedRowMarker, _ housekeeping: inout HousekeepingClock, _ ownership: inout PartitionOwnership?
     ) async throws -> GenerationEnd {
         var pipeline = PublishPipeline()
+        var lastBalance: ContinuousClock.Instant?
         var purged = false
         var retriableFailures = 0
         var lastFullScan = ContinuousClock.now
@@ -224,6 +233,21 @@ public final class OutboxRelay: Service, Sendable {
             // A pass from the first waiting row finds rows of late commits; it may start only when nothing is
             // in flight. With nothing in flight it costs nothing extra, so take it then; under continuous load
             // pause fetching once per poll interval (or at once after a hole) to let the pipeline empty.
+            if pipeline.isIdle, var partitioned = ownership,
+                lastBalance.map({ ContinuousClock.now - $0 >= configuration.standbyRetryInterval }) ?? true
+            {
+                // Partitions change hands only here: nothing in flight, every delivery marked.
+                try await marker.flush()
+                if try await partitioned.rebalance(on: connection) {
+                    logger.info("publishing outbox partitions", metadata: [
+                        "outbox.partitions": "\(partitioned.owned)", "outbox.partition_count": "\(partitioned.count)"])
+                    pipeline.rescan()
+                }
+                ownership = partitioned
+                lastBalance = .now
+                setActive(!partitioned.owned.isEmpty)
+                metrics.partitionsOwned.record(partitioned.owned.count)
+            }
             if pipeline.isIdle && pipeline.cursor > 0 {
                 try await marker.flush()
                 pipeline.rescan()
@@ -232,11 +256,17 @@ public final class OutboxRelay: Service, Sendable {
             let drainingForRescan =
                 !pipeline.isIdle && (pipeline.needsRescan || ContinuousClock.now - lastFullScan >= configuration.pollInterval)
             let room = configuration.maxInFlight - pipeline.inFlight.count
+            let partitions = ownership?.partitions ?? .all
+            if partitions.owned.isEmpty {
+                // A partitioned relay with no share yet (or none free): a standby until the next rebalance.
+                await wakeup.wait(timeout: configuration.standbyRetryInterval)
+                continue
+            }
             if !drainingForRescan && room > 0 {
                 let limit = min(configuration.batchSize, room)
                 let rows: [OutboxRow]
                 do {
-                    rows = try await table.waitingRows(after: pipeline.cursor, limit: limit, on: connection)
+                    rows = try await table.waitingRows(after: pipeline.cursor, limit: limit, partitions: partitions, on: connection)
                 } catch let error as OutboxRowError {
                     // One unreadable row must not stall the outbox: it goes to dead letters (its stream waits
                     // behind it), and the same fetch runs again without it.
@@ -498,6 +528,7 @@ private struct RelayMetrics: Sendable {
     let oldestAge = Gauge(label: "eventoutbox_relay_oldest_waiting_age_seconds")
     let deadLetters = Gauge(label: "eventoutbox_relay_dead_letters")
     let active = Gauge(label: "eventoutbox_relay_active")
+    let partitionsOwned = Gauge(label: "eventoutbox_relay_partitions_owned")
 }
 
 /// Exponential backoff: 100 ms, 200 ms, ... up to `max`.

@@ -26,6 +26,14 @@ public struct OutboxRelayConfiguration: Sendable {
     /// The PostgreSQL advisory lock that elects the one active relay of a database. Relays that should
     /// take turns share it. Default: 7240511002.
     public var leaderLockKey: Int64 = 7_240_511_002
+    /// How many partitions the outbox's streams are split into, by a stable hash of the stream id. 1: one
+    /// relay of the database is active, the others stand by. N > 1: every running relay publishes a share of
+    /// the partitions (advisory locks `leaderLockKey ..< leaderLockKey + N`, plus `leaderLockKey - 1` to count
+    /// peers) and the survivors take over a dead relay's share. All relays of one database must use the same N
+    /// and lock key. Default: 1.
+    public var partitions: Int = 1 {
+        didSet { precondition(partitions >= 1, "partitions must be at least 1") }
+    }
     /// What happens to a row once Kafka has it: marked (and deleted after ``retention``) or deleted at once.
     /// Default: ``PublishedRows/mark``.
     public var publishedRows: PublishedRows = .mark

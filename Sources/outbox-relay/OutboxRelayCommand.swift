@@ -16,7 +16,9 @@ struct OutboxRelayCommand: AsyncParsableCommand {
         discussion: """
             Run it next to each service (a sidecar). It wakes on the NOTIFY that every append sends and also \
             polls. Several replicas may run against one database: one is active (PostgreSQL advisory lock), the \
-            others stand by and take over within seconds if it dies.
+            others stand by and take over within seconds if it dies. With --partitions N (the same N for all), \
+            the streams are split into N partitions by a hash of the stream id and every replica publishes a \
+            share; when one dies, the others take over its share.
 
             Publishing is pipelined: up to --max-in-flight rows are with Kafka at once, and each stream stays in \
             order (idempotent producer with the gapless guarantee, no message timeout; any failed delivery or \
@@ -58,6 +60,11 @@ struct OutboxRelayCommand: AsyncParsableCommand {
     @Option(help: "Seconds between a standby's attempts to become active.")
     var standbyInterval: Double = 1
 
+    @Option(help: ArgumentHelp(
+        "Split the streams into N partitions so that every running relay publishes a share (1: one active relay, the others stand by). Use the same N for all relays of a database.",
+        valueName: "N"))
+    var partitions: Int = 1
+
     @Option(help: "Advisory lock key shared by the relays of one database.")
     var lockKey: Int64 = 7_240_511_002
 
@@ -83,6 +90,7 @@ struct OutboxRelayCommand: AsyncParsableCommand {
     func validate() throws {
         guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
         guard maxInFlight >= 1 else { throw ValidationError("--max-in-flight must be at least 1") }
+        guard (1...4096).contains(partitions) else { throw ValidationError("--partitions must be between 1 and 4096") }
         guard pollInterval > 0, standbyInterval > 0, housekeepingInterval > 0 else {
             throw ValidationError("--poll-interval, --standby-interval and --housekeeping-interval must be positive")
         }
@@ -104,6 +112,7 @@ struct OutboxRelayCommand: AsyncParsableCommand {
             kafka: KafkaConfiguration(bootstrapServers: brokers, properties: try KafkaConfiguration.parseProperties(kafkaProperties)))
         configuration.batchSize = batchSize
         configuration.maxInFlight = maxInFlight
+        configuration.partitions = partitions
         configuration.shutdownTimeout = .milliseconds(Int(shutdownTimeout * 1000))
         configuration.housekeepingInterval = .milliseconds(Int(housekeepingInterval * 1000))
         configuration.publishedRows = deletePublished ? .delete : .mark

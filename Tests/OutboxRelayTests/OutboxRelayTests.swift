@@ -220,6 +220,36 @@ extension OutboxRelayTests {
     }
 }
 
+extension OutboxRelayTests {
+    @Test("partitions split the waiting rows by stream: disjoint, complete, and as PostgreSQL computes them")
+    func partitionsSplitStreams() async throws {
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: uniqueName("split")))
+        let odd = [#"it's "quoted""#, "🏦", "", "a,b{c}"]
+        for stream in odd {
+            try await test.store.append([NewEvent(Tick(n: 0))], to: stream, category: "tick", expectedVersion: .noStream)
+        }
+        try await test.appendTicks(streams: 30, perStream: 2)
+        let table = OutboxTable()
+        try await test.pool.withConnection { connection in
+            let all = try await table.waitingRows(after: 0, limit: 1000, on: connection)
+            #expect(all.count == 64)
+            var seen: [Int64] = []
+            for partition in 0..<4 {
+                let rows = try await table.waitingRows(
+                    after: 0, limit: 1000, partitions: OutboxPartitions(count: 4, owned: [partition]), on: connection)
+                for row in rows {
+                    #expect(try await OutboxPartitions.partition(of: row.streamID, count: 4, on: connection) == partition)
+                }
+                seen += rows.map(\.id)
+            }
+            #expect(seen.sorted() == all.map(\.id))
+            let two = try await table.waitingRows(after: 0, limit: 1000, partitions: OutboxPartitions(count: 4, owned: [1, 3]), on: connection)
+            #expect(Set(two.map(\.streamID)).count < 34)
+        }
+        try await test.drop()
+    }
+}
+
 @Suite("outbox retention")
 struct OutboxRetentionTests {
     @Test("published rows are deleted after the retention period; waiting rows never are")

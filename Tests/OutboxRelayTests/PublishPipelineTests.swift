@@ -100,3 +100,15 @@ struct PublishPipelineTests {
         guard case .unknown = pipeline.record(report(row(99, "x", 1))) else { Issue.record("expected unknown"); return }
     }
 }
+
+@Suite("partition ownership (no servers)")
+struct PartitionOwnershipTests {
+    @Test("each relay aims at ceil(partitions / relays), so every partition is covered")
+    func target() {
+        #expect(PartitionOwnership.target(partitions: 8, members: 1) == 8)
+        #expect(PartitionOwnership.target(partitions: 8, members: 3) == 3)
+        #expect(PartitionOwnership.target(partitions: 8, members: 2) == 4)
+        #expect(PartitionOwnership.target(partitions: 2, members: 5) == 1)
+        #expect(PartitionOwnership.target(partitions: 8, members: 0) == 8)
+    }
+}

@@ -157,3 +157,67 @@ struct RelayProcessTests {
         try await test.drop()
     }
 }
+
+/// For relays started with `--partitions`, how many partition locks each relay (by application name) holds.
+func partitionHolders(_ test: TestEventStore, lockKey: Int64, partitions: Int) async throws -> [String: Int] {
+    try await test.pool.withConnection { connection in
+        var holders: [String: Int] = [:]
+        for row in try await connection.query(
+            """
+            SELECT a.application_name AS name, count(*) AS held FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+            WHERE l.locktype = 'advisory' AND l.granted AND l.mode = 'ExclusiveLock' AND l.classid::text = '0'
+              AND l.objid::text::bigint BETWEEN $1 AND $2
+            GROUP BY a.application_name
+            """, [.int64(lockKey), .int64(lockKey + Int64(partitions) - 1)])
+        {
+            holders[try row.decode(String.self, "name")] = try row.decode(Int.self, "held")
+        }
+        return holders
+    }
+}
+
+@Suite("outbox-relay scale-out (real PostgreSQL + kafka-mock-cluster)")
+struct RelayScaleOutTests {
+    @Test("three relays on --partitions 8 share the streams; one SIGKILLed under load: survivors take over, nothing lost or reordered")
+    func threeRelaysOneKilled() async throws {
+        let topic = uniqueName("scale")
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let brokers = try TestEnvironment.kafkaBrokers()
+        let lockKey = Int64.random(in: 1000...2_000_000_000)
+        var ids = try await test.appendTicks(streams: 40, perStream: 25, batch: 5)
+        let relays = try ["relay_p0", "relay_p1", "relay_p2"].map {
+            try RelayProcess.start(test, name: $0, lockKey: lockKey, brokers: brokers, extra: ["--partitions", "8"])
+        }
+        try await waitUntil("all three relays hold partitions, eight in all") {
+            let holders = try await partitionHolders(test, lockKey: lockKey, partitions: 8)
+            return holders.count == 3 && holders.values.reduce(0, +) == 8
+        }
+        let shares = try await partitionHolders(test, lockKey: lockKey, partitions: 8)
+        #expect(shares.values.allSatisfy { (2...3).contains($0) }, "balanced shares: \(shares)")
+
+        // Load keeps coming while one relay dies.
+        let load = Task { try await test.appendTicks(streams: 40, perStream: 25, batch: 5, prefix: "load") }
+        try await waitUntil("some rows published") {
+            try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") >= 200
+        }
+        relays[0].signal(SIGKILL)
+        _ = try await relays[0].waitForExit()
+        ids += try await load.value
+        try await waitUntil("the two survivors hold all eight partitions", timeout: .seconds(30)) {
+            let holders = try await partitionHolders(test, lockKey: lockKey, partitions: 8)
+            return holders[relays[0].name] == nil && holders.values.reduce(0, +) == 8 && holders.count == 2
+        }
+        try await waitUntil("the survivors drain the outbox", timeout: .seconds(120)) {
+            try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+        }
+        for survivor in relays.dropFirst() {
+            #expect(survivor.output.contains("publishing outbox partitions"))
+            survivor.signal(SIGTERM)
+            #expect(try await survivor.waitForExit() == 0)
+        }
+        let reader = try await KafkaTopicReader.readAll(ids, brokers: brokers, topic: topic)
+        #expect(reader.eventIDs == Set(ids.map { $0.uuidString.lowercased() }))
+        #expect(reader.keysOutOfOrder.isEmpty)
+        try await test.drop()
+    }
+}
