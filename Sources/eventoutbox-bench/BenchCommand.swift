@@ -7,6 +7,7 @@ import KafkaClient
 import OutboxRelay
 import PostgresClient
 import Projections
+import Synchronization
 
 /// A small event for measurements.
 struct Sample: DomainEvent {
@@ -253,16 +254,21 @@ struct Latency: AsyncParsableCommand {
     @Option(help: "Connections committing in parallel.") var connections = 4
     @Flag(help: "Append without NOTIFY (the relay then finds rows by polling).") var noNotify = false
     @Option(help: "The outbox-relay executable (default: beside this one).") var relay: String?
+    @Option(name: .customLong("relay-arg"), parsing: .unconditionalSingleValue,
+            help: "An extra argument for outbox-relay (repeatable), e.g. --relay-arg=--kafka-property --relay-arg=linger.ms=0.")
+    var relayArguments: [String] = []
 
     func run() async throws {
         let env = try Environment.read()
+        print("librdkafka alone, enqueue → delivery report at \(rate) msgs/s for \(duration) s (the relay's producer settings):")
+        print("  " + percentiles(try await producerLatencies(brokers: env.brokers)))
         try await env.withSchema(connections: connections + 1) { url, store in
             var store = store
             store.notifiesOnAppend = !noNotify
             let process = Process()
             process.executableURL = URL(fileURLWithPath: relay ?? siblingExecutable("outbox-relay"))
             process.arguments = ["--database-url", url, "--brokers", env.brokers, "--lock-key",
-                                 String(Int64.random(in: 1...Int64.max)), "--log-level", "error"]
+                                 String(Int64.random(in: 1...Int64.max)), "--log-level", "error"] + relayArguments
             try process.run()
             defer {
                 process.terminate()
@@ -301,25 +307,78 @@ struct Latency: AsyncParsableCommand {
             let rows = try await store.pool.withConnection { connection in
                 try await connection.query(
                     """
-                    SELECT (EXTRACT(EPOCH FROM published_at - created_at) * 1000)::float8::text AS ms,
-                           (EXTRACT(EPOCH FROM created_at - min(created_at) OVER ()))::float8::text AS at
-                    FROM outbox
+                    SELECT (EXTRACT(EPOCH FROM o.published_at - o.created_at) * 1000)::float8::text AS ms,
+                           (EXTRACT(EPOCH FROM o.created_at - min(o.created_at) OVER ()))::float8::text AS at,
+                           CASE WHEN current_setting('track_commit_timestamp') = 'on'
+                                THEN (EXTRACT(EPOCH FROM o.published_at - pg_xact_commit_timestamp(e.xmin)) * 1000)::float8::text
+                           END AS after_commit
+                    FROM outbox o JOIN events e USING (event_id)
                     """
-                ).map { (Double(try $0.decode(String.self, "ms")) ?? 0, Double(try $0.decode(String.self, "at")) ?? 0) }
-            }
-            func summary(_ values: [Double]) -> String {
-                let sorted = values.sorted()
-                guard !sorted.isEmpty else { return "no samples" }
-                func pct(_ p: Double) -> Double { sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))] }
-                return String(format: "p50 %.1f ms, p90 %.1f ms, p99 %.1f ms, max %.1f ms (%d rows)",
-                              pct(0.5), pct(0.9), pct(0.99), sorted.last!, sorted.count)
+                ).map {
+                    (Double(try $0.decode(String.self, "ms")) ?? 0, Double(try $0.decode(String.self, "at")) ?? 0,
+                     try $0.decodeIfPresent(String.self, "after_commit").flatMap(Double.init))
+                }
             }
             print(String(format: "latency commit → acknowledged by Kafka at %.0f commits/s for %d s%@:", achieved, duration, noNotify ? " (no NOTIFY)" : ""))
-            print("  all rows: " + summary(rows.map(\.0)))
-            print("  first second: " + summary(rows.filter { $0.1 < 1 }.map(\.0)))
-            print("  after the first second: " + summary(rows.filter { $0.1 >= 1 }.map(\.0)))
+            print("  all rows: " + percentiles(rows.map(\.0)))
+            print("  first second: " + percentiles(rows.filter { $0.1 < 1 }.map(\.0)))
+            print("  after the first second: " + percentiles(rows.filter { $0.1 >= 1 }.map(\.0)))
+            let slowest = rows.sorted { $0.0 > $1.0 }.prefix(8)
+            print("  slowest rows (ms at s): " + slowest.map { String(format: "%.0f@%.2f", $0.0, $0.1) }.joined(separator: " "))
+            let afterCommit = rows.compactMap(\.2)
+            if !afterCommit.isEmpty {
+                // The relay's share alone: from the commit (track_commit_timestamp; the events row keeps the
+                // inserting transaction's xmin, the outbox row is rewritten when marked).
+                print("  commit timestamp → published: " + percentiles(afterCommit))
+            }
         }
     }
+}
+
+extension Latency {
+    /// Milliseconds from enqueue to delivery report of `rate` records per second for `duration` seconds, with
+    /// the relay's producer settings: the Kafka side of the latency without PostgreSQL or the relay.
+    func producerLatencies(brokers: String) async throws -> [Double] {
+        let sent = Locked<[UInt64: ContinuousClock.Instant]>([:])
+        let latencies = Locked<[Double]>([])
+        let producer = try KafkaProducer(
+            configuration: KafkaConfiguration(bootstrapServers: brokers, properties: OutboxRelayConfiguration.producerDefaults),
+            deliveryReports: { report in
+                let now = ContinuousClock.now
+                guard let start = sent.withLock({ $0.removeValue(forKey: report.messageID) }) else { return }
+                latencies.withLock { $0.append(seconds(now - start) * 1000) }
+            })
+        let topic = "latency-kafka-" + UUID().uuidString.prefix(8).lowercased()
+        await producer.prepare(topics: [topic])
+        let interval = Duration.seconds(1.0 / Double(rate))
+        var next = ContinuousClock.now
+        for n in 1...(rate * duration) {
+            try await Task.sleep(until: next)
+            sent.withLock { $0[UInt64(n)] = .now }
+            try producer.enqueue(KafkaOutgoingMessage(topic: topic, key: "k\(n % 50)", value: "{\"n\":\(n)}"), messageID: UInt64(n))
+            next = next + interval
+        }
+        try await producer.flush(timeout: .seconds(30))
+        await producer.close()
+        return latencies.value
+    }
+}
+
+/// p50/p90/p99/max of millisecond samples.
+func percentiles(_ values: [Double]) -> String {
+    let sorted = values.sorted()
+    guard !sorted.isEmpty else { return "no samples" }
+    func pct(_ p: Double) -> Double { sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))] }
+    return String(format: "p50 %.1f ms, p90 %.1f ms, p99 %.1f ms, max %.1f ms (%d samples)",
+                  pct(0.5), pct(0.9), pct(0.99), sorted.last!, sorted.count)
+}
+
+/// A value shared with callbacks on other threads.
+final class Locked<Value: Sendable>: Sendable {
+    private let mutex: Mutex<Value>
+    init(_ value: Value) { mutex = Mutex(value) }
+    func withLock<R: Sendable>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
+    var value: Value { mutex.withLock { $0 } }
 }
 
 struct Project: AsyncParsableCommand {
