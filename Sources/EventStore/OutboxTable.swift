@@ -106,23 +106,57 @@ public struct OutboxTable: Sendable {
     ///
     /// - Parameters:
     ///   - cursor: 0 for a full scan; else the highest id the caller has already taken.
+    ///   - alsoIDs: ids below the cursor to look at again (ids a cursor skipped: their transactions may
+    ///     commit later); those still waiting come first.
     ///   - partitions: only streams of these partitions (``OutboxPartitions``); every stream by default.
     public func waitingRows(
-        after cursor: Int64, limit: Int, partitions: OutboxPartitions = .all, on connection: PostgresConnection
+        after cursor: Int64, alsoIDs: [Int64] = [], limit: Int, partitions: OutboxPartitions = .all,
+        on connection: PostgresConnection
     ) async throws -> [OutboxRow] {
-        try await connection.query(
+        try await selectWaiting(
+            alsoIDs.isEmpty ? ["o.id > $2"] : ["o.id > $2", "o.id = ANY($3::bigint[])"],
+            alsoIDs.isEmpty ? [.int64(cursor)] : [.int64(cursor), .int64Array(alsoIDs)], limit: limit,
+            partitions: partitions, statement: "outbox: waiting rows", on: connection)
+    }
+
+    /// Waiting rows with ids up to `cursor` other than `excluded` (the rows a relay has in flight), in id order:
+    /// the rows a cursor passed while their transactions were still open, and rows a relay held back behind
+    /// them. Lets a busy relay catch up on those without waiting for its pipeline to empty.
+    public func waitingRows(
+        through cursor: Int64, excluding excluded: [Int64], limit: Int, partitions: OutboxPartitions = .all,
+        on connection: PostgresConnection
+    ) async throws -> [OutboxRow] {
+        try await selectWaiting(
+            ["o.id <= $2 AND NOT EXISTS (SELECT 1 FROM unnest($3::bigint[]) AS f(id) WHERE f.id = o.id)"],
+            [.int64(cursor), .int64Array(excluded)], limit: limit, partitions: partitions,
+            statement: "outbox: waiting rows behind the cursor", on: connection)
+    }
+
+    /// The one shape of every fetch: waiting rows matching any of `conditions` (each an index-friendly branch
+    /// of its own, so no branch turns the ordered scan into a sort of the whole backlog), in id order. `$1` is
+    /// the limit; the conditions use `binds` as `$2`, `$3`, ...
+    private func selectWaiting(
+        _ conditions: [String], _ binds: [PostgresBind], limit: Int, partitions: OutboxPartitions, statement: String,
+        on connection: PostgresConnection
+    ) async throws -> [OutboxRow] {
+        let partitionCount = "$\(binds.count + 2)::int"
+        let filters = """
+            o.published_at IS NULL
+              AND (\(partitionCount) = 1
+                   OR \(OutboxPartitions.sql("o.stream_id", count: partitionCount)) = ANY($\(binds.count + 3)::int[]))
+              AND NOT EXISTS (SELECT 1 FROM outbox_dead_letters d WHERE d.stream_id = o.stream_id)
+            """
+        let branches = conditions.map { "(SELECT o.* FROM outbox o WHERE \($0) AND \(filters) ORDER BY o.id LIMIT $1)" }
+        return try await connection.query(
             """
             SELECT o.id, o.event_id, o.stream_id, o.stream_version, o.topic, o.message_key, o.envelope,
                    o.headers::text AS headers, o.created_at
-            FROM outbox o
-            WHERE o.published_at IS NULL AND o.id > $1
-              AND ($3::int = 1 OR \(OutboxPartitions.sql("o.stream_id", count: "$3::int")) = ANY($4::int[]))
-              AND NOT EXISTS (SELECT 1 FROM outbox_dead_letters d WHERE d.stream_id = o.stream_id)
+            FROM (\(branches.joined(separator: " UNION ALL "))) o
             ORDER BY o.id
-            LIMIT $2
+            LIMIT $1
             """,
-            [.int64(cursor), .int(limit), .int(partitions.count), .int32Array(partitions.owned.map(Int32.init))],
-            statement: "outbox: waiting rows"
+            [.int(limit)] + binds + [.int(partitions.count), .int32Array(partitions.owned.map(Int32.init))],
+            statement: statement
         ).map { row in
             let id = try row.decode(Int64.self, "id")
             let headersText = try row.decode(String.self, "headers")

@@ -187,8 +187,10 @@ public final class OutboxRelay: Service, Sendable {
         _ producer: KafkaProducer, _ inbox: ProducerInbox, _ connection: PostgresConnection,
         _ marker: PublishedRowMarker, _ housekeeping: inout HousekeepingClock, _ ownership: inout PartitionOwnership?
     ) async throws -> GenerationEnd {
-        var pipeline = PublishPipeline()
+        var pipeline = PublishPipeline(tracksGaps: ownership == nil)
         var lastBalance: ContinuousClock.Instant?
+        // A share to give back once nothing is in flight: fetching pauses until then.
+        var releasePending = false
         var purged = false
         var retriableFailures = 0
         var lastFullScan = ContinuousClock.now
@@ -230,31 +232,34 @@ public final class OutboxRelay: Service, Sendable {
                 try await self.housekeeping(connection)
                 housekeeping.ran()
             }
-            // A pass from the first waiting row finds rows of late commits; it may start only when nothing is
-            // in flight. With nothing in flight it costs nothing extra, so take it then; under continuous load
-            // pause fetching once per poll interval (or at once after a hole) to let the pipeline empty.
-            if pipeline.isIdle, var partitioned = ownership,
-                lastBalance.map({ ContinuousClock.now - $0 >= configuration.standbyRetryInterval }) ?? true
+            // Partitioned relays: take free partitions at any time, give back a surplus only with nothing in
+            // flight (fetching pauses for that below).
+            if var partitioned = ownership,
+                (releasePending && pipeline.isIdle)
+                    || lastBalance.map({ ContinuousClock.now - $0 >= configuration.standbyRetryInterval }) ?? true
             {
-                // Partitions change hands only here: nothing in flight, every delivery marked.
-                try await marker.flush()
-                if try await partitioned.rebalance(on: connection) {
+                if pipeline.isIdle { try await marker.flush() }
+                let change = try await partitioned.rebalance(mayRelease: pipeline.isIdle, on: connection)
+                if change.changed {
                     logger.info("publishing outbox partitions", metadata: [
                         "outbox.partitions": "\(partitioned.owned)", "outbox.partition_count": "\(partitioned.count)"])
-                    pipeline.rescan()
+                    // New partitions' waiting rows may lie behind the cursor.
+                    if pipeline.isIdle { pipeline.rescan() } else { pipeline.requestRescan() }
                 }
+                releasePending = change.mustRelease
                 ownership = partitioned
                 lastBalance = .now
                 setActive(!partitioned.owned.isEmpty)
                 metrics.partitionsOwned.record(partitioned.owned.count)
             }
+            // Rows of late commits lie behind the cursor. With nothing in flight, start again from the first
+            // waiting row (free then). Under load, after a hole or once per poll interval, fetch the waiting
+            // rows behind the cursor that are not in flight, without stopping the pipeline.
             if pipeline.isIdle && pipeline.cursor > 0 {
                 try await marker.flush()
                 pipeline.rescan()
                 lastFullScan = .now
             }
-            let drainingForRescan =
-                !pipeline.isIdle && (pipeline.needsRescan || ContinuousClock.now - lastFullScan >= configuration.pollInterval)
             let room = configuration.maxInFlight - pipeline.inFlight.count
             let partitions = ownership?.partitions ?? .all
             if partitions.owned.isEmpty {
@@ -262,25 +267,57 @@ public final class OutboxRelay: Service, Sendable {
                 await wakeup.wait(timeout: configuration.standbyRetryInterval)
                 continue
             }
-            if !drainingForRescan && room > 0 {
+            if releasePending && !pipeline.isIdle {
+                await wakeup.wait(timeout: configuration.pollInterval)
+                continue
+            }
+            if room > 0 && !pipeline.isIdle
+                && (pipeline.needsRescan || ContinuousClock.now - lastFullScan >= configuration.pollInterval)
+            {
+                // Delivered rows not yet marked would come back as waiting: write them first.
+                try await marker.flush()
+                pipeline.beginCatchUp()
+                lastFullScan = .now
                 let limit = min(configuration.batchSize, room)
-                let rows: [OutboxRow]
-                do {
-                    rows = try await table.waitingRows(after: pipeline.cursor, limit: limit, partitions: partitions, on: connection)
-                } catch let error as OutboxRowError {
-                    // One unreadable row must not stall the outbox: it goes to dead letters (its stream waits
-                    // behind it), and the same fetch runs again without it.
-                    try await table.moveToDeadLetters(error.outboxID, error: "\(error)", on: connection)
-                    metrics.deadLettered.increment()
-                    logger.error("outbox row cannot be read; moved to dead letters, its stream is held back",
-                                 metadata: ["outbox.id": "\(error.outboxID)", "error": "\(error)"])
-                    continue
-                }
+                guard let rows = try await fetch(connection, { [cursor = pipeline.cursor, inFlight = Array(pipeline.inFlight.keys)] in
+                    try await self.table.waitingRows(
+                        through: cursor, excluding: inFlight, limit: limit, partitions: partitions, on: connection)
+                }) else { continue }
+                let holes = try await table.streamsWithWaitingRows(in: pipeline.rangesToCheck(rows), on: connection)
+                try await enqueue(pipeline.admit(rows, holes: holes), producer, &pipeline, connection)
+                if rows.count == limit { pipeline.requestRescan() }
+                continue
+            }
+            if room > 0 {
+                let limit = min(configuration.batchSize, room)
+                let cursor = pipeline.cursor
+                let gaps = pipeline.gapsToRecheck()
+                guard let rows = try await fetch(connection, {
+                    try await self.table.waitingRows(after: cursor, alsoIDs: gaps, limit: limit, partitions: partitions, on: connection)
+                }) else { continue }
+                pipeline.noteFetched(rows, after: cursor)
                 let holes = try await table.streamsWithWaitingRows(in: pipeline.rangesToCheck(rows), on: connection)
                 try await enqueue(pipeline.admit(rows, holes: holes), producer, &pipeline, connection)
                 if rows.count == limit { continue }
             }
             await wakeup.wait(timeout: configuration.pollInterval)
+        }
+    }
+
+    /// Runs a fetch of waiting rows. An unreadable row must not stall the outbox: it goes to dead letters (its
+    /// stream waits behind it) and `nil` is returned, so that the caller fetches again without it.
+    private func fetch(
+        _ connection: PostgresConnection, _ body: @Sendable () async throws -> [OutboxRow]
+    ) async throws -> [OutboxRow]? {
+        do {
+            return try await body()
+        } catch let error as OutboxRowError {
+            try await table.moveToDeadLetters(error.outboxID, error: "\(error)", on: connection)
+            metrics.deadLettered.increment()
+            logger.error(
+                "outbox row cannot be read; moved to dead letters, its stream is held back",
+                metadata: ["outbox.id": "\(error.outboxID)", "error": "\(error)"])
+            return nil
         }
     }
 

@@ -8,8 +8,8 @@ import PostgresClient
 /// relays also hold one shared "member" lock (key `leaderLockKey - 1`), so each can count its peers. Every
 /// relay aims at `ceil(partitions / members)` partitions: it takes free ones up to that and gives back any
 /// above it. A relay that dies loses its session and so its locks; the survivors take its partitions at their
-/// next rebalance. Changes are applied only while nothing is in flight (the caller's job), so a partition
-/// changes hands with every delivered row already marked.
+/// next rebalance. A relay takes partitions at any time, but gives them back only while nothing is in flight
+/// (the caller says when), so a partition changes hands with every delivered row already marked.
 struct PartitionOwnership {
     let count: Int
     let baseKey: Int64
@@ -36,8 +36,17 @@ struct PartitionOwnership {
         return (partitions + members - 1) / members
     }
 
-    /// Takes free partitions up to the target and gives back those above it. Returns whether `owned` changed.
-    mutating func rebalance(on connection: PostgresConnection) async throws -> Bool {
+    /// What a rebalance did.
+    struct Change {
+        /// `owned` changed.
+        var changed = false
+        /// This relay holds more than its share but was not allowed to give any back (rows in flight).
+        var mustRelease = false
+    }
+
+    /// Takes free partitions up to the target and, when `mayRelease`, gives back those above it (only allowed
+    /// with nothing in flight, so that a partition changes hands with every delivered row marked).
+    mutating func rebalance(mayRelease: Bool, on connection: PostgresConnection) async throws -> Change {
         let members = try await connection.query(
             """
             SELECT count(*) AS members FROM pg_locks
@@ -48,6 +57,7 @@ struct PartitionOwnership {
         ).first!.decode(Int.self, "members")
         let target = Self.target(partitions: count, members: members)
         let before = owned
+        guard mayRelease || owned.count <= target else { return Change(mustRelease: true) }
         while owned.count > target, let released = owned.popLast() {
             try await connection.query("SELECT pg_advisory_unlock($1)", [.int64(baseKey &+ Int64(released))], statement: "relay: release partition")
         }
@@ -65,6 +75,6 @@ struct PartitionOwnership {
             }
         }
         owned.sort()
-        return owned != before.sorted()
+        return Change(changed: owned != before.sorted())
     }
 }

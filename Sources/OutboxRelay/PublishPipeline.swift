@@ -10,8 +10,9 @@ import KafkaClient
 ///   last row it sent of each stream: the next version needs no check; any other row (a stream not seen yet,
 ///   or versions that do not follow) is checked in the database first (``rangesToCheck(_:)``). A waiting row
 ///   in between is a hole (its transaction took a lower id and committed after the fetch cursor passed it):
-///   the row is skipped and a full rescan is due, which starts only once nothing is in flight, so the
-///   earlier row goes first.
+///   the row is skipped and its stream held. The relay then fetches the waiting rows behind the cursor that
+///   are not in flight (the late row first, in id order) and admits them by the same rules; with nothing in
+///   flight it simply starts again from the first waiting row.
 /// - After the first failed delivery nothing more is sent on this producer: the relay purges it, waits for
 ///   every report, and starts a new producer from the rows still waiting in the database.
 /// - Within one producer, librdkafka's idempotent producer (gapless, no message timeout) never lets record
@@ -35,6 +36,39 @@ struct PublishPipeline {
     private var blockedStreams: Set<String> = []
 
     var isIdle: Bool { inFlight.isEmpty }
+
+    /// Whether skipped ids are tracked (off for a partitioned relay: other partitions' rows look like gaps).
+    let tracksGaps: Bool
+    /// Ids the cursor passed without a row, with when that was seen: a transaction that took the id had not
+    /// committed yet (or rolled back). Each fetch looks at them again for ``gapLifetime``, so a late commit
+    /// goes out at once instead of when its stream's next row reveals the hole. Rolled-back ids expire.
+    private(set) var gaps: [Int64: ContinuousClock.Instant] = [:]
+    static let gapLifetime: Duration = .seconds(10)
+    /// A longer run of missing ids is rows published or dead-lettered before, not open transactions.
+    static let maxGapRun: Int64 = 1000
+    static let maxGaps = 10_000
+
+    init(tracksGaps: Bool = true) { self.tracksGaps = tracksGaps }
+
+    /// The skipped ids to look at again with the next fetch (expired ones dropped).
+    mutating func gapsToRecheck(now: ContinuousClock.Instant = .now) -> [Int64] {
+        gaps = gaps.filter { now - $0.value < Self.gapLifetime }
+        return gaps.keys.sorted()
+    }
+
+    /// Records which ids a fetch above `previousCursor` skipped, and which looked-for ids turned up.
+    mutating func noteFetched(_ rows: [OutboxRow], after previousCursor: Int64, now: ContinuousClock.Instant = .now) {
+        guard tracksGaps else { return }
+        var expected: Int64? = previousCursor > 0 ? previousCursor + 1 : nil
+        for row in rows {
+            gaps.removeValue(forKey: row.id)
+            guard row.id > previousCursor else { continue }
+            if let first = expected, row.id > first, row.id - first <= Self.maxGapRun, gaps.count < Self.maxGaps {
+                for id in first..<row.id { gaps[id] = now }
+            }
+            expected = row.id + 1
+        }
+    }
 
     /// The ranges to look up (``OutboxTable/streamsWithWaitingRows(in:on:)``) before `rows` (a fetch result,
     /// id order) can be admitted: one per row whose predecessor this pipeline has not just sent.
@@ -129,11 +163,23 @@ struct PublishPipeline {
         if failure == nil { failure = error }
     }
 
+    /// Before fetching the rows behind the cursor (``OutboxTable/waitingRows(through:excluding:limit:partitions:on:)``,
+    /// excluding the rows in flight): the streams held back in this pass may go again, in id order, from
+    /// those rows. Lets a busy relay deal with late commits without waiting for the pipeline to empty.
+    mutating func beginCatchUp() {
+        needsRescan = false
+        blockedStreams = []
+    }
+
+    /// Asks for another look behind the cursor (the last one was cut off by its limit).
+    mutating func requestRescan() { needsRescan = true }
+
     /// Starts the next pass from the first waiting row. Only when nothing is in flight (and every delivery
     /// is marked), so that a row found now cannot overtake an earlier row of its stream.
     mutating func rescan() {
         precondition(inFlight.isEmpty, "rescan with rows in flight")
         cursor = 0
+        gaps = [:]
         needsRescan = false
         blockedStreams = []
     }

@@ -50,6 +50,45 @@ struct PublishPipelineTests {
         #expect(pipeline.admit(again, holes: []).map(\.id) == [5, 10, 12])
     }
 
+    @Test("catching up behind the cursor while rows are in flight: the late row goes first, then its held stream")
+    func catchUpWhileBusy() {
+        var pipeline = PublishPipeline()
+        let busy = row(1, "busy", 1)
+        pipeline.admit([busy], holes: []).forEach { pipeline.sent($0) }
+        // id 3 (late v1) was invisible when the cursor passed; late v2 (id 5) shows the hole.
+        let admitted = pipeline.admit([row(4, "busy", 2), row(5, "late", 2)], holes: ["late"])
+        admitted.forEach { pipeline.sent($0) }
+        #expect(admitted.map(\.id) == [4])
+        #expect(pipeline.needsRescan && !pipeline.isIdle)
+        pipeline.beginCatchUp()
+        #expect(!pipeline.needsRescan)
+        #expect(pipeline.cursor == 5)
+        // Behind the cursor, not in flight: the late row and the held one, in id order.
+        let behind = [row(3, "late", 1), row(5, "late", 2)]
+        #expect(pipeline.rangesToCheck(behind).isEmpty)
+        #expect(pipeline.admit(behind, holes: []).map(\.id) == [3, 5])
+        #expect(pipeline.cursor == 5)
+    }
+
+    @Test("ids a fetch skipped are looked at again until they turn up or expire; long runs are not tracked")
+    func gaps() {
+        var pipeline = PublishPipeline()
+        let start = ContinuousClock.now
+        pipeline.noteFetched([row(1, "a", 1), row(2, "b", 1)], after: 0, now: start)
+        #expect(pipeline.gapsToRecheck(now: start).isEmpty, "a full scan's first row leaves no gap")
+        pipeline.noteFetched([row(5, "a", 2), row(7, "c", 1)], after: 2, now: start)
+        #expect(pipeline.gapsToRecheck(now: start) == [3, 4, 6])
+        // Id 4 committed late: it turns up through the recheck and leaves the list.
+        pipeline.noteFetched([row(4, "d", 1), row(8, "a", 3)], after: 7, now: start)
+        #expect(pipeline.gapsToRecheck(now: start) == [3, 6])
+        #expect(pipeline.gapsToRecheck(now: start + PublishPipeline.gapLifetime).isEmpty, "rolled-back ids expire")
+        pipeline.noteFetched([row(5_000, "e", 1)], after: 8, now: start)
+        #expect(pipeline.gapsToRecheck(now: start).isEmpty, "a long run of missing ids is not an open transaction")
+        var partitioned = PublishPipeline(tracksGaps: false)
+        partitioned.noteFetched([row(5, "a", 2), row(7, "c", 1)], after: 2, now: start)
+        #expect(partitioned.gapsToRecheck(now: start).isEmpty)
+    }
+
     @Test("after the first failed delivery nothing more is admitted; a permanent error dead-letters only the stream's first failure")
     func failureStopsThePipeline() {
         var pipeline = PublishPipeline()
