@@ -123,6 +123,8 @@ struct Drain: AsyncParsableCommand {
     @Option(help: "Streams they belong to (10 = a few hot streams).") var streams = 1000
     @Option(help: "Rows per statement (baseline and relay).") var batchSize = 1000
     @Flag(help: "Run the relay with --delete-published.") var deletePublished = false
+    @Option(help: "Relay processes draining together (with --partitions > 1 they share the streams).") var relays = 1
+    @Option(help: "The relays' --partitions.") var partitions = 1
     @Option(help: "The outbox-relay executable (default: beside this one).") var relay: String?
 
     func run() async throws {
@@ -176,32 +178,39 @@ struct Drain: AsyncParsableCommand {
             let kafkaRate = Double(events) / seconds(ContinuousClock.now - kcatStart)
 
             let relayStart = ContinuousClock.now
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: relayPath)
-            process.arguments = ["--database-url", url, "--brokers", env.brokers, "--batch-size", String(batchSize),
-                                 "--lock-key", String(Int64.random(in: 1...Int64.max)), "--log-level", "error"]
-                + (deletePublished ? ["--delete-published"] : [])
-            try process.run()
-            let pid = process.processIdentifier
+            let lockKey = Int64.random(in: 1...Int64.max / 2)
+            let processes = try (0..<relays).map { _ in
+                let process = Process()
+                process.executableURL = URL(fileURLWithPath: relayPath)
+                process.arguments = ["--database-url", url, "--brokers", env.brokers, "--batch-size", String(batchSize),
+                                     "--lock-key", String(lockKey), "--log-level", "error", "--partitions", String(partitions)]
+                    + (deletePublished ? ["--delete-published"] : [])
+                try process.run()
+                return process
+            }
+            let pids = processes.map(\.processIdentifier)
             var peak = try await store.pool.withConnection { connection in
                 var peak = 0
                 while try await connection.query(
                     "SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL) AS waiting").first!.decode(Bool.self, "waiting")
                 {
-                    peak = max(peak, peakRSSKilobytes(pid))
+                    peak = max(peak, pids.map(peakRSSKilobytes).max() ?? 0)
                     try await Task.sleep(for: .milliseconds(20))
                 }
                 return peak
             }
             let rate = Double(events) / seconds(ContinuousClock.now - relayStart)
-            peak = max(peak, peakRSSKilobytes(process.processIdentifier))
-            process.terminate()
-            process.waitUntilExit()
+            peak = max(peak, pids.map(peakRSSKilobytes).max() ?? 0)
+            for process in processes {
+                process.terminate()
+                process.waitUntilExit()
+            }
             return (kafkaRate, rate, peak)
         }
         print(String(format: "  librdkafka alone (kcat -P, idempotent, acks=all): %.0f msgs/s", kafka))
-        print(String(format: "  outbox-relay%@: %.0f events/s = %.2f x the slower baseline; peak RSS %.1f MB",
-                     deletePublished ? " --delete-published" : "", relayRate, relayRate / min(postgres, kafka), Double(rss) / 1024))
+        let shape = (deletePublished ? " --delete-published" : "") + (relays > 1 || partitions > 1 ? " ×\(relays), --partitions \(partitions)" : "")
+        print(String(format: "  outbox-relay%@: %.0f events/s = %.2f x the slower baseline; peak RSS %.1f MB (largest relay)",
+                     shape, relayRate, relayRate / min(postgres, kafka), Double(rss) / 1024))
     }
 }
 
