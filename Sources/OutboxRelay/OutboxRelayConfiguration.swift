@@ -15,9 +15,9 @@ public struct OutboxRelayConfiguration: Sendable {
     public var maxInFlight: Int = 10_000 {
         didSet { precondition(maxInFlight >= 1, "maxInFlight must be at least 1") }
     }
-    /// Longest wait between looks at the outbox when no NOTIFY arrives; also how often a relay under
-    /// continuous load rescans from the first waiting row (which finds rows of transactions that committed
-    /// late). Default: 1 s.
+    /// Longest wait between looks at the outbox when no NOTIFY arrives; also how often a relay under load
+    /// looks behind its cursor for rows of transactions that committed late (skipped ids are rechecked on
+    /// every fetch besides). Default: 1 s.
     public var pollInterval: Duration = .seconds(1)
     /// How often the outbox gauges are refreshed and retention runs, backlog or not. Default: 5 s.
     public var housekeepingInterval: Duration = .seconds(5)
