@@ -121,7 +121,7 @@ let package = Package(
         .executableTarget(
             name: "outbox-relay",
             dependencies: [
-                "CommandLineSupport",
+                "CommandLineSupport", "EventStore",
                 "OutboxRelay", "Observability", "KafkaClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),

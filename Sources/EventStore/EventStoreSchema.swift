@@ -92,6 +92,14 @@ public enum EventStoreSchema {
                 -- The relay asks, for each row it takes, whether its stream has an earlier waiting row.
                 CREATE INDEX outbox_waiting_stream ON outbox (stream_id, id) WHERE published_at IS NULL;
                 """),
+        Migration(
+            version: 4, name: "dead letters: rows held behind another",
+            sql: """
+                -- A relay reading the WAL cannot leave a held-back row waiting in the outbox: it records it here,
+                -- pointing at the dead letter it waits for, and retrying that one retries both.
+                ALTER TABLE outbox_dead_letters ADD COLUMN held_behind bigint;
+                CREATE INDEX outbox_dead_letters_held ON outbox_dead_letters (held_behind) WHERE held_behind IS NOT NULL;
+                """),
     ]
 
     /// Applies the migrations that are missing. Returns the versions it applied (empty if up to date).

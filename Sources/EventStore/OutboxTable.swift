@@ -31,6 +31,29 @@ public struct OutboxRow: Sendable, Hashable {
     }
 }
 
+extension OutboxRow {
+    /// Reads a row of `outbox` (from a query, or an insert read from the WAL).
+    /// - Throws: ``OutboxRowError`` when its headers are not a JSON object of strings; ``PostgresError`` when a
+    ///   column is missing or does not decode.
+    public init(row: PostgresRow) throws {
+        let id = try row.decode(Int64.self, "id")
+        let headersText = try row.decode(String.self, "headers")
+        guard let headers = try? JSONDecoder().decode([String: String].self, from: Data(headersText.utf8)) else {
+            throw OutboxRowError(outboxID: id, reason: "its headers are not a JSON object of strings: \(headersText.prefix(200))")
+        }
+        self.init(
+            id: id,
+            eventID: try row.decode(UUID.self, "event_id"),
+            streamID: try row.decode(String.self, "stream_id"),
+            streamVersion: try row.decode(Int64.self, "stream_version"),
+            topic: try row.decode(String.self, "topic"),
+            key: try row.decode(String.self, "message_key"),
+            envelope: try row.decode(String.self, "envelope"),
+            headers: headers,
+            createdAt: try row.decode(Date.self, "created_at"))
+    }
+}
+
 /// A share of the outbox's streams, for relays that split the work (`outbox-relay --partitions N`).
 ///
 /// A stream's partition is a stable hash of its id computed by PostgreSQL (`hashtext`), so every relay of a
@@ -157,23 +180,7 @@ public struct OutboxTable: Sendable {
             """,
             [.int(limit)] + binds + [.int(partitions.count), .int32Array(partitions.owned.map(Int32.init))],
             statement: statement
-        ).map { row in
-            let id = try row.decode(Int64.self, "id")
-            let headersText = try row.decode(String.self, "headers")
-            guard let headers = try? JSONDecoder().decode([String: String].self, from: Data(headersText.utf8)) else {
-                throw OutboxRowError(outboxID: id, reason: "its headers are not a JSON object of strings: \(headersText.prefix(200))")
-            }
-            return OutboxRow(
-                id: id,
-                eventID: try row.decode(UUID.self, "event_id"),
-                streamID: try row.decode(String.self, "stream_id"),
-                streamVersion: try row.decode(Int64.self, "stream_version"),
-                topic: try row.decode(String.self, "topic"),
-                key: try row.decode(String.self, "message_key"),
-                envelope: try row.decode(String.self, "envelope"),
-                headers: headers,
-                createdAt: try row.decode(Date.self, "created_at"))
-        }
+        ).map(OutboxRow.init(row:))
     }
 
     /// A question about one stream: does it have a waiting row with an id strictly between `afterID` and
@@ -252,17 +259,63 @@ public struct OutboxTable: Sendable {
             """, [.int64(id), .text(error)], statement: "outbox: dead-letter")
     }
 
-    /// Puts a dead letter back into the outbox under its original id (so it goes before its stream's later rows).
+    /// Records a row as a dead letter from its content, and deletes it from the outbox if it is still there:
+    /// for relays that read rows from the WAL, where the outbox row may already be gone. Recording the same
+    /// row twice keeps the first record.
+    /// - Parameter heldBehind: for a row that did not fail itself but follows a dead letter of its stream:
+    ///   that dead letter's outbox id (retrying it retries this row too).
+    public func deadLetter(_ row: OutboxRow, error: String, heldBehind: Int64? = nil, on connection: PostgresConnection)
+        async throws
+    {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        let headers = String(decoding: try encoder.encode(row.headers), as: UTF8.self)
+        try await connection.execute(
+            """
+            WITH gone AS (DELETE FROM outbox WHERE id = $1)
+            INSERT INTO outbox_dead_letters
+                (outbox_id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at, error, held_behind)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11)
+            ON CONFLICT (outbox_id) DO NOTHING
+            """,
+            [.int64(row.id), .uuid(row.eventID), .text(row.streamID), .int64(row.streamVersion), .text(row.topic), .text(row.key),
+             .text(row.envelope), .text(headers), .timestamp(row.createdAt), .text(error), heldBehind.map { .int64($0) } ?? .null],
+            statement: "outbox: dead-letter row")
+    }
+
+    /// The dead letters of one stream that hold it back: the lowest stream version and its outbox id, or `nil`
+    /// when the stream has none.
+    public func firstDeadLetter(ofStream streamID: String, on connection: PostgresConnection) async throws
+        -> (outboxID: Int64, streamVersion: Int64)?
+    {
+        try await connection.query(
+            "SELECT outbox_id, stream_version FROM outbox_dead_letters WHERE stream_id = $1 ORDER BY stream_version, outbox_id LIMIT 1",
+            [.text(streamID)], statement: "outbox: first dead letter of stream"
+        ).first.map { (try $0.decode(Int64.self, "outbox_id"), try $0.decode(Int64.self, "stream_version")) }
+    }
+
+    /// Every stream that has a dead letter.
+    public func streamsWithDeadLetters(on connection: PostgresConnection) async throws -> Set<String> {
+        Set(
+            try await connection.query("SELECT DISTINCT stream_id FROM outbox_dead_letters", statement: "outbox: dead-lettered streams")
+                .map { try $0.decode(String.self, "stream_id") })
+    }
+
+    /// Puts a dead letter back into the outbox under its original id (so it goes before its stream's later
+    /// rows), with the rows held behind it (`--source wal`), in id order.
     /// - Returns: `false` if there is no dead letter with that id.
     public func retryDeadLetter(_ outboxID: Int64, on connection: PostgresConnection) async throws -> Bool {
         try await connection.withTransaction { tx in
             let moved = try await tx.execute(
                 """
-                WITH moved AS (DELETE FROM outbox_dead_letters WHERE outbox_id = $1 RETURNING *)
+                WITH moved AS (
+                    DELETE FROM outbox_dead_letters
+                    WHERE outbox_id = $1 OR (held_behind = $1 AND EXISTS (SELECT 1 FROM outbox_dead_letters WHERE outbox_id = $1))
+                    RETURNING *)
                 INSERT INTO outbox (id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at)
                 OVERRIDING SYSTEM VALUE
                 SELECT outbox_id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at
-                FROM moved
+                FROM moved ORDER BY outbox_id
                 """, [.int64(outboxID)], statement: "outbox: retry dead letter")
             if moved > 0 {
                 try await tx.notify(EventStoreSchema.outboxChannel, payload: "1")
@@ -312,5 +365,16 @@ public struct OutboxTable: Sendable {
                   AND published_at < clock_timestamp() - make_interval(secs => $1::float8)
                 ORDER BY published_at LIMIT $2)
             """, [.text(String(Double(olderThan.components.seconds))), .int(limit)], statement: "outbox: retention")
+    }
+
+    /// Deletes up to `limit` rows written more than `olderThan` ago, published or not: for relays that read
+    /// the WAL, which holds every insert (the rows are a convenience for inspection). Returns how many it deleted.
+    public func deleteRows(olderThan: Duration, limit: Int, on connection: PostgresConnection) async throws -> Int {
+        try await connection.execute(
+            """
+            DELETE FROM outbox WHERE id IN (
+                SELECT id FROM outbox WHERE created_at < clock_timestamp() - make_interval(secs => $1::float8)
+                ORDER BY id LIMIT $2)
+            """, [.text(String(Double(olderThan.components.seconds))), .int(limit)], statement: "outbox: retention (wal)")
     }
 }

@@ -24,13 +24,13 @@ import Synchronization
 ///   until it is retried (`eventoutbox dead-letters retry`); other streams go on.
 public final class OutboxRelay: Service, Sendable {
     public let configuration: OutboxRelayConfiguration
-    private let logger: Logger
-    private let table = OutboxTable()
+    let logger: Logger
+    let table = OutboxTable()
     private let stopping = Atomic<Bool>(false)
-    private let wakeup = Wakeup()
-    private let counters = RelayCounters()
-    private let metrics = RelayMetrics()
-    private let latestStatus = Mutex<OutboxStatus?>(nil)
+    let wakeup = Wakeup()
+    let counters = RelayCounters()
+    let metrics = RelayMetrics()
+    let latestStatus = Mutex<OutboxStatus?>(nil)
 
     public init(configuration: OutboxRelayConfiguration, logger: Logger = Logger(label: "eventoutbox.relay")) {
         self.configuration = configuration
@@ -59,9 +59,13 @@ public final class OutboxRelay: Service, Sendable {
                 "message.timeout.ms is not 0: a message that times out while later ones of its partition get through leaves a gap; the relay counts such order violations but cannot undo them",
                 metadata: ["kafka.message.timeout.ms": "\(timeout)"])
         }
+        if case .wal(let wal) = configuration.source { try await checkReplicationSetup(wal) }
         await withGracefulShutdownHandler {
             await withTaskCancellationHandler {
-                await self.superviseLeadership()
+                switch configuration.source {
+                case .table: await self.superviseLeadership()
+                case .wal(let wal): await self.superviseReplication(wal)
+                }
             } onCancel: {
                 self.stop()
             }
@@ -77,7 +81,7 @@ public final class OutboxRelay: Service, Sendable {
         wakeup.signal()
     }
 
-    private var isStopping: Bool { stopping.load(ordering: .acquiring) }
+    var isStopping: Bool { stopping.load(ordering: .acquiring) }
 
     private func superviseLeadership() async {
         var backoff = Backoff(max: configuration.maxBackoff)
@@ -108,7 +112,7 @@ public final class OutboxRelay: Service, Sendable {
         }
     }
 
-    private func setActive(_ active: Bool) {
+    func setActive(_ active: Bool) {
         counters.active.store(active, ordering: .relaxed)
         metrics.active.record(active ? 1 : 0)
     }
@@ -146,15 +150,7 @@ public final class OutboxRelay: Service, Sendable {
                 deletes: configuration.publishedRows.deletesAtOnce, wakeup: wakeup)
             while !isStopping {
                 let inbox = ProducerInbox(wakeup: wakeup)
-                let producer = try KafkaProducer(
-                    configuration: KafkaConfiguration(
-                        bootstrapServers: configuration.kafka.bootstrapServers,
-                        properties: OutboxRelayConfiguration.producerDefaults.merging(configuration.kafka.properties) { $1 }),
-                    logger: logger, deliveryReports: inbox.add, errors: { [counters, metrics] error in
-                        counters.kafkaErrors.add(1, ordering: .relaxed)
-                        metrics.kafkaErrors.increment()
-                        inbox.error(error)
-                    })
+                let producer = try makeProducer(inbox)
                 let end: GenerationEnd
                 do {
                     end = try await publish(producer, inbox, connection, marker, &housekeeping, &ownership)
@@ -174,6 +170,19 @@ public final class OutboxRelay: Service, Sendable {
                 await sleepUnlessStopping(delay)
             }
         }
+    }
+
+    /// A producer with the relay's defaults under the configured properties, reporting into `inbox`.
+    func makeProducer(_ inbox: ProducerInbox) throws -> KafkaProducer {
+        try KafkaProducer(
+            configuration: KafkaConfiguration(
+                bootstrapServers: configuration.kafka.bootstrapServers,
+                properties: OutboxRelayConfiguration.producerDefaults.merging(configuration.kafka.properties) { $1 }),
+            logger: logger, deliveryReports: inbox.add, errors: { [counters, metrics] error in
+                counters.kafkaErrors.add(1, ordering: .relaxed)
+                metrics.kafkaErrors.increment()
+                inbox.error(error)
+            })
     }
 
     private enum GenerationEnd {
@@ -441,7 +450,7 @@ public final class OutboxRelay: Service, Sendable {
         }
     }
 
-    private func sleepUnlessStopping(_ duration: Duration) async {
+    func sleepUnlessStopping(_ duration: Duration) async {
         let deadline = ContinuousClock.now + duration
         while !isStopping && ContinuousClock.now < deadline {
             try? await Task.sleep(for: min(.milliseconds(50), deadline - ContinuousClock.now))
@@ -451,7 +460,7 @@ public final class OutboxRelay: Service, Sendable {
 
 /// Where one producer's delivery reports and errors land (on librdkafka's poll thread) until the publish
 /// loop takes them.
-private final class ProducerInbox: Sendable {
+final class ProducerInbox: Sendable {
     private let wakeup: Wakeup
     private let reports = Mutex<[KafkaDeliveryReport]>([])
     private let fatal = Mutex<KafkaError?>(nil)
@@ -537,7 +546,7 @@ private final class PublishedRowMarker: @unchecked Sendable {
 }
 
 /// When housekeeping is next due.
-private struct HousekeepingClock {
+struct HousekeepingClock {
     let interval: Duration
     private var last: ContinuousClock.Instant?
     init(interval: Duration) { self.interval = interval }
@@ -545,7 +554,7 @@ private struct HousekeepingClock {
     mutating func ran() { last = .now }
 }
 
-private final class RelayCounters: Sendable {
+final class RelayCounters: Sendable {
     let published = Atomic<Int>(0)
     let failed = Atomic<Int>(0)
     let producerRestarts = Atomic<Int>(0)
@@ -554,7 +563,7 @@ private final class RelayCounters: Sendable {
 }
 
 /// The relay's metrics (swift-metrics; exported by whatever backend the executable bootstraps).
-private struct RelayMetrics: Sendable {
+struct RelayMetrics: Sendable {
     let published = Counter(label: "eventoutbox_relay_published_total")
     let deliveryErrors = Counter(label: "eventoutbox_relay_delivery_errors_total")
     let deadLettered = Counter(label: "eventoutbox_relay_dead_lettered_total")
@@ -566,6 +575,8 @@ private struct RelayMetrics: Sendable {
     let deadLetters = Gauge(label: "eventoutbox_relay_dead_letters")
     let active = Gauge(label: "eventoutbox_relay_active")
     let partitionsOwned = Gauge(label: "eventoutbox_relay_partitions_owned")
+    let walRetainedBytes = Gauge(label: "eventoutbox_relay_wal_retained_bytes")
+    let walUnconfirmedAge = Gauge(label: "eventoutbox_relay_wal_unconfirmed_age_seconds")
 }
 
 /// Exponential backoff: 100 ms, 200 ms, ... up to `max`.

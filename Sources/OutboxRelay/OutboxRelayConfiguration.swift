@@ -1,3 +1,4 @@
+import EventStore
 import KafkaClient
 
 /// Settings of an ``OutboxRelay``.
@@ -6,6 +7,8 @@ public struct OutboxRelayConfiguration: Sendable {
     public var databaseURL: String
     /// Brokers and librdkafka properties of the producer.
     public var kafka: KafkaConfiguration
+    /// Where the relay finds new outbox rows. Default: ``OutboxSource/table``.
+    public var source: OutboxSource = .table
     /// Rows fetched per statement. Default: 1000.
     public var batchSize: Int = 1000 {
         didSet { precondition(batchSize >= 1, "batchSize must be at least 1") }
@@ -74,4 +77,16 @@ public struct OutboxRelayConfiguration: Sendable {
         self.databaseURL = databaseURL
         self.kafka = kafka
     }
+}
+
+/// Where a relay finds the rows to publish.
+public enum OutboxSource: Sendable, Hashable {
+    /// Polls the `outbox` table (woken by `NOTIFY`) and marks (or deletes) each row Kafka acknowledged. Works
+    /// on any PostgreSQL, managed ones without logical replication included. Supports ``OutboxRelayConfiguration/partitions``.
+    case table
+    /// Reads the outbox's inserts from the write-ahead log through a logical replication slot (`pgoutput`):
+    /// rows are never updated, appends need no `NOTIFY`, transactions arrive in commit order. Needs
+    /// `wal_level = logical`, a role with `REPLICATION`, and ``OutboxWAL/setUp(on:)`` (`eventoutbox migrate --wal`).
+    /// One relay streams the slot at a time; others stand by.
+    case wal(OutboxWAL)
 }

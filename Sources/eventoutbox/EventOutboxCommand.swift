@@ -20,19 +20,106 @@ struct EventOutboxCommand: AsyncParsableCommand {
               eventoutbox dead-letters list
               eventoutbox dead-letters retry 42
             """,
-        subcommands: [Migrate.self, Stream.self, Outbox.self, DeadLetters.self]
+        subcommands: [Migrate.self, Stream.self, Outbox.self, DeadLetters.self, WAL.self]
     )
 }
 
 struct Migrate: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Create or upgrade the event store tables (events, outbox, snapshots). Safe to run twice.")
+        abstract: "Create or upgrade the event store tables (events, outbox, snapshots). Safe to run twice.",
+        discussion: """
+            With --wal, also create what `outbox-relay --source wal` reads: a publication of the outbox's inserts \
+            and a logical replication slot (pgoutput). Needs wal_level = logical and a role with REPLICATION (or \
+            superuser). The slot keeps WAL from now on until a relay confirms it: run the relay, or drop the slot \
+            (`eventoutbox wal drop-slot`) if you stop using it.
+            """)
     @OptionGroup var database: DatabaseOption
+    @OptionGroup var wal: WALNames
+    @Flag(name: .customLong("wal"), help: "Also create the publication and replication slot for `outbox-relay --source wal`.")
+    var withWAL = false
 
     func run() async throws {
         try await reportingFailures {
-            let applied = try await EventStoreSchema.migrate(try database.pool())
+            let pool = try database.pool()
+            let applied = try await EventStoreSchema.migrate(pool)
             print(applied.isEmpty ? "schema is up to date" : "applied migrations \(applied.map(String.init).joined(separator: ", "))")
+            if withWAL {
+                let names = try wal.names()
+                let created = try await pool.withConnection { try await names.setUp(on: $0) }
+                print(created.isEmpty ? "publication and replication slot exist" : "created \(created.joined(separator: " and "))")
+            }
+        }
+    }
+}
+
+/// `--publication` and `--slot`, as `outbox-relay --source wal` takes them.
+struct WALNames: ParsableArguments {
+    @Option(help: "Publication of the outbox's inserts.") var publication: String = OutboxWAL.defaultName
+    @Option(help: "Logical replication slot.") var slot: String = OutboxWAL.defaultName
+
+    func names() throws -> OutboxWAL {
+        do {
+            return try OutboxWAL(publication: publication, slot: slot)
+        } catch {
+            throw ValidationError("\(error)")
+        }
+    }
+}
+
+struct WAL: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "wal",
+        abstract: "The replication slot of `outbox-relay --source wal`: status, and dropping it.",
+        subcommands: [Status.self, DropSlot.self])
+
+    struct Status: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "wal_level, the publication, and the slot: whether a relay streams it, what it confirmed, the WAL it keeps.")
+        @OptionGroup var database: DatabaseOption
+        @OptionGroup var wal: WALNames
+        @Flag(help: "Print JSON.") var json = false
+
+        func run() async throws {
+            try await reportingFailures {
+                let names = try wal.names()
+                let status = try await database.pool().withConnection { try await names.status(on: $0) }
+                if json {
+                    print(String(decoding: try EventJSON.encoder.encode(status), as: UTF8.self))
+                    return
+                }
+                print("wal_level:    \(status.walLevel)")
+                print("publication:  \(names.publication) \(status.publicationCoversOutbox ? "(covers \(status.schema).outbox)" : status.publicationExists ? "(does not cover \(status.schema).outbox)" : "(missing)")")
+                if let slot = status.slot {
+                    print("slot:         \(names.slot) (\(slot.plugin), \(slot.active ? "streaming to a relay" : "no relay connected"))")
+                    print("confirmed:    \(slot.confirmedFlushLSN ?? "-")")
+                    print("unconfirmed:  \(slot.unconfirmedBytes) bytes of WAL")
+                    print("WAL kept:     \(slot.retainedBytes) bytes")
+                } else {
+                    print("slot:         \(names.slot) (missing)")
+                }
+                for problem in names.problems(in: status) { print("problem:      \(problem)") }
+            }
+        }
+    }
+
+    struct DropSlot: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "drop-slot",
+            abstract: "Drop the replication slot so that the server frees the WAL it keeps.",
+            discussion: """
+                Inserts the slot has not confirmed are then no longer published from the log. Stop the relays first: \
+                a slot a relay is streaming cannot be dropped.
+                """)
+        @OptionGroup var database: DatabaseOption
+        @OptionGroup var wal: WALNames
+
+        func run() async throws {
+            try await reportingFailures {
+                let names = try wal.names()
+                let dropped = try await database.pool().withConnection { try await names.dropSlot(on: $0) }
+                guard dropped else { throw ValidationError("there is no replication slot '\(names.slot)' in this database") }
+                print("dropped replication slot \(names.slot)")
+            }
         }
     }
 }

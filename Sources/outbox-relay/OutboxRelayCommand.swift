@@ -1,5 +1,6 @@
 import ArgumentParser
 import CommandLineSupport
+import EventStore
 import Foundation
 import KafkaClient
 import Logging
@@ -27,6 +28,12 @@ struct OutboxRelayCommand: AsyncParsableCommand {
             means waiting; nothing is dropped. A row Kafka can never accept goes to the dead-letter table (see \
             `eventoutbox dead-letters`) and holds back its stream.
 
+            With --source wal, the relay reads the outbox's inserts from the write-ahead log through a logical \
+            replication slot instead: no UPDATE per row, no NOTIFY needed by appends, transactions in commit \
+            order. The slot is confirmed only past transactions Kafka fully acknowledged. Set it up once with \
+            `eventoutbox migrate --wal` (wal_level = logical, a role with REPLICATION); watch it with \
+            `eventoutbox wal status`.
+
             SIGTERM/SIGINT: stop taking rows, wait up to --shutdown-timeout for in-flight deliveries, mark them, \
             exit 0. Rows still unacknowledged stay in the outbox for the next run.
 
@@ -38,6 +45,17 @@ struct OutboxRelayCommand: AsyncParsableCommand {
     @OptionGroup var database: DatabaseOption
 
     @OptionGroup var kafka: KafkaBrokersOption
+
+    @Option(help: ArgumentHelp(
+        "Where new rows are found: 'table' (poll the outbox, woken by NOTIFY; rows marked when published) or 'wal' (read the outbox's inserts from a logical replication slot; see `eventoutbox migrate --wal`).",
+        valueName: "table|wal"))
+    var source: String = "table"
+
+    @Option(help: "With --source wal: the publication of the outbox's inserts.")
+    var publication: String = OutboxWAL.defaultName
+
+    @Option(help: "With --source wal: the logical replication slot (one relay streams it at a time; others stand by).")
+    var slot: String = OutboxWAL.defaultName
 
     @Option(help: "Rows fetched per statement.")
     var batchSize: Int = 1000
@@ -95,6 +113,16 @@ struct OutboxRelayCommand: AsyncParsableCommand {
             throw ValidationError("--poll-interval, --standby-interval and --housekeeping-interval must be positive")
         }
         guard shutdownTimeout >= 0 else { throw ValidationError("--shutdown-timeout cannot be negative") }
+        guard source == "table" || source == "wal" else { throw ValidationError("--source is 'table' or 'wal', not '\(source)'") }
+        if source == "wal" {
+            guard partitions == 1 else {
+                throw ValidationError("--partitions applies to --source table; a replication slot streams to one relay at a time")
+            }
+            guard !deletePublished else {
+                throw ValidationError("--delete-published applies to --source table; with --source wal, rows are never marked and --retention deletes them")
+            }
+            do { _ = try OutboxWAL(publication: publication, slot: slot) } catch { throw ValidationError("\(error)") }
+        }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
     }
 
@@ -110,6 +138,7 @@ struct OutboxRelayCommand: AsyncParsableCommand {
         var configuration = OutboxRelayConfiguration(
             databaseURL: url,
             kafka: KafkaConfiguration(bootstrapServers: brokers, properties: try KafkaConfiguration.parseProperties(kafkaProperties)))
+        if source == "wal" { configuration.source = .wal(try OutboxWAL(publication: publication, slot: slot)) }
         configuration.batchSize = batchSize
         configuration.maxInFlight = maxInFlight
         configuration.partitions = partitions

@@ -45,7 +45,7 @@ start_postgres() {
     log "starting PostgreSQL in $EO_RUNDIR/pg"
     "${run_as[@]}" "$bindir/initdb" -D "$EO_RUNDIR/pg/data" -U postgres --auth=trust -E UTF8 --no-locale >/dev/null
     "${run_as[@]}" "$bindir/pg_ctl" -D "$EO_RUNDIR/pg/data" -l "$EO_RUNDIR/pg/server.log" -w -t 60 \
-        -o "-k $EO_RUNDIR/pg -c listen_addresses='' -c fsync=on -c max_connections=300 -c track_commit_timestamp=on" start >/dev/null
+        -o "-k $EO_RUNDIR/pg -c listen_addresses='' -c fsync=on -c max_connections=300 -c track_commit_timestamp=on -c wal_level=logical -c max_replication_slots=64 -c max_wal_senders=64" start >/dev/null
     EO_PG_STARTED=1
     "$bindir/createdb" -h "$EO_RUNDIR/pg" -U postgres eventoutbox
     export EVENTOUTBOX_DATABASE_URL="postgresql:///eventoutbox?host=$EO_RUNDIR/pg&user=postgres"

@@ -1,0 +1,364 @@
+import EventStore
+import Foundation
+import KafkaClient
+import Logging
+import Metrics
+import PostgresClient
+import Synchronization
+
+/// `--source wal`: the outbox's inserts read from a logical replication slot and published in commit order.
+///
+/// One generation = one replication stream + one producer. Any failure (a failed delivery, a fatal producer
+/// error, the stream or database lost) ends the generation: the producer is purged, its reports settled, the
+/// slot confirmed as far as everything is acknowledged, and the next generation resumes from there. Rows
+/// delivered but not yet confirmed are published again (at-least-once; consumers dedupe by event id).
+extension OutboxRelay {
+    /// Checks the database once before streaming: a setup problem is a configuration error to report, not
+    /// a failure to retry. An unreachable database is left to the retries.
+    func checkReplicationSetup(_ wal: OutboxWAL) async throws {
+        guard let connection = try? await PostgresConnection.connect(to: configuration.databaseURL) else { return }
+        let problems = wal.problems(in: try await wal.status(on: connection))
+        guard problems.isEmpty else { throw WALSetupError(problems: problems) }
+    }
+
+    func superviseReplication(_ wal: OutboxWAL) async {
+        var backoff = Backoff(max: configuration.maxBackoff)
+        // What this process has confirmed; a new stream resumes there (or at the slot's position, if later).
+        var confirmed = PostgresLSN.zero
+        var standingBy = false
+        while !isStopping {
+            let stream: PostgresReplicationStream
+            let connection: PostgresConnection
+            let schema: String
+            do {
+                connection = try await PostgresConnection.connect(to: configuration.databaseURL)
+                let status = try await wal.status(on: connection)
+                let problems = wal.problems(in: status)
+                guard problems.isEmpty else { throw WALSetupError(problems: problems) }
+                schema = status.schema
+                stream = try await PostgresReplicationStream.start(
+                    url: configuration.databaseURL, slot: wal.slot, publications: [wal.publication], startLSN: confirmed)
+            } catch let error as PostgresError where error.sqlState == "55006" {
+                if !standingBy {
+                    logger.info("another relay is streaming the replication slot; standing by", metadata: ["wal.slot": "\(wal.slot)"])
+                    standingBy = true
+                }
+                await sleepUnlessStopping(configuration.standbyRetryInterval)
+                continue
+            } catch {
+                let delay = backoff.next()
+                logger.error(
+                    "cannot stream the outbox from the WAL; retrying",
+                    metadata: ["error": "\(error)", "wal.slot": "\(wal.slot)", "retry.in": "\(delay)"])
+                await sleepUnlessStopping(delay)
+                continue
+            }
+            standingBy = false
+            setActive(true)
+            logger.info("this relay is streaming the outbox from the WAL", metadata: ["wal.slot": "\(wal.slot)", "wal.from": "\(confirmed)"])
+            let inbox = ProducerInbox(wakeup: wakeup)
+            var generation = ReplicationGeneration(
+                relay: self, wal: wal, schema: schema, stream: stream, connection: connection, inbox: inbox, confirmed: confirmed)
+            let end: ReplicationGeneration.End
+            do {
+                let producer = try makeProducer(inbox)
+                end = await generation.run(producer)
+                await producer.close(timeout: .seconds(1))
+            } catch {
+                end = .failed(error)
+            }
+            confirmed = generation.confirmed
+            await stream.close()
+            setActive(false)
+            guard case .failed(let error) = end else { return }
+            if generation.published > 0 { backoff.reset() }
+            counters.producerRestarts.add(1, ordering: .relaxed)
+            metrics.producerRestarts.increment()
+            let delay = backoff.next()
+            logger.warning(
+                "WAL relay restarts from the last confirmed position",
+                metadata: ["error": "\(error)", "wal.confirmed": "\(confirmed)", "retry.in": "\(delay)"])
+            await sleepUnlessStopping(delay)
+        }
+    }
+}
+
+/// One replication stream and one producer, until either fails or the relay stops.
+private struct ReplicationGeneration {
+    enum End {
+        case stopped
+        case failed(any Error)
+    }
+
+    let relay: OutboxRelay
+    let wal: OutboxWAL
+    /// The schema whose `outbox` is published (the publication may name other tables).
+    let schema: String
+    let stream: PostgresReplicationStream
+    /// For dead letters and housekeeping.
+    let connection: PostgresConnection
+    let inbox: ProducerInbox
+    private var ledger: TransactionLedger
+    private(set) var confirmed: PostgresLSN
+    private(set) var published = 0
+    private var inFlight: [UInt64: (transaction: UInt64, row: OutboxRow)] = [:]
+    private var relations: [UInt32: PgOutputRelation] = [:]
+    private var transaction: UInt64?
+    private var nextMessageID: UInt64 = 1
+    /// Streams with a dead letter: their later rows are held behind it (recorded as dead letters too).
+    private var heldStreams: Set<String> = []
+    private var failure: (any Error)?
+    private var replyRequested = false
+    private var lastConfirm = ContinuousClock.now
+
+    init(
+        relay: OutboxRelay, wal: OutboxWAL, schema: String, stream: PostgresReplicationStream, connection: PostgresConnection,
+        inbox: ProducerInbox, confirmed: PostgresLSN
+    ) {
+        self.relay = relay
+        self.wal = wal
+        self.schema = schema
+        self.stream = stream
+        self.connection = connection
+        self.inbox = inbox
+        self.ledger = TransactionLedger(confirmed: confirmed)
+        self.confirmed = confirmed
+    }
+
+    private var configuration: OutboxRelayConfiguration { relay.configuration }
+    private var logger: Logger { relay.logger }
+
+    mutating func run(_ producer: KafkaProducer) async -> End {
+        var purged = false
+        var shutdownDeadline: ContinuousClock.Instant?
+        var housekeeping = HousekeepingClock(interval: configuration.housekeepingInterval)
+        do {
+            heldStreams = try await relay.table.streamsWithDeadLetters(on: connection)
+        } catch {
+            return .failed(error)
+        }
+        while true {
+            do {
+                try await settle(inbox.take())
+                if let fatal = inbox.fatalError { failure = failure ?? fatal }
+                if failure == nil { try await confirmIfDue() }
+            } catch {
+                failure = failure ?? error
+            }
+            if let failure {
+                if !purged {
+                    producer.purge()
+                    purged = true
+                }
+                if inFlight.isEmpty {
+                    try? await confirm(force: true)
+                    return .failed(failure)
+                }
+                await relay.wakeup.wait(timeout: .milliseconds(100))
+                continue
+            }
+            if relay.isStopping {
+                let deadline = shutdownDeadline ?? ContinuousClock.now + configuration.shutdownTimeout
+                shutdownDeadline = deadline
+                if inFlight.isEmpty {
+                    try? await confirm(force: true)
+                    return .stopped
+                }
+                if ContinuousClock.now >= deadline && !purged {
+                    logger.warning(
+                        "shutdown timeout: rows without a delivery report go out again from the slot later",
+                        metadata: ["outbox.in_flight": "\(inFlight.count)"])
+                    producer.purge()
+                    purged = true
+                }
+                await relay.wakeup.wait(timeout: .milliseconds(50))
+                continue
+            }
+            do {
+                if housekeeping.isDue {
+                    try await self.housekeeping()
+                    housekeeping.ran()
+                }
+                let room = configuration.maxInFlight - inFlight.count
+                guard room > 0 else {
+                    await relay.wakeup.wait(timeout: .milliseconds(20))
+                    continue
+                }
+                // Short waits while deliveries are pending, so their reports are settled and confirmed promptly.
+                let messages = try await stream.receive(
+                    limit: min(configuration.batchSize, room), timeout: inFlight.isEmpty ? .milliseconds(100) : .milliseconds(10))
+                try await handle(messages, producer)
+            } catch {
+                failure = error
+            }
+        }
+    }
+
+    private mutating func handle(_ messages: [ReplicationMessage], _ producer: KafkaProducer) async throws {
+        var batch: [(transaction: UInt64, row: OutboxRow)] = []
+        for message in messages {
+            switch message {
+            case .keepalive(let walEnd, let reply):
+                ledger.caughtUp(to: walEnd)
+                replyRequested = replyRequested || reply
+            case .xLogData(_, _, let payload):
+                switch try PgOutputMessage.decode(payload) {
+                case .begin(_, let commitTime, _):
+                    transaction = ledger.begin(commitTime: commitTime)
+                case .relation(let relation):
+                    relations[relation.id] = relation
+                case .insert(let relationID, let values):
+                    guard let relation = relations[relationID] else {
+                        throw PostgresError(code: .decoding, message: "pgoutput sent an insert for relation \(relationID) before describing it")
+                    }
+                    guard relation.name == "outbox", relation.namespace == schema, let transaction else { continue }
+                    if let row = try await outboxRow(relation, values) { batch.append((transaction, row)) }
+                case .commit(_, let endLSN, _):
+                    // Rows are handed to the producer before their transaction counts as committed.
+                    try await enqueue(batch, producer)
+                    batch = []
+                    ledger.commit(endLSN: endLSN)
+                    transaction = nil
+                case .other:
+                    break
+                }
+            }
+        }
+        try await enqueue(batch, producer)
+    }
+
+    /// The outbox row of an insert; `nil` when it cannot be read (it goes to dead letters).
+    private func outboxRow(_ relation: PgOutputRelation, _ values: [String?]) async throws -> OutboxRow? {
+        let row = try relation.row(values)
+        do {
+            return try OutboxRow(row: row)
+        } catch {
+            let id = try row.decode(Int64.self, "id")
+            let moved = try await connection.execute(
+                """
+                WITH moved AS (DELETE FROM outbox WHERE id = $1 RETURNING *)
+                INSERT INTO outbox_dead_letters
+                    (outbox_id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at, error)
+                SELECT id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at, $2 FROM moved
+                """, [.int64(id), .text("\(error)")], statement: "outbox: dead-letter unreadable row")
+            relay.metrics.deadLettered.increment()
+            logger.error(
+                moved == 1
+                    ? "outbox row from the WAL cannot be read; moved to dead letters"
+                    : "outbox row from the WAL cannot be read and is no longer in the outbox; it is not published",
+                metadata: ["outbox.id": "\(id)", "error": "\(error)"])
+            return nil
+        }
+    }
+
+    private mutating func enqueue(_ rows: [(transaction: UInt64, row: OutboxRow)], _ producer: KafkaProducer) async throws {
+        guard !rows.isEmpty else { return }
+        await producer.prepare(topics: Array(Set(rows.map(\.row.topic))))
+        for (transaction, row) in rows {
+            if heldStreams.contains(row.streamID), try await holdBack(row) { continue }
+            let message = KafkaOutgoingMessage(
+                topic: row.topic, key: Array(row.key.utf8), value: Array(row.envelope.utf8),
+                headers: row.headers.sorted { $0.key < $1.key }.map { KafkaHeader(name: $0.key, value: $0.value) })
+            let id = nextMessageID
+            while true {
+                do {
+                    try producer.enqueue(message, messageID: id)
+                    nextMessageID += 1
+                    inFlight[id] = (transaction, row)
+                    ledger.sent(in: transaction)
+                } catch let error as KafkaError where error.code == .queueFull {
+                    try await Task.sleep(for: .milliseconds(1))
+                    continue
+                } catch let error as KafkaError where error.isPermanentForRecord {
+                    try await deadLetter(row, error)
+                }
+                break
+            }
+        }
+    }
+
+    /// For a row of a stream with a dead letter: whether it must wait (then it is recorded as held behind the
+    /// dead letter). A dead letter retried since (`eventoutbox dead-letters retry`) releases the stream.
+    private mutating func holdBack(_ row: OutboxRow) async throws -> Bool {
+        guard let first = try await relay.table.firstDeadLetter(ofStream: row.streamID, on: connection) else {
+            heldStreams.remove(row.streamID)
+            return false
+        }
+        guard first.streamVersion <= row.streamVersion else { return false }
+        if first.outboxID != row.id {
+            try await relay.table.deadLetter(
+                row, error: "held back behind dead letter \(first.outboxID) of its stream", heldBehind: first.outboxID, on: connection)
+            logger.warning(
+                "outbox row held back behind a dead letter of its stream",
+                metadata: ["outbox.id": "\(row.id)", "stream.id": "\(row.streamID)", "dead_letter": "\(first.outboxID)"])
+        }
+        return true
+    }
+
+    private mutating func deadLetter(_ row: OutboxRow, _ error: KafkaError) async throws {
+        try await relay.table.deadLetter(row, error: "\(error)", on: connection)
+        heldStreams.insert(row.streamID)
+        relay.counters.failed.add(1, ordering: .relaxed)
+        relay.metrics.deliveryErrors.increment()
+        relay.metrics.deadLettered.increment()
+        logger.error(
+            "outbox row moved to dead letters; later events of its stream are held back until it is retried",
+            metadata: [
+                "outbox.id": "\(row.id)", "event.id": "\(row.eventID)", "stream.id": "\(row.streamID)",
+                "stream.version": "\(row.streamVersion)", "kafka.error": "\(error)",
+            ])
+    }
+
+    private mutating func settle(_ reports: [KafkaDeliveryReport]) async throws {
+        for report in reports {
+            guard let (transaction, row) = inFlight.removeValue(forKey: report.messageID) else { continue }
+            guard let error = report.error else {
+                ledger.settled(in: transaction)
+                published += 1
+                relay.counters.published.add(1, ordering: .relaxed)
+                relay.metrics.published.increment()
+                continue
+            }
+            if error.isPermanentForRecord && failure == nil {
+                try await deadLetter(row, error)
+                ledger.settled(in: transaction)
+                // Later rows of its stream already with Kafka must not overtake it: start again from the slot.
+                if inFlight.values.contains(where: { $0.row.streamID == row.streamID }) { failure = error }
+            } else if !error.code.isPurge {
+                relay.counters.failed.add(1, ordering: .relaxed)
+                relay.metrics.deliveryErrors.increment()
+                failure = failure ?? error
+            }
+        }
+    }
+
+    /// Sends the confirmable position when it moved (at most every 100 ms) or the server asked.
+    private mutating func confirmIfDue() async throws {
+        guard replyRequested || (ledger.confirmable > confirmed && ContinuousClock.now - lastConfirm >= .milliseconds(100))
+        else { return }
+        try await confirm(force: true)
+    }
+
+    private mutating func confirm(force: Bool) async throws {
+        try await stream.confirm(ledger.confirmable)
+        confirmed = ledger.confirmable
+        replyRequested = false
+        lastConfirm = .now
+        relay.metrics.walUnconfirmedAge.record(ledger.oldestUnsettledCommitTime.map { Date().timeIntervalSince($0) } ?? 0)
+    }
+
+    /// Gauges of the slot and the outbox, and retention (rows are never marked in WAL mode: any row older than
+    /// the retention period is deleted, published or not, since the log holds its insert).
+    private mutating func housekeeping() async throws {
+        let status = try await wal.status(on: connection)
+        relay.metrics.walRetainedBytes.record(status.slot?.retainedBytes ?? 0)
+        relay.metrics.walUnconfirmedAge.record(ledger.oldestUnsettledCommitTime.map { Date().timeIntervalSince($0) } ?? 0)
+        heldStreams = try await relay.table.streamsWithDeadLetters(on: connection)
+        relay.metrics.deadLetters.record(try await relay.table.deadLetters(on: connection).count)
+        for _ in 0..<10 {
+            let deleted = try await relay.table.deleteRows(
+                olderThan: configuration.retention, limit: configuration.retentionBatchSize, on: connection)
+            if deleted < configuration.retentionBatchSize || relay.isStopping { break }
+        }
+    }
+}
