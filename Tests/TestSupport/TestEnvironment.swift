@@ -58,20 +58,22 @@ public struct TestSchema: Sendable {
     public let name: String
     /// The test database URL with `search_path` set to this schema.
     public let url: String
+    /// The database URL without the schema.
+    public let base: String
 
-    /// Creates a fresh schema in the test database.
-    public static func create(_ prefix: String = "t") async throws -> TestSchema {
-        let base = try TestEnvironment.databaseURL()
+    /// Creates a fresh schema in the test database (or in the database at `base`).
+    public static func create(_ prefix: String = "t", base: String? = nil) async throws -> TestSchema {
+        let base = try base ?? TestEnvironment.databaseURL()
         let name = uniqueName(prefix)
         let admin = try await PostgresConnection.connect(to: base)
         try await admin.executeScript("CREATE SCHEMA \(name)")
         let separator = base.contains("?") ? "&" : "?"
-        return TestSchema(name: name, url: base + separator + "options=-csearch_path%3D\(name)")
+        return TestSchema(name: name, url: base + separator + "options=-csearch_path%3D\(name)", base: base)
     }
 
     /// Drops the schema and everything in it.
     public func drop() async throws {
-        let admin = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())
+        let admin = try await PostgresConnection.connect(to: base)
         try await admin.executeScript("DROP SCHEMA \(name) CASCADE")
     }
 }
@@ -90,8 +92,10 @@ public struct TestEventStore: Sendable {
     public let pool: PostgresPool
     public let store: EventStore
 
-    public static func create(maxConnections: Int = 4, routing: OutboxRouting = OutboxRouting()) async throws -> TestEventStore {
-        let schema = try await TestSchema.create("es")
+    public static func create(
+        maxConnections: Int = 4, routing: OutboxRouting = OutboxRouting(), databaseURL: String? = nil
+    ) async throws -> TestEventStore {
+        let schema = try await TestSchema.create("es", base: databaseURL)
         let pool = PostgresPool(url: schema.url, maxConnections: maxConnections)
         try await EventStoreSchema.migrate(pool)
         return TestEventStore(schema: schema, pool: pool, store: EventStore(pool: pool, routing: routing))
