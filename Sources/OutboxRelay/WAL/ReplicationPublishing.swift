@@ -110,6 +110,9 @@ private struct ReplicationGeneration {
     private var failure: (any Error)?
     private var replyRequested = false
     private var lastConfirm = ContinuousClock.now
+    /// How far this generation has read the stream, and how far it last told the server it had.
+    private var received = PostgresLSN.zero
+    private var reportedReceived = PostgresLSN.zero
 
     init(
         relay: OutboxRelay, wal: OutboxWAL, schema: String, stream: PostgresReplicationStream, connection: PostgresConnection,
@@ -200,8 +203,10 @@ private struct ReplicationGeneration {
             switch message {
             case .keepalive(let walEnd, let reply):
                 ledger.caughtUp(to: walEnd)
+                received = max(received, walEnd)
                 replyRequested = replyRequested || reply
-            case .xLogData(_, _, let payload):
+            case .xLogData(let start, _, let payload):
+                received = max(received, start)
                 switch try PgOutputMessage.decode(payload) {
                 case .begin(_, let commitTime, _):
                     transaction = ledger.begin(commitTime: commitTime)
@@ -332,16 +337,18 @@ private struct ReplicationGeneration {
         }
     }
 
-    /// Sends the confirmable position when it moved (at most every 100 ms) or the server asked.
+    /// Sends a status update when the confirmable or received position moved (at most every 100 ms) or the
+    /// server asked.
     private mutating func confirmIfDue() async throws {
-        guard replyRequested || (ledger.confirmable > confirmed && ContinuousClock.now - lastConfirm >= .milliseconds(100))
-        else { return }
+        let moved = ledger.confirmable > confirmed || received > reportedReceived
+        guard replyRequested || (moved && ContinuousClock.now - lastConfirm >= .milliseconds(100)) else { return }
         try await confirm(force: true)
     }
 
     private mutating func confirm(force: Bool) async throws {
-        try await stream.confirm(ledger.confirmable)
+        try await stream.confirm(ledger.confirmable, received: received)
         confirmed = ledger.confirmable
+        reportedReceived = received
         replyRequested = false
         lastConfirm = .now
         relay.metrics.walUnconfirmedAge.record(ledger.oldestUnsettledCommitTime.map { Date().timeIntervalSince($0) } ?? 0)

@@ -68,9 +68,10 @@ public final class PostgresReplicationStream: @unchecked Sendable {
     }
 
     /// Tells the server that everything before `lsn` is safely handled: the slot's confirmed position moves
-    /// there, and the server may recycle the WAL before it.
-    public func confirm(_ lsn: PostgresLSN) async throws {
-        let message = ReplicationMessage.statusUpdate(written: lsn, flushed: lsn, applied: lsn)
+    /// there, and the server may recycle the WAL before it. `received` (default: `lsn`) reports how far the
+    /// client has read (`pg_stat_replication.write_lsn`).
+    public func confirm(_ lsn: PostgresLSN, received: PostgresLSN? = nil) async throws {
+        let message = ReplicationMessage.statusUpdate(written: max(received ?? lsn, lsn), flushed: lsn, applied: lsn)
         try await run { connection throws(PostgresError) in try connection.send(message) }
     }
 
