@@ -42,7 +42,9 @@ public struct NewEvent: Sendable {
     public var metadata: EventMetadata
     public var occurredAt: Date
 
-    public init(_ event: any DomainEvent, metadata: EventMetadata = .init(), eventID: UUID = UUID(), occurredAt: Date = Date()) {
+    public init(
+        _ event: any DomainEvent, metadata: EventMetadata = .init(), eventID: UUID = .random(), occurredAt: Date = Date()
+    ) {
         self.eventID = eventID
         self.event = event
         self.metadata = metadata
@@ -103,4 +105,18 @@ public enum EventJSON {
         decoder.dateDecodingStrategy = .iso8601
         return decoder
     }()
+}
+
+extension UUID {
+    /// A random (version 4) UUID from the system's generator (`getrandom`). Foundation's `UUID()` opens
+    /// `/dev/urandom` for each one on Linux: measurable on the append path.
+    public static func random() -> UUID {
+        var generator = SystemRandomNumberGenerator()
+        var bytes = (generator.next() as UInt64, generator.next() as UInt64)
+        return withUnsafeMutableBytes(of: &bytes) { raw in
+            raw[6] = raw[6] & 0x0F | 0x40  // version 4
+            raw[8] = raw[8] & 0x3F | 0x80  // RFC 4122 variant
+            return UUID(uuid: raw.load(as: uuid_t.self))
+        }
+    }
 }

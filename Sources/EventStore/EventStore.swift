@@ -102,7 +102,7 @@ public struct EventStore: Sendable {
                 "(" + [
                     placeholder(.uuid(row.event.eventID), "uuid"), placeholder(.int64(version), "bigint"),
                     placeholder(.text(row.topic), "text"),
-                    placeholder(.text(try row.envelope(streamID: streamID, version: version)), "text"),
+                    placeholder(.text(row.envelope(streamID: streamID, version: version)), "text"),
                     placeholder(.jsonb(row.headers(version: version)), "jsonb"),
                 ].joined(separator: ", ") + ")")
         }
@@ -221,27 +221,26 @@ private struct PreparedEvent: Sendable {
     init(_ event: NewEvent, category: String, routing: OutboxRouting) throws {
         self.event = event
         payload = try event.encodedPayload()
-        metadata = String(decoding: try EventJSON.encoder.encode(event.metadata), as: UTF8.self)
+        metadata = event.metadata.jsonText
         topic = routing.topic(eventType: event.eventType, category: category)
     }
 
-    func envelope(streamID: String, version: Int64) throws -> String {
-        let recorded = RecordedEvent(
-            position: -1, eventID: event.eventID, streamID: streamID, streamVersion: version, eventType: event.eventType,
-            schemaVersion: event.schemaVersion, payload: payload, metadata: event.metadata, occurredAt: event.occurredAt)
-        return String(decoding: try OutboxEnvelope(recorded).encoded(), as: UTF8.self)
+    func envelope(streamID: String, version: Int64) -> String {
+        OutboxEnvelope.jsonText(
+            eventID: event.eventID, streamID: streamID, streamVersion: version, eventType: event.eventType,
+            schemaVersion: event.schemaVersion, occurredAt: event.occurredAt, payloadJSON: payload, metadataJSON: metadata)
     }
 
-    /// Kafka headers of the message, as a JSON object.
+    /// Kafka headers of the message, as a JSON object (keys sorted).
     func headers(version: Int64) -> String {
-        var headers: [String: String] = [
-            "event-id": event.eventID.uuidString.lowercased(),
-            "event-type": event.eventType,
-            "stream-version": String(version),
-            "content-type": "application/json",
+        var members: [(key: String, json: String)] = [
+            ("content-type", "\"application/json\""),
+            ("event-id", "\"" + event.eventID.uuidString.lowercased() + "\""),
+            ("event-type", JSONText.string(event.eventType)),
+            ("stream-version", "\"\(version)\""),
         ]
-        if let traceparent = event.metadata.traceparent { headers["traceparent"] = traceparent }
-        return String(decoding: (try? EventJSON.encoder.encode(headers)) ?? Data("{}".utf8), as: UTF8.self)
+        if let traceparent = event.metadata.traceparent { members.append(("traceparent", JSONText.string(traceparent))) }
+        return JSONText.object(members)
     }
 }
 

@@ -1,3 +1,4 @@
+import EventSourcing
 import Foundation
 import PostgresClient
 
@@ -38,7 +39,7 @@ extension OutboxRow {
     public init(row: PostgresRow) throws {
         let id = try row.decode(Int64.self, "id")
         let headersText = try row.decode(String.self, "headers")
-        guard let headers = try? JSONDecoder().decode([String: String].self, from: Data(headersText.utf8)) else {
+        guard let headers = JSONText.stringObject(headersText) else {
             throw OutboxRowError(outboxID: id, reason: "its headers are not a JSON object of strings: \(headersText.prefix(200))")
         }
         self.init(

@@ -113,8 +113,43 @@ extension Bool: PostgresDecodable {
 
 extension UUID: PostgresDecodable {
     public init(postgresText text: String, type: PostgresType) throws(PostgresDecodingFailure) {
-        guard let value = UUID(uuidString: text) else { throw PostgresDecodingFailure("'\(text.prefix(40))' is not a uuid") }
+        guard let value = UUID(canonicalText: text) else { throw PostgresDecodingFailure("'\(text.prefix(40))' is not a uuid") }
         self = value
+    }
+
+    /// Parses `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (either case), as PostgreSQL prints a uuid. Foundation's
+    /// `UUID(uuidString:)` goes through `sscanf` on Linux: a visible share of a relay's CPU.
+    init?(canonicalText text: String) {
+        var text = text
+        let parsed: uuid_t? = text.withUTF8 { bytes -> uuid_t? in
+            guard bytes.count == 36 else { return nil }
+            var value: uuid_t = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+            var ok = true
+            withUnsafeMutableBytes(of: &value) { out in
+                var index = 0
+                for byteIndex in 0..<16 {
+                    if index == 8 || index == 13 || index == 18 || index == 23 {
+                        guard bytes[index] == UInt8(ascii: "-") else { ok = false; return }
+                        index += 1
+                    }
+                    guard let high = Self.hexValue(bytes[index]), let low = Self.hexValue(bytes[index + 1]) else { ok = false; return }
+                    out[byteIndex] = high << 4 | low
+                    index += 2
+                }
+            }
+            return ok ? value : nil
+        }
+        guard let parsed else { return nil }
+        self.init(uuid: parsed)
+    }
+
+    private static func hexValue(_ byte: UInt8) -> UInt8? {
+        switch byte {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): byte - UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): byte - UInt8(ascii: "a") + 10
+        case UInt8(ascii: "A")...UInt8(ascii: "F"): byte - UInt8(ascii: "A") + 10
+        default: nil
+        }
     }
 }
 

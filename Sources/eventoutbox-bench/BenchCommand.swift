@@ -90,22 +90,65 @@ func fill(_ store: EventStore, events: Int, tasks: Int, streams: Int) async thro
 }
 
 struct Append: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Appends per second (one event per transaction, with its outbox row).")
+    static let configuration = CommandConfiguration(
+        abstract: "Appends per second (one event per transaction, with its outbox row).",
+        discussion: """
+            --source table appends with NOTIFY (what the table relay wakes on); --source wal appends without it, with
+            a publication and replication slot in place (what the WAL relay reads). --baseline first runs pgbench
+            with the same statement (version check, event and outbox row; prepared; no NOTIFY) in the same schema, and prints
+            the ratio.
+            """)
     @Option(help: "Parallel connections.") var connections = 1
     @Option(help: "Events to append.") var events = 5000
     @Option(help: "Streams written to.") var streams = 100
     @Flag(help: "Append without NOTIFY (the relay then finds rows by polling).") var noNotify = false
+    @Option(help: "table (NOTIFY on every append) or wal (no NOTIFY; publication and slot set up).") var source = "table"
+    @Flag(help: "Run pgbench with the same INSERTs first, as the baseline.") var baseline = false
+
+    func validate() throws {
+        guard source == "table" || source == "wal" else { throw ValidationError("--source is 'table' or 'wal'") }
+    }
 
     func run() async throws {
         let env = try Environment.read()
-        try await env.withSchema(connections: connections) { _, store in
+        try await env.withSchema(connections: connections) { url, store in
             var store = store
-            store.notifiesOnAppend = !noNotify
+            store.notifiesOnAppend = !noNotify && source == "table"
+            let pgbench = baseline ? try samePGBench(url) : nil
             let start = ContinuousClock.now
-            try await fill(store, events: events, tasks: connections, streams: streams)
+            if source == "wal" {
+                try await withWAL(url) { _ in try await fill(store, events: events, tasks: connections, streams: streams) }
+            } else {
+                try await fill(store, events: events, tasks: connections, streams: streams)
+            }
             let elapsed = seconds(ContinuousClock.now - start)
-            print(String(format: "append%@: %d events, %d connections: %.2f s, %.0f appends/s", noNotify ? " (no NOTIFY)" : "", events, connections, elapsed, Double(events) / elapsed))
+            let rate = Double(events) / elapsed
+            let mode = source == "wal" ? " --source wal (no NOTIFY)" : noNotify ? " (no NOTIFY)" : ""
+            if let pgbench {
+                print(String(format: "  pgbench, the same INSERTs, %d clients: %.0f tps", connections, pgbench))
+            }
+            print(String(format: "append%@: %d events, %d connections: %.2f s, %.0f appends/s%@", mode, events, connections, elapsed, rate,
+                         pgbench.map { String(format: " = %.2f x pgbench", rate / $0) } ?? ""))
         }
+    }
+
+    /// pgbench running the append's statement (version check, event and outbox row in one statement, as the
+    /// store writes it; without NOTIFY), prepared, `connections` clients, each transaction a new stream.
+    private func samePGBench(_ url: String) throws -> Double {
+        let script = FileManager.default.temporaryDirectory.appendingPathComponent("append-\(UUID().uuidString).sql")
+        try #"""
+            \set n random(1, 9000000000000000000)
+            WITH current AS (SELECT COALESCE(max(stream_version), 0) AS version FROM events WHERE stream_id = 'pgbench-' || :client_id || '-' || :n), appended AS (INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, metadata, occurred_at) SELECT v.event_id, 'pgbench-' || :client_id || '-' || :n, v.version, v.event_type, v.schema_version, v.payload, v.metadata, v.occurred_at FROM (VALUES (gen_random_uuid(), 1::bigint, 'Sample', 1, '{"n": 1}'::jsonb, '{}'::jsonb, now())) AS v(event_id, version, event_type, schema_version, payload, metadata, occurred_at) WHERE (SELECT version FROM current) = 0 RETURNING position, event_id, stream_id), outboxed AS (INSERT INTO outbox (event_id, stream_id, stream_version, topic, message_key, envelope, headers) SELECT event_id, stream_id, 1, 'pgbench', stream_id, '{"eventType":"Sample","payload":{"n":1}}', jsonb_build_object('event-id', event_id::text, 'event-type', 'Sample', 'stream-version', '1', 'content-type', 'application/json') FROM appended RETURNING 1) SELECT (SELECT version FROM current) AS current, (SELECT count(*) FROM outboxed) AS outboxed, appended.position FROM current LEFT JOIN appended ON true;
+            """#.write(to: script, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: script) }
+        let output = try runProgram(
+            try postgresProgram("pgbench"),
+            ["-n", "-M", "prepared", "-f", script.path, "-c", String(connections), "-j", String(connections),
+             "-t", String(max(1, events / connections)), url], capture: true)
+        guard let line = output.split(separator: "\n").first(where: { $0.hasPrefix("tps = ") }),
+            let tps = Double(line.dropFirst(6).prefix { $0 != " " })
+        else { throw ValidationError("pgbench printed no tps") }
+        return tps
     }
 }
 
@@ -126,14 +169,23 @@ struct Drain: AsyncParsableCommand {
     @Option(help: "Relay processes draining together (with --partitions > 1 they share the streams).") var relays = 1
     @Option(help: "The relays' --partitions.") var partitions = 1
     @Option(help: "The outbox-relay executable (default: beside this one).") var relay: String?
+    @Option(help: "table, or wal: the relay reads the backlog from a replication slot; the PostgreSQL baseline is then pg_recvlogical streaming the same inserts.")
+    var source = "table"
+
+    func validate() throws {
+        guard source == "table" || source == "wal" else { throw ValidationError("--source is 'table' or 'wal'") }
+        guard source == "table" || (relays == 1 && partitions == 1 && !deletePublished) else {
+            throw ValidationError("--relays, --partitions and --delete-published apply to --source table")
+        }
+    }
 
     func run() async throws {
         let env = try Environment.read()
         let topic = "drain-" + UUID().uuidString.prefix(8).lowercased()
         let relayPath = relay ?? siblingExecutable("outbox-relay")
-        print("drain: \(events) events over \(streams) streams, \(batchSize) rows per statement")
+        print("drain: \(events) events over \(streams) streams, \(batchSize) rows per statement, --source \(source)")
 
-        let postgres = try await env.withSchema(connections: 1) { _, store in
+        let postgres = source == "wal" ? try await recvlogicalRate(env, topic: topic) : try await env.withSchema(connections: 1) { _, store in
             try await store.pool.withConnection { connection in
                 try await fillOutbox(connection, events: events, streams: streams, topic: topic)
                 let start = ContinuousClock.now
@@ -155,10 +207,12 @@ struct Drain: AsyncParsableCommand {
                 return Double(total) / seconds(ContinuousClock.now - start)
             }
         }
-        print(String(format: "  PostgreSQL alone (fetch + mark): %.0f rows/s", postgres))
+        print(String(format: source == "wal" ? "  PostgreSQL alone (pg_recvlogical streaming the inserts from a slot): %.0f rows/s" : "  PostgreSQL alone (fetch + mark): %.0f rows/s", postgres))
 
         let (kafka, relayRate, rss) = try await env.withSchema(connections: 1) { url, store in
+          try await withOptionalWAL(url) { wal in
             try await store.pool.withConnection { try await fillOutbox($0, events: events, streams: streams, topic: topic) }
+            let endLSN = try await store.pool.withConnection { try await currentLSN($0) }
             let pairs = try await store.pool.withConnection { connection in
                 try await connection.query("SELECT message_key || chr(9) || envelope AS line FROM outbox ORDER BY id")
                     .map { try $0.decode(String.self, "line") }
@@ -185,15 +239,20 @@ struct Drain: AsyncParsableCommand {
                 process.arguments = ["--database-url", url, "--brokers", env.brokers, "--batch-size", String(batchSize),
                                      "--lock-key", String(lockKey), "--log-level", "error", "--partitions", String(partitions)]
                     + (deletePublished ? ["--delete-published"] : [])
+                    + (wal.map { ["--source", "wal", "--slot", $0.slot, "--publication", $0.publication] } ?? [])
                 try process.run()
                 return process
             }
             let pids = processes.map(\.processIdentifier)
             var peak = try await store.pool.withConnection { connection in
                 var peak = 0
-                while try await connection.query(
-                    "SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL) AS waiting").first!.decode(Bool.self, "waiting")
-                {
+                // Done when every row is marked (table), or the slot is confirmed past the backlog (wal).
+                func waiting() async throws -> Bool {
+                    if let wal { return try await confirmedLSN(connection, wal) < endLSN }
+                    return try await connection.query(
+                        "SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL) AS waiting").first!.decode(Bool.self, "waiting")
+                }
+                while try await waiting() {
                     peak = max(peak, pids.map(peakRSSKilobytes).max() ?? 0)
                     try await Task.sleep(for: .milliseconds(20))
                 }
@@ -206,11 +265,38 @@ struct Drain: AsyncParsableCommand {
                 process.waitUntilExit()
             }
             return (kafkaRate, rate, peak)
+          }
         }
         print(String(format: "  librdkafka alone (kcat -P, idempotent, acks=all): %.0f msgs/s", kafka))
-        let shape = (deletePublished ? " --delete-published" : "") + (relays > 1 || partitions > 1 ? " ×\(relays), --partitions \(partitions)" : "")
+        let shape = (source == "wal" ? " --source wal" : "") + (deletePublished ? " --delete-published" : "") + (relays > 1 || partitions > 1 ? " ×\(relays), --partitions \(partitions)" : "")
         print(String(format: "  outbox-relay%@: %.0f events/s = %.2f x the slower baseline; peak RSS %.1f MB (largest relay)",
                      shape, relayRate, relayRate / min(postgres, kafka), Double(rss) / 1024))
+    }
+}
+
+extension Drain {
+    /// `body` with a publication and slot set up first when `--source wal`, else with `nil`.
+    func withOptionalWAL<T>(_ url: String, _ body: (OutboxWAL?) async throws -> T) async throws -> T {
+        source == "wal" ? try await withWAL(url) { try await body($0) } : try await body(nil)
+    }
+
+    /// PostgreSQL alone for `--source wal`: pg_recvlogical streams the backlog's inserts from a slot of its
+    /// own (pgoutput, output discarded) until it reaches the position after the fill.
+    func recvlogicalRate(_ env: Environment, topic: String) async throws -> Double {
+        try await env.withSchema(connections: 1) { url, store in
+            try await withWAL(url) { wal in
+                let end = try await store.pool.withConnection { connection in
+                    try await fillOutbox(connection, events: events, streams: streams, topic: topic)
+                    return try await currentLSN(connection)
+                }
+                let start = ContinuousClock.now
+                try runProgram(
+                    try postgresProgram("pg_recvlogical"),
+                    ["-d", url, "--slot", wal.slot, "--start", "--endpos", end.description, "-o", "proto_version=1",
+                     "-o", "publication_names=\(wal.publication)", "-f", "/dev/null", "--no-loop"])
+                return Double(events) / seconds(ContinuousClock.now - start)
+            }
+        }
     }
 }
 
@@ -266,80 +352,125 @@ struct Latency: AsyncParsableCommand {
     @Option(name: .customLong("relay-arg"), parsing: .unconditionalSingleValue,
             help: "An extra argument for outbox-relay (repeatable), e.g. --relay-arg=--kafka-property --relay-arg=linger.ms=0.")
     var relayArguments: [String] = []
+    @Option(help: "The relay's source: table (appends NOTIFY) or wal (appends without NOTIFY; publication and slot set up).")
+    var source = "table"
+    @Flag(help: "Skip the librdkafka-alone baseline (when running both sources one after the other).") var noBaseline = false
+
+    func validate() throws {
+        guard source == "table" || source == "wal" else { throw ValidationError("--source is 'table' or 'wal'") }
+    }
 
     func run() async throws {
         let env = try Environment.read()
-        print("librdkafka alone, enqueue → delivery report at \(rate) msgs/s for \(duration) s (the relay's producer settings):")
-        print("  " + percentiles(try await producerLatencies(brokers: env.brokers)))
+        if !noBaseline {
+            print("librdkafka alone, enqueue → delivery report at \(rate) msgs/s for \(duration) s (the relay's producer settings):")
+            print("  " + percentiles(try await producerLatencies(brokers: env.brokers)))
+        }
         try await env.withSchema(connections: connections + 1) { url, store in
-            var store = store
-            store.notifiesOnAppend = !noNotify
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: relay ?? siblingExecutable("outbox-relay"))
-            process.arguments = ["--database-url", url, "--brokers", env.brokers, "--lock-key",
-                                 String(Int64.random(in: 1...Int64.max)), "--log-level", "error"] + relayArguments
-            try process.run()
-            defer {
-                process.terminate()
-                process.waitUntilExit()
+          try await (source == "wal" ? withWAL(url) { try await measure(env, url, store, $0) } : measure(env, url, store, nil))
+        }
+    }
+
+    private func measure(_ env: Environment, _ url: String, _ store: EventStore, _ wal: OutboxWAL?) async throws {
+        var store = store
+        store.notifiesOnAppend = !noNotify && wal == nil
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: relay ?? siblingExecutable("outbox-relay"))
+        process.arguments = ["--database-url", url, "--brokers", env.brokers, "--lock-key",
+                             String(Int64.random(in: 1...Int64.max)), "--log-level", "error"] + relayArguments
+            + (wal.map { ["--source", "wal", "--slot", $0.slot, "--publication", $0.publication] } ?? [])
+        try process.run()
+        defer {
+            process.terminate()
+            process.waitUntilExit()
+        }
+        // A consumer notes when each event arrives (for both sources: WAL mode marks no rows).
+        let consumer = try KafkaConsumer(
+            configuration: KafkaConfiguration(
+                bootstrapServers: env.brokers,
+                properties: ["allow.auto.create.topics": "true", "fetch.wait.max.ms": "5", "log_level": "3"]),
+            groupID: "latency-" + UUID().uuidString.prefix(8).lowercased())
+        try consumer.subscribe(topics: [store.routing.defaultTopic])
+        let received = Locked<[String: Date]>([:])
+        let reading = Task {
+            while !Task.isCancelled {
+                guard let message = try await consumer.poll(timeout: .milliseconds(50)) else { continue }
+                let now = Date()
+                if let id = message.header("event-id")?.stringValue { received.withLock { $0[id] = $0[id] ?? now } }
             }
-            try await Task.sleep(for: .milliseconds(500))  // connected and idle, as a sidecar would be
-            let total = rate * duration
-            let perConnection = total / connections
-            let interval = Duration.seconds(Double(connections) / Double(rate))
-            let start = ContinuousClock.now
-            let appendStore = store
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                for worker in 0..<connections {
-                    group.addTask {
-                        var next = start + interval * Double(worker) / Double(connections)
-                        for n in 0..<perConnection {
-                            try await Task.sleep(until: next)
-                            try await appendStore.append(
-                                [NewEvent(Sample(n: n))], to: "latency-\(worker)-\(n % 50)", category: "bench", expectedVersion: .any)
-                            next = next + interval
-                        }
+        }
+        defer { reading.cancel() }
+        try await Task.sleep(for: .seconds(2))  // relay connected and idle, consumer assigned, as in production
+        let total = rate * duration
+        let perConnection = total / connections
+        let interval = Duration.seconds(Double(connections) / Double(rate))
+        let start = ContinuousClock.now
+        let appendStore = store
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for worker in 0..<connections {
+                group.addTask {
+                    var next = start + interval * Double(worker) / Double(connections)
+                    for n in 0..<perConnection {
+                        try await Task.sleep(until: next)
+                        try await appendStore.append(
+                            [NewEvent(Sample(n: n))], to: "latency-\(worker)-\(n % 50)", category: "bench", expectedVersion: .any)
+                        next = next + interval
                     }
                 }
-                try await group.waitForAll()
             }
-            let achieved = Double(perConnection * connections) / seconds(ContinuousClock.now - start)
-            let deadline = ContinuousClock.now + .seconds(60)
-            try await store.pool.withConnection { connection in
-                while try await connection.query(
-                    "SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL) AS waiting").first!.decode(Bool.self, "waiting")
-                {
-                    guard ContinuousClock.now < deadline else { throw ValidationError("rows still unpublished after 60 s") }
-                    try await Task.sleep(for: .milliseconds(20))
-                }
+            try await group.waitForAll()
+        }
+        let achieved = Double(perConnection * connections) / seconds(ContinuousClock.now - start)
+        let deadline = ContinuousClock.now + .seconds(60)
+        while received.value.count < perConnection * connections {
+            guard ContinuousClock.now < deadline else { throw ValidationError("events still not received after 60 s") }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        reading.cancel()
+        let arrivals = received.value
+        let commits = try await store.pool.withConnection { connection in
+            try await connection.query(
+                "SELECT event_id::text AS id, EXTRACT(EPOCH FROM pg_xact_commit_timestamp(xmin))::float8::text AS committed FROM events"
+            ).map { (try $0.decode(String.self, "id"), Double(try $0.decode(String.self, "committed")) ?? 0) }
+        }
+        let afterCommit = commits.compactMap { id, committed in arrivals[id].map { ($0.timeIntervalSince1970 - committed) * 1000 } }
+        print(String(format: "latency at %.0f commits/s for %d s, --source %@%@:", achieved, duration, wal == nil ? "table" : "wal",
+                     store.notifiesOnAppend ? "" : " (no NOTIFY)"))
+        print("  commit timestamp → a consumer received it: " + percentiles(afterCommit))
+        guard wal == nil else { return }
+        try await store.pool.withConnection { connection in
+            while try await connection.query(
+                "SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL) AS waiting").first!.decode(Bool.self, "waiting")
+            {
+                guard ContinuousClock.now < deadline else { throw ValidationError("rows still unpublished after 60 s") }
+                try await Task.sleep(for: .milliseconds(20))
             }
-            let rows = try await store.pool.withConnection { connection in
-                try await connection.query(
-                    """
-                    SELECT (EXTRACT(EPOCH FROM o.published_at - o.created_at) * 1000)::float8::text AS ms,
-                           (EXTRACT(EPOCH FROM o.created_at - min(o.created_at) OVER ()))::float8::text AS at,
-                           CASE WHEN current_setting('track_commit_timestamp') = 'on'
-                                THEN (EXTRACT(EPOCH FROM o.published_at - pg_xact_commit_timestamp(e.xmin)) * 1000)::float8::text
-                           END AS after_commit
-                    FROM outbox o JOIN events e USING (event_id)
-                    """
-                ).map {
-                    (Double(try $0.decode(String.self, "ms")) ?? 0, Double(try $0.decode(String.self, "at")) ?? 0,
-                     try $0.decodeIfPresent(String.self, "after_commit").flatMap(Double.init))
-                }
+        }
+        let rows = try await store.pool.withConnection { connection in
+            try await connection.query(
+                """
+                SELECT (EXTRACT(EPOCH FROM o.published_at - o.created_at) * 1000)::float8::text AS ms,
+                       (EXTRACT(EPOCH FROM o.created_at - min(o.created_at) OVER ()))::float8::text AS at,
+                       CASE WHEN current_setting('track_commit_timestamp') = 'on'
+                            THEN (EXTRACT(EPOCH FROM o.published_at - pg_xact_commit_timestamp(e.xmin)) * 1000)::float8::text
+                       END AS after_commit
+                FROM outbox o JOIN events e USING (event_id)
+                """
+            ).map {
+                (Double(try $0.decode(String.self, "ms")) ?? 0, Double(try $0.decode(String.self, "at")) ?? 0,
+                 try $0.decodeIfPresent(String.self, "after_commit").flatMap(Double.init))
             }
-            print(String(format: "latency commit → acknowledged by Kafka at %.0f commits/s for %d s%@:", achieved, duration, noNotify ? " (no NOTIFY)" : ""))
-            print("  all rows: " + percentiles(rows.map(\.0)))
-            print("  first second: " + percentiles(rows.filter { $0.1 < 1 }.map(\.0)))
-            print("  after the first second: " + percentiles(rows.filter { $0.1 >= 1 }.map(\.0)))
-            let slowest = rows.sorted { $0.0 > $1.0 }.prefix(8)
-            print("  slowest rows (ms at s): " + slowest.map { String(format: "%.0f@%.2f", $0.0, $0.1) }.joined(separator: " "))
-            let afterCommit = rows.compactMap(\.2)
-            if !afterCommit.isEmpty {
-                // The relay's share alone: from the commit (track_commit_timestamp; the events row keeps the
-                // inserting transaction's xmin, the outbox row is rewritten when marked).
-                print("  commit timestamp → published: " + percentiles(afterCommit))
-            }
+        }
+        print("  insert → acknowledged by Kafka (rows' created_at → published_at): " + percentiles(rows.map(\.0)))
+        print("  first second: " + percentiles(rows.filter { $0.1 < 1 }.map(\.0)))
+        print("  after the first second: " + percentiles(rows.filter { $0.1 >= 1 }.map(\.0)))
+        let slowest = rows.sorted { $0.0 > $1.0 }.prefix(8)
+        print("  slowest rows (ms at s): " + slowest.map { String(format: "%.0f@%.2f", $0.0, $0.1) }.joined(separator: " "))
+        let published = rows.compactMap(\.2)
+        if !published.isEmpty {
+            // The relay's share alone: from the commit (track_commit_timestamp; the events row keeps the
+            // inserting transaction's xmin, the outbox row is rewritten when marked).
+            print("  commit timestamp → published: " + percentiles(published))
         }
     }
 }

@@ -116,3 +116,19 @@ struct ReplicationMessageTests {
         }
     }
 }
+
+@Suite("uuid text decoding")
+struct UUIDDecodingTests {
+    @Test("agrees with Foundation on valid text, refuses the rest")
+    func agrees() throws {
+        for _ in 0..<200 {
+            let id = UUID()
+            #expect(try UUID(postgresText: id.uuidString.lowercased(), type: .text) == id)
+            #expect(try UUID(postgresText: id.uuidString, type: .text) == id)
+        }
+        for bad in ["", "6f9619ff-8b86-d011-b42d-00c04fc964f", "6f9619ff-8b86-d011-b42d-00c04fc964ffa", "6f9619ff+8b86-d011-b42d-00c04fc964ff",
+                    "6f9619ff-8b86-d011-b42d-00c04fc964fg", "6f9619ff8b86-d011-b42d-00c04fc964ff0"] {
+            #expect(throws: PostgresDecodingFailure.self, "\(bad)") { try UUID(postgresText: bad, type: .text) }
+        }
+    }
+}

@@ -98,11 +98,13 @@ private struct ReplicationGeneration {
     /// For dead letters and housekeeping.
     let connection: PostgresConnection
     let inbox: ProducerInbox
+    private var decoder: OutboxChangeDecoder
+    /// The next batch, read and decoded while the current one goes to Kafka.
+    private var prefetch: Task<(changes: [WALChange], decoder: OutboxChangeDecoder), any Error>?
     private var ledger: TransactionLedger
     private(set) var confirmed: PostgresLSN
     private(set) var published = 0
     private var inFlight: [UInt64: (transaction: UInt64, row: OutboxRow)] = [:]
-    private var relations: [UInt32: PgOutputRelation] = [:]
     private var transaction: UInt64?
     private var nextMessageID: UInt64 = 1
     /// Streams with a dead letter: their later rows are held behind it (recorded as dead letters too).
@@ -113,6 +115,11 @@ private struct ReplicationGeneration {
     /// How far this generation has read the stream, and how far it last told the server it had.
     private var received = PostgresLSN.zero
     private var reportedReceived = PostgresLSN.zero
+    /// Whether the server has been asked where it stands since the last transaction settled: its keepalive
+    /// lets an idle relay confirm the WAL after the last transaction (other tables' changes, vacuum), so the
+    /// slot does not hold it.
+    private var askedWhileIdle = false
+    private var lastAsked = ContinuousClock.now
 
     init(
         relay: OutboxRelay, wal: OutboxWAL, schema: String, stream: PostgresReplicationStream, connection: PostgresConnection,
@@ -126,6 +133,7 @@ private struct ReplicationGeneration {
         self.inbox = inbox
         self.ledger = TransactionLedger(confirmed: confirmed)
         self.confirmed = confirmed
+        self.decoder = OutboxChangeDecoder(schema: schema)
     }
 
     private var configuration: OutboxRelayConfiguration { relay.configuration }
@@ -154,7 +162,8 @@ private struct ReplicationGeneration {
                     purged = true
                 }
                 if inFlight.isEmpty {
-                    try? await confirm(force: true)
+                    await dropPrefetch()
+                    try? await confirm()
                     return .failed(failure)
                 }
                 await relay.wakeup.wait(timeout: .milliseconds(100))
@@ -164,7 +173,8 @@ private struct ReplicationGeneration {
                 let deadline = shutdownDeadline ?? ContinuousClock.now + configuration.shutdownTimeout
                 shutdownDeadline = deadline
                 if inFlight.isEmpty {
-                    try? await confirm(force: true)
+                    await dropPrefetch()
+                    try? await confirm()
                     return .stopped
                 }
                 if ContinuousClock.now >= deadline && !purged {
@@ -188,72 +198,80 @@ private struct ReplicationGeneration {
                     continue
                 }
                 // Short waits while deliveries are pending, so their reports are settled and confirmed promptly.
-                let messages = try await stream.receive(
-                    limit: min(configuration.batchSize, room), timeout: inFlight.isEmpty ? .milliseconds(100) : .milliseconds(10))
-                try await handle(messages, producer)
+                let fetch = prefetch ?? startFetch(limit: min(configuration.batchSize, room), timeout: inFlight.isEmpty ? .milliseconds(100) : .milliseconds(10))
+                prefetch = nil
+                let (changes, next) = try await fetch.value
+                decoder = next
+                received = max(received, next.received)
+                // While a batch streams in, read and decode the next one meanwhile.
+                let roomAfter = room - changes.count(where: \.isRow)
+                if !changes.isEmpty && roomAfter > 0 {
+                    prefetch = startFetch(limit: min(configuration.batchSize, roomAfter), timeout: .milliseconds(10))
+                }
+                try await handle(changes, producer)
             } catch {
                 failure = error
             }
         }
     }
 
-    private mutating func handle(_ messages: [ReplicationMessage], _ producer: KafkaProducer) async throws {
+    private func startFetch(limit: Int, timeout: Duration) -> Task<(changes: [WALChange], decoder: OutboxChangeDecoder), any Error> {
+        let stream = stream
+        var decoder = decoder
+        return Task {
+            let changes = try decoder.decode(try await stream.receive(limit: limit, timeout: timeout))
+            return (changes, decoder)
+        }
+    }
+
+    /// Waits for a read in progress and forgets it (nothing in it was handed to Kafka, so nothing is lost:
+    /// the next stream starts at the confirmed position).
+    private mutating func dropPrefetch() async {
+        _ = try? await prefetch?.value
+        prefetch = nil
+    }
+
+    private mutating func handle(_ changes: [WALChange], _ producer: KafkaProducer) async throws {
         var batch: [(transaction: UInt64, row: OutboxRow)] = []
-        for message in messages {
-            switch message {
+        for change in changes {
+            switch change {
             case .keepalive(let walEnd, let reply):
                 ledger.caughtUp(to: walEnd)
-                received = max(received, walEnd)
                 replyRequested = replyRequested || reply
-            case .xLogData(let start, _, let payload):
-                received = max(received, start)
-                switch try PgOutputMessage.decode(payload) {
-                case .begin(_, let commitTime, _):
-                    transaction = ledger.begin(commitTime: commitTime)
-                case .relation(let relation):
-                    relations[relation.id] = relation
-                case .insert(let relationID, let values):
-                    guard let relation = relations[relationID] else {
-                        throw PostgresError(code: .decoding, message: "pgoutput sent an insert for relation \(relationID) before describing it")
-                    }
-                    guard relation.name == "outbox", relation.namespace == schema, let transaction else { continue }
-                    if let row = try await outboxRow(relation, values) { batch.append((transaction, row)) }
-                case .commit(_, let endLSN, _):
-                    // Rows are handed to the producer before their transaction counts as committed.
-                    try await enqueue(batch, producer)
-                    batch = []
-                    ledger.commit(endLSN: endLSN)
-                    transaction = nil
-                case .other:
-                    break
-                }
+            case .begin(let commitTime):
+                transaction = ledger.begin(commitTime: commitTime)
+            case .row(let row):
+                if let transaction { batch.append((transaction, row)) }
+            case .unreadable(let outboxID, let reason):
+                try await deadLetterUnreadable(outboxID, reason)
+            case .commit(let endLSN):
+                // Rows are handed to the producer before their transaction counts as committed.
+                try await enqueue(batch, producer)
+                batch = []
+                ledger.commit(endLSN: endLSN)
+                transaction = nil
+            case .other:
+                break
             }
         }
         try await enqueue(batch, producer)
     }
 
-    /// The outbox row of an insert; `nil` when it cannot be read (it goes to dead letters).
-    private func outboxRow(_ relation: PgOutputRelation, _ values: [String?]) async throws -> OutboxRow? {
-        let row = try relation.row(values)
-        do {
-            return try OutboxRow(row: row)
-        } catch {
-            let id = try row.decode(Int64.self, "id")
-            let moved = try await connection.execute(
-                """
-                WITH moved AS (DELETE FROM outbox WHERE id = $1 RETURNING *)
-                INSERT INTO outbox_dead_letters
-                    (outbox_id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at, error)
-                SELECT id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at, $2 FROM moved
-                """, [.int64(id), .text("\(error)")], statement: "outbox: dead-letter unreadable row")
-            relay.metrics.deadLettered.increment()
-            logger.error(
-                moved == 1
-                    ? "outbox row from the WAL cannot be read; moved to dead letters"
-                    : "outbox row from the WAL cannot be read and is no longer in the outbox; it is not published",
-                metadata: ["outbox.id": "\(id)", "error": "\(error)"])
-            return nil
-        }
+    /// An insert that cannot be read as an outbox row goes to dead letters if the row is still in the outbox.
+    private func deadLetterUnreadable(_ id: Int64, _ reason: String) async throws {
+        let moved = try await connection.execute(
+            """
+            WITH moved AS (DELETE FROM outbox WHERE id = $1 RETURNING *)
+            INSERT INTO outbox_dead_letters
+                (outbox_id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at, error)
+            SELECT id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at, $2 FROM moved
+            """, [.int64(id), .text(reason)], statement: "outbox: dead-letter unreadable row")
+        relay.metrics.deadLettered.increment()
+        logger.error(
+            moved == 1
+                ? "outbox row from the WAL cannot be read; moved to dead letters"
+                : "outbox row from the WAL cannot be read and is no longer in the outbox; it is not published",
+            metadata: ["outbox.id": "\(id)", "error": "\(reason)"])
     }
 
     private mutating func enqueue(_ rows: [(transaction: UInt64, row: OutboxRow)], _ producer: KafkaProducer) async throws {
@@ -338,15 +356,24 @@ private struct ReplicationGeneration {
     }
 
     /// Sends a status update when the confirmable or received position moved (at most every 100 ms) or the
-    /// server asked.
+    /// server asked. Once everything received is settled, asks the server where it stands (again each second
+    /// while idle).
     private mutating func confirmIfDue() async throws {
+        let now = ContinuousClock.now
+        if !ledger.isIdle || transaction != nil { askedWhileIdle = false }
+        let ask = ledger.isIdle && transaction == nil && inFlight.isEmpty
+            && (!askedWhileIdle ? now - lastConfirm >= .milliseconds(100) : now - lastAsked >= .seconds(1))
         let moved = ledger.confirmable > confirmed || received > reportedReceived
-        guard replyRequested || (moved && ContinuousClock.now - lastConfirm >= .milliseconds(100)) else { return }
-        try await confirm(force: true)
+        guard replyRequested || ask || (moved && now - lastConfirm >= .milliseconds(100)) else { return }
+        if ask {
+            askedWhileIdle = true
+            lastAsked = now
+        }
+        try await confirm(requestingReply: ask)
     }
 
-    private mutating func confirm(force: Bool) async throws {
-        try await stream.confirm(ledger.confirmable, received: received)
+    private mutating func confirm(requestingReply: Bool = false) async throws {
+        try await stream.confirm(ledger.confirmable, received: received, requestingReply: requestingReply)
         confirmed = ledger.confirmable
         reportedReceived = received
         replyRequested = false

@@ -67,6 +67,9 @@ struct TransactionLedger {
     /// Commit time of the oldest transaction not yet confirmable (`nil` when all are).
     var oldestUnsettledCommitTime: Date? { transactions[first]?.commitTime }
 
+    /// Nothing received is unsettled and no transaction is open.
+    var isIdle: Bool { transactions.isEmpty && open == nil }
+
     /// Transactions received and not yet confirmable.
     var unsettledTransactions: Int { transactions.count }
 

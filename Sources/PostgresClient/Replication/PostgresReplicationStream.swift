@@ -69,9 +69,11 @@ public final class PostgresReplicationStream: @unchecked Sendable {
 
     /// Tells the server that everything before `lsn` is safely handled: the slot's confirmed position moves
     /// there, and the server may recycle the WAL before it. `received` (default: `lsn`) reports how far the
-    /// client has read (`pg_stat_replication.write_lsn`).
-    public func confirm(_ lsn: PostgresLSN, received: PostgresLSN? = nil) async throws {
-        let message = ReplicationMessage.statusUpdate(written: max(received ?? lsn, lsn), flushed: lsn, applied: lsn)
+    /// client has read (`pg_stat_replication.write_lsn`). With `requestingReply`, the server answers with a
+    /// keepalive at once (else an idle server sends one only every `wal_sender_timeout / 2`).
+    public func confirm(_ lsn: PostgresLSN, received: PostgresLSN? = nil, requestingReply: Bool = false) async throws {
+        let message = ReplicationMessage.statusUpdate(
+            written: max(received ?? lsn, lsn), flushed: lsn, applied: lsn, replyRequested: requestingReply)
         try await run { connection throws(PostgresError) in try connection.send(message) }
     }
 
@@ -170,6 +172,8 @@ private final class ReplicationConnection {
         guard PQresultStatus(result) == PGRES_COPY_BOTH else { throw Self.error(result, conn, statement: "START_REPLICATION") }
     }
 
+    /// Up to `limit` messages: all that are buffered or readable without waiting, or else the first to arrive
+    /// within the timeout.
     func receive(limit: Int, timeoutMilliseconds: Int32) throws(PostgresError) -> [[UInt8]] {
         let conn = try live("receiving")
         var messages: [[UInt8]] = []
@@ -183,14 +187,15 @@ private final class ReplicationConnection {
                 continue
             }
             if length == 0 {
-                // Nothing complete yet: return what there is, or wait once for the socket.
-                if !messages.isEmpty || waited { break }
-                waited = true
+                // Nothing complete is buffered: read what the socket has (waiting only while there is nothing yet).
+                if messages.isEmpty && waited { break }
                 var descriptor = pollfd(fd: PQsocket(conn), events: Int16(POLLIN), revents: 0)
-                let ready = poll(&descriptor, 1, timeoutMilliseconds)
+                let ready = poll(&descriptor, 1, messages.isEmpty ? timeoutMilliseconds : 0)
                 if ready < 0 && errno != EINTR {
                     throw PostgresError(code: .connectionLost, message: "poll on the replication connection failed: errno \(errno)")
                 }
+                waited = true
+                if ready == 0 { break }
                 guard PQconsumeInput(conn) == 1 else {
                     throw PostgresError(code: .connectionLost, message: "replication stream lost: \(lastErrorMessage)")
                 }

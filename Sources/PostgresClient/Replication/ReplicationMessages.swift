@@ -30,15 +30,16 @@ public enum ReplicationMessage: Sendable, Equatable {
     /// The standby status update that tells the server how far the client has written, flushed and applied
     /// the stream. For a logical slot the flushed position becomes the slot's `confirmed_flush_lsn`: the
     /// server keeps WAL from there, and a new `START_REPLICATION` resumes there.
-    public static func statusUpdate(written: PostgresLSN, flushed: PostgresLSN, applied: PostgresLSN, now: Date = Date())
-        -> [UInt8]
-    {
+    /// With `replyRequested`, the server answers at once with a keepalive carrying how far it has sent.
+    public static func statusUpdate(
+        written: PostgresLSN, flushed: PostgresLSN, applied: PostgresLSN, now: Date = Date(), replyRequested: Bool = false
+    ) -> [UInt8] {
         var bytes: [UInt8] = [UInt8(ascii: "r")]
         bytes.reserveCapacity(34)
         for value in [written.value, flushed.value, applied.value, UInt64(bitPattern: PostgresEpoch.microseconds(now))] {
             withUnsafeBytes(of: value.bigEndian) { bytes.append(contentsOf: $0) }
         }
-        bytes.append(0)
+        bytes.append(replyRequested ? 1 : 0)
         return bytes
     }
 }
