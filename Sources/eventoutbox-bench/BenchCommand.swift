@@ -125,7 +125,7 @@ struct Append: AsyncParsableCommand {
             let rate = Double(events) / elapsed
             let mode = source == "wal" ? " --source wal (no NOTIFY)" : noNotify ? " (no NOTIFY)" : ""
             if let pgbench {
-                print(String(format: "  pgbench, the same INSERTs, %d clients: %.0f tps", connections, pgbench))
+                print(String(format: "  pgbench running the same statement, %d clients: %.0f tps", connections, pgbench))
             }
             print(String(format: "append%@: %d events, %d connections: %.2f s, %.0f appends/s%@", mode, events, connections, elapsed, rate,
                          pgbench.map { String(format: " = %.2f x pgbench", rate / $0) } ?? ""))
@@ -391,6 +391,17 @@ struct Latency: AsyncParsableCommand {
                 properties: ["allow.auto.create.topics": "true", "fetch.wait.max.ms": "5", "log_level": "3"]),
             groupID: "latency-" + UUID().uuidString.prefix(8).lowercased())
         try consumer.subscribe(topics: [store.routing.defaultTopic])
+        // A first message creates the topic; once the consumer has it, the consumer is assigned and fetching.
+        let warmup = try KafkaProducer(
+            configuration: KafkaConfiguration(bootstrapServers: env.brokers, properties: [:]), deliveryReports: { _ in })
+        await warmup.prepare(topics: [store.routing.defaultTopic])
+        try warmup.enqueue(KafkaOutgoingMessage(topic: store.routing.defaultTopic, key: "warmup", value: "{}"), messageID: 1)
+        try await warmup.flush(timeout: .seconds(30))
+        await warmup.close()
+        let warmupDeadline = ContinuousClock.now + .seconds(30)
+        while try await consumer.poll(timeout: .milliseconds(100))?.keyString != "warmup" {
+            guard ContinuousClock.now < warmupDeadline else { throw ValidationError("the consumer got no warm-up message in 30 s") }
+        }
         let received = Locked<[String: Date]>([:])
         let reading = Task {
             while !Task.isCancelled {
@@ -400,7 +411,7 @@ struct Latency: AsyncParsableCommand {
             }
         }
         defer { reading.cancel() }
-        try await Task.sleep(for: .seconds(2))  // relay connected and idle, consumer assigned, as in production
+        try await Task.sleep(for: .seconds(1))  // relay connected and idle, as in production
         let total = rate * duration
         let perConnection = total / connections
         let interval = Duration.seconds(Double(connections) / Double(rate))
