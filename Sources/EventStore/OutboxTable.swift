@@ -248,8 +248,9 @@ public struct OutboxTable: Sendable {
             statement: "outbox: delete published")
     }
 
-    /// Moves a row to the dead-letter table with the reason.
-    public func moveToDeadLetters(_ id: Int64, error: String, on connection: PostgresConnection) async throws {
+    /// Moves a row to the dead-letter table with the reason. Returns `false` if the row is not in the outbox.
+    @discardableResult
+    public func moveToDeadLetters(_ id: Int64, error: String, on connection: PostgresConnection) async throws -> Bool {
         try await connection.execute(
             """
             WITH moved AS (DELETE FROM outbox WHERE id = $1 RETURNING *)
@@ -257,7 +258,7 @@ public struct OutboxTable: Sendable {
                 (outbox_id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at, error)
             SELECT id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at, $2
             FROM moved
-            """, [.int64(id), .text(error)], statement: "outbox: dead-letter")
+            """, [.int64(id), .text(error)], statement: "outbox: dead-letter") == 1
     }
 
     /// Records a row as a dead letter from its content, and deletes it from the outbox if it is still there:

@@ -32,7 +32,7 @@ public final class PostgresConnection: @unchecked Sendable {
     public static func connect(to url: String) async throws -> PostgresConnection {
         let thread = SerialThread(name: "eventoutbox-postgres")
         do {
-            let handle = try await onThread(thread) { () throws(PostgresError) in try PQConnectionHandle.connect(url) }
+            let handle = try await thread.runLibPQ { () throws(PostgresError) in try PQConnectionHandle.connect(url) }
             return PostgresConnection(handle: handle, thread: thread)
         } catch {
             thread.stop()
@@ -118,17 +118,19 @@ public final class PostgresConnection: @unchecked Sendable {
     {
         let handle = UnsafeTransfer(handle)
         let state = UnsafeTransfer(self)
-        return try await Self.onThread(thread) { () throws(PostgresError) in
+        return try await thread.runLibPQ { () throws(PostgresError) in
             defer { state.value.broken.store(handle.value.isBroken, ordering: .releasing) }
             return try work(handle.value)
         }
     }
+}
 
-    private static func onThread<T>(_ thread: SerialThread, _ work: @escaping @Sendable () throws(PostgresError) -> T)
-        async throws -> T
-    {
+extension SerialThread {
+    /// Runs a libpq job on this thread and returns its result (or error) to the suspended caller: how every
+    /// connection of this module talks to libpq.
+    func runLibPQ<T>(_ work: @escaping @Sendable () throws(PostgresError) -> T) async throws -> T {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<UnsafeTransfer<T>, any Error>) in
-            thread.submit {
+            submit {
                 do {
                     continuation.resume(returning: UnsafeTransfer(try work()))
                 } catch {
@@ -141,7 +143,7 @@ public final class PostgresConnection: @unchecked Sendable {
 
 /// Carries a value across the thread hop. Safe here because the value is only used on the other side
 /// after the hop, never concurrently (the connection's thread runs one job at a time).
-private struct UnsafeTransfer<Value>: @unchecked Sendable {
+struct UnsafeTransfer<Value>: @unchecked Sendable {
     let value: Value
     init(_ value: Value) { self.value = value }
 }

@@ -25,10 +25,29 @@ struct RelayFaultTests {
 
         func waiting() async throws -> Int { try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NULL") }
 
-        /// Reads the topic until every id arrived; checks order per key.
+        /// Reads the topic until every id arrived; checks order per key. When some never arrive, says where the
+        /// relay recorded them (partition and offset from their delivery reports), to tell a lost message from a
+        /// consumer that did not fetch it.
         func expectAllInOrder(_ ids: [UUID]) async throws {
-            let reader = try await KafkaTopicReader.readAll(ids, brokers: cluster.bootstrapServers, topic: topic)
-            #expect(reader.eventIDs == Set(ids.map { $0.uuidString.lowercased() }))
+            let wanted = Set(ids.map { $0.uuidString.lowercased() })
+            let reader = try KafkaTopicReader(brokers: cluster.bootstrapServers, topic: topic)
+            do {
+                try await reader.read(until: "every event id", timeout: .seconds(120)) { _ in reader.eventIDs.isSuperset(of: wanted) }
+            } catch {
+                let missing = Array(wanted.subtracting(reader.eventIDs))
+                let recorded = try await test.pool.withConnection { connection in
+                    try await connection.query(
+                        "SELECT event_id::text || ' p' || COALESCE(kafka_partition::text, '-') || ' o' || COALESCE(kafka_offset::text, '-') FROM outbox WHERE event_id::text = ANY($1::text[])",
+                        [.textArray(missing)]
+                    ).map { try $0.decode(String.self, at: 0) }
+                }
+                let seen = reader.messages.map { "p\($0.partition) o\($0.offset)" }.sorted()
+                Issue.record("never arrived: \(recorded); offsets seen per partition: \(Dictionary(grouping: reader.messages, by: \.partition).mapValues(\.count)); \(seen.count) messages")
+                await reader.close()
+                throw error
+            }
+            await reader.close()
+            #expect(reader.eventIDs == wanted)
             #expect(reader.keysOutOfOrder.isEmpty)
         }
     }

@@ -259,16 +259,10 @@ private struct ReplicationGeneration {
 
     /// An insert that cannot be read as an outbox row goes to dead letters if the row is still in the outbox.
     private func deadLetterUnreadable(_ id: Int64, _ reason: String) async throws {
-        let moved = try await connection.execute(
-            """
-            WITH moved AS (DELETE FROM outbox WHERE id = $1 RETURNING *)
-            INSERT INTO outbox_dead_letters
-                (outbox_id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at, error)
-            SELECT id, event_id, stream_id, stream_version, topic, message_key, envelope, headers, created_at, $2 FROM moved
-            """, [.int64(id), .text(reason)], statement: "outbox: dead-letter unreadable row")
+        let moved = try await relay.table.moveToDeadLetters(id, error: reason, on: connection)
         relay.metrics.deadLettered.increment()
         logger.error(
-            moved == 1
+            moved
                 ? "outbox row from the WAL cannot be read; moved to dead letters"
                 : "outbox row from the WAL cannot be read and is no longer in the outbox; it is not published",
             metadata: ["outbox.id": "\(id)", "error": "\(reason)"])

@@ -42,7 +42,7 @@ public final class PostgresReplicationStream: @unchecked Sendable {
         let command =
             "START_REPLICATION SLOT \(slot) LOGICAL \(startLSN) (proto_version '1', publication_names '\(publications.joined(separator: ","))')"
         do {
-            let connection = try await onThread(thread) { () throws(PostgresError) in
+            let connection = try await thread.runLibPQ { () throws(PostgresError) in
                 let connection = try ReplicationConnection.connect(url)
                 try connection.startCopyBoth(command)
                 return connection
@@ -85,22 +85,8 @@ public final class PostgresReplicationStream: @unchecked Sendable {
     private func run<T: Sendable>(_ work: @escaping @Sendable (ReplicationConnection) throws(PostgresError) -> T)
         async throws -> T
     {
-        let connection = UnsafeSendable(connection)
-        return try await Self.onThread(thread) { () throws(PostgresError) in try work(connection.value) }
-    }
-
-    private static func onThread<T>(_ thread: SerialThread, _ work: @escaping @Sendable () throws(PostgresError) -> T)
-        async throws -> T
-    {
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<UnsafeSendable<T>, any Error>) in
-            thread.submit {
-                do {
-                    continuation.resume(returning: UnsafeSendable(try work()))
-                } catch {
-                    continuation.resume(throwing: error)
-                }
-            }
-        }.value
+        let connection = UnsafeTransfer(connection)
+        return try await thread.runLibPQ { () throws(PostgresError) in try work(connection.value) }
     }
 }
 
@@ -116,12 +102,6 @@ public enum ReplicationNames {
                 message: "\(what) name '\(name)' is not allowed: use 1 to 63 lower-case letters, digits and underscores")
         }
     }
-}
-
-/// Carries a value to and from the stream's thread; only one side uses it at a time.
-private struct UnsafeSendable<Value>: @unchecked Sendable {
-    let value: Value
-    init(_ value: Value) { self.value = value }
 }
 
 /// The `PGconn` of a replication stream (used on the stream's thread only).
