@@ -50,6 +50,10 @@ public struct Bank: Sendable {
         guard amount > 0 else { throw BankError("deposit amount must be positive (got \(amount))") }
         let result = try await repository.execute(accountID, metadata: metadata) { current in
             guard current.state.isOpen else { throw BankError("no account '\(accountID)'") }
+            guard !current.state.balance.addingReportingOverflow(amount).overflow else {
+                throw BankError(
+                    "deposit refused: a balance of \(current.state.balance) plus \(amount) exceeds the largest balance the bank can hold (\(Int64.max) minor units)")
+            }
             return [MoneyDeposited(amount: amount, description: description)]
         }
         return result.state.state.balance
@@ -83,6 +87,7 @@ public struct Bank: Sendable {
     public func account(_ accountID: String, atVersion version: Int64? = nil, asOf date: Date? = nil) async throws
         -> VersionedState<Account>
     {
+        if let version, version < 1 { throw BankError("a version is 1 or more (got \(version))") }
         let state: VersionedState<Account>
         if let version {
             state = try await repository.load(accountID, atVersion: version)
@@ -94,6 +99,12 @@ public struct Bank: Sendable {
         if state.isNew {
             let exists = try await repository.store.currentVersion(of: accountID) > 0
             throw BankError(exists ? "account '\(accountID)' did not exist yet at that point" : "no account '\(accountID)'")
+        }
+        if let version, version != state.version {
+            throw BankError("account '\(accountID)' has versions 1 to \(state.version); there is no version \(version)")
+        }
+        if let date, date > Date() {
+            throw BankError("\(ISOTimestamp.format(date)) is in the future: time travel goes back, not forward")
         }
         return state
     }

@@ -38,6 +38,21 @@ struct BankCommandLineTests {
         #expect(try await Tools.run("bank", ["balance", id], environment: env).stdout.hasPrefix("12000"))
         #expect(try await Tools.run("bank", ["balance", id, "--version", "2"], environment: env).stdout.hasPrefix("12500"))
         #expect(try await Tools.run("bank", ["balance", id, "--at", "2001-01-01T00:00:00Z"], environment: env).status == 1)
+        // A version or moment the account never had is an error, not the current balance.
+        let noSuchVersion = try await Tools.run("bank", ["balance", id, "--version", "999999"], environment: env)
+        #expect(noSuchVersion.status == 1)
+        #expect(noSuchVersion.stderr.contains("there is no version 999999"))
+        #expect(noSuchVersion.stdout.isEmpty)
+        let future = try await Tools.run("bank", ["balance", id, "--at", "2999-01-01T00:00:00Z"], environment: env)
+        #expect(future.status == 1)
+        #expect(future.stderr.contains("in the future"))
+        // Near the top of Int64: refused with a reason, no trap, nothing written.
+        let rich = try await Tools.run("bank", ["open", "--owner", "Rich", "--initial", String(Int64.max - 1)], environment: env)
+        let richID = rich.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let overflow = try await Tools.run("bank", ["deposit", richID, "2"], environment: env)
+        #expect(overflow.status == 1, "\(overflow.stderr)")
+        #expect(overflow.stderr.contains("exceeds the largest balance"))
+        #expect(try await Tools.run("bank", ["balance", richID], environment: env).stdout.hasPrefix(String(Int64.max - 1)))
         #expect(try await Tools.run("bank", ["balance", id, "--at", "yesterday"], environment: env).status != 0)
 
         let history = try await Tools.run("bank", ["history", id], environment: env)

@@ -86,6 +86,30 @@ struct BankTests {
         try await test.drop()
     }
 
+    @Test("balances at the edge of Int64: a deposit past it is refused before anything is written; a stored stream past it fails to load with a named error")
+    func int64Edge() async throws {
+        let test = try await TestEventStore.create()
+        let bank = Bank(store: test.store)
+        let id = try await bank.open(owner: "Edge", initialDeposit: Int64.max - 10)
+        #expect(try await bank.deposit(id, amount: 10) == Int64.max)
+        await #expect { try await bank.deposit(id, amount: 1) } throws: { "\($0)".contains("exceeds the largest balance") }
+        #expect(try await test.count("SELECT count(*) FROM events WHERE stream_id = $1", [.text(id)]) == 2)
+        // Events written by other means (an import) that sum past Int64: replay reports it, no trap.
+        try await test.store.append(
+            [NewEvent(MoneyDeposited(amount: 5, description: "imported"))], to: id, category: Account.category,
+            expectedVersion: .exact(2))
+        await #expect { try await bank.account(id) } throws: { error in
+            (error as? BalanceOutOfRange)?.description.contains("Edge's account") == true
+        }
+        let low = try await bank.open(owner: "Low", initialDeposit: 0)
+        try await test.store.append(
+            [NewEvent(MoneyWithdrawn(amount: Int64.max, description: "")), NewEvent(MoneyWithdrawn(amount: 5, description: ""))],
+            to: low, category: Account.category, expectedVersion: .exact(1))
+        await #expect(throws: BalanceOutOfRange.self) { try await bank.account(low) }
+        await #expect { try await bank.account(id, atVersion: 0) } throws: { "\($0)".contains("1 or more") }
+        try await test.drop()
+    }
+
     @Test("a stored v1 MoneyDeposited row is upcast; unknown types and bad payloads fail loudly")
     func storedRowsOfEveryKind() async throws {
         let test = try await TestEventStore.create()
