@@ -19,7 +19,8 @@ public struct KafkaConfiguration: Sendable {
             guard let equals = entry.firstIndex(of: "="), equals != entry.startIndex else {
                 throw KafkaError(
                     code: .invalidConfiguration,
-                    message: "Kafka property '\(entry)' is not of the form key=value (e.g. linger.ms=5)"
+                    // Only the leading name is echoed: the rest may be a secret typed without its '='.
+                    message: "Kafka property '\(entry.prefix { $0.isLetter || $0.isNumber || $0 == "." || $0 == "_" || $0 == "-" })...' is not of the form key=value (e.g. linger.ms=5)"
                 )
             }
             properties[String(entry[..<equals])] = String(entry[entry.index(after: equals)...])

@@ -9,7 +9,10 @@ public struct KafkaError: Error, CustomStringConvertible, Sendable {
         init(_ error: rd_kafka_resp_err_t) { self.rawValue = error.rawValue }
 
         /// librdkafka's name for the code, e.g. `_MSG_TIMED_OUT` or `MSG_SIZE_TOO_LARGE`.
-        public var name: String { String(cString: rd_kafka_err2name(rd_kafka_resp_err_t(rawValue: rawValue))) }
+        public var name: String {
+            if self == .invalidConfiguration { return "INVALID_CONFIGURATION" }
+            return String(cString: rd_kafka_err2name(rd_kafka_resp_err_t(rawValue: rawValue)))
+        }
         public var description: String { name }
 
         public static let messageTimedOut = Code(RD_KAFKA_RESP_ERR__MSG_TIMED_OUT)
@@ -34,8 +37,9 @@ public struct KafkaError: Error, CustomStringConvertible, Sendable {
         public static let invalidRecord = Code(RD_KAFKA_RESP_ERR_INVALID_RECORD)
         public static let invalidTopic = Code(RD_KAFKA_RESP_ERR_TOPIC_EXCEPTION)
         public static let topicAuthorizationFailed = Code(RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED)
-        /// Not a librdkafka code: a property name or value that librdkafka rejected.
-        public static let invalidConfiguration = Code(RD_KAFKA_RESP_ERR__INVALID_ARG)
+        /// Not a librdkafka code: a property name or value that librdkafka rejected, or a malformed
+        /// `key=value`. Distinct from ``invalidArgument`` (a call librdkafka refused).
+        public static let invalidConfiguration = Code(rawValue: -10_001)
         /// Not a librdkafka code: the client was closed.
         public static let closed = Code(RD_KAFKA_RESP_ERR__DESTROY)
     }

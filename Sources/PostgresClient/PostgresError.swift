@@ -1,8 +1,10 @@
 /// An error from PostgreSQL or from this client: what failed, in which statement, and what the server said.
 ///
-/// `description` names the statement and the server message but never the bound values, so logging an
-/// error does not leak data.
-public struct PostgresError: Error, CustomStringConvertible, Sendable {
+/// `description` names the statement, the server message and hint, but never bound values nor the server's
+/// DETAIL line (which quotes row values, e.g. `Key (email)=(kim@example.com) already exists`), so logging
+/// an error or storing it as a dead letter's reason does not leak data. `debugDescription` adds the detail,
+/// for a developer at a terminal.
+public struct PostgresError: Error, CustomStringConvertible, CustomDebugStringConvertible, Sendable {
     /// What kind of failure this is. Compare with the static values (`.server`, `.connectionFailed`, ...).
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         private let name: String
@@ -71,8 +73,13 @@ public struct PostgresError: Error, CustomStringConvertible, Sendable {
         if let sqlState { text += " [SQLSTATE \(sqlState)]" }
         if let statement { text += " in statement '\(statement)'" }
         text += ": \(message)"
-        if let detail { text += " (detail: \(detail))" }
+        if let constraint { text += " (constraint: \(constraint))" }
         if let hint { text += " (hint: \(hint))" }
         return text
+    }
+
+    /// ``description`` plus the server's DETAIL line, which may quote row values.
+    public var debugDescription: String {
+        description + (detail.map { " (detail: \($0))" } ?? "")
     }
 }

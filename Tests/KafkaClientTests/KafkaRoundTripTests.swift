@@ -140,8 +140,32 @@ struct KafkaRoundTripTests {
             try KafkaProducer(configuration: .init(bootstrapServers: "127.0.0.1:1", properties: ["no.such.thing": "1"]))
         }
         #expect(error?.description.contains("no.such.thing") == true)
+        #expect(error?.code == .invalidConfiguration)
+        #expect(KafkaError.Code.invalidConfiguration != .invalidArgument)
+        #expect(KafkaError.Code.invalidConfiguration.name == "INVALID_CONFIGURATION")
         #expect(throws: KafkaError.self) { try KafkaConfiguration.parseProperties(["linger.ms"]) }
         #expect(try KafkaConfiguration.parseProperties(["a=b=c", "x="]) == ["a": "b=c", "x": ""])
+    }
+
+    @Test("a rejected property never shows a secret: mistyped names and credential properties hide the value")
+    func rejectedPropertiesHideSecrets() throws {
+        for (key, value) in [("sasl.pasword", "hunter2-s3cret"), ("linger.ms", "not-a-number")] {
+            let error = #expect(throws: KafkaError.self) {
+                try KafkaProducer(configuration: .init(bootstrapServers: "127.0.0.1:1", properties: [key: value]))
+            }
+            let text = "\(error.map { "\($0)" } ?? "")"
+            #expect(text.contains(key))
+            if key == "linger.ms" {
+                #expect(text.contains("not-a-number"), "a plain setting's bad value is shown: \(text)")
+            } else {
+                #expect(!text.contains(value), "secret leaked: \(text)")
+                #expect(text.contains("value hidden"))
+            }
+        }
+        let malformed = #expect(throws: KafkaError.self) { try KafkaConfiguration.parseProperties(["sasl.password hunter2"]) }
+        #expect(malformed?.code == .invalidConfiguration)
+        #expect(malformed.map { "\($0)".contains("hunter2") } == false)
+        #expect(malformed.map { "\($0)".contains("sasl.password") } == true)
     }
 }
 

@@ -17,14 +17,24 @@ enum RDKafkaConfig {
             let result = rd_kafka_conf_set(conf, key, value, &errorText, errorText.count)
             if result != RD_KAFKA_CONF_OK {
                 rd_kafka_conf_destroy(conf)
+                // A mistyped name (`sasl.pasword=...`) or a secret's value must not reach a log.
+                let hidden = result == RD_KAFKA_CONF_UNKNOWN || mayHoldSecret(key)
+                var reason = RDKafkaConfig.string(errorText)
+                if hidden && !value.isEmpty { reason = reason.replacingOccurrences(of: value, with: "***") }
                 throw KafkaError(
                     code: .invalidConfiguration,
-                    message: "librdkafka rejected property '\(key)=\(value)': \(RDKafkaConfig.string(errorText)); "
+                    message: "librdkafka rejected property '\(key)'" + (hidden ? " (value hidden)" : " = '\(value)'") + ": \(reason); "
                         + "see librdkafka's CONFIGURATION.md for valid names and values"
                 )
             }
         }
         return conf
+    }
+
+    /// Whether a property's value may be a credential (passwords, secrets, keys, tokens, JAAS configs).
+    static func mayHoldSecret(_ key: String) -> Bool {
+        let key = key.lowercased()
+        return ["password", "secret", "key", "token", "jaas", "credential"].contains { key.contains($0) }
     }
 }
 
