@@ -22,6 +22,14 @@ public struct EventDecodingError: Error, CustomStringConvertible, Sendable {
     public var streamID: String
     public var reason: String
 
+    public init(eventID: UUID, eventType: String, schemaVersion: Int, streamID: String, reason: String) {
+        self.eventID = eventID
+        self.eventType = eventType
+        self.schemaVersion = schemaVersion
+        self.streamID = streamID
+        self.reason = reason
+    }
+
     public var description: String {
         "cannot decode event \(eventID) of type '\(eventType)' v\(schemaVersion) in stream '\(streamID)': \(reason)"
     }

@@ -196,19 +196,26 @@ public struct EventStore: Sendable {
 
 extension RecordedEvent {
     /// Reads a row of `events` (all its columns, `payload` and `metadata` as text).
+    /// - Throws: ``EventDecodingError`` naming the event when its metadata is not an ``EventMetadata`` object
+    ///   (it is never replaced by empty metadata: the correlation and trace ids would be lost unnoticed).
     public init(row: PostgresRow) throws {
         let metadataText = try row.decode(String.self, "metadata")
+        let eventID = try row.decode(UUID.self, "event_id")
+        let streamID = try row.decode(String.self, "stream_id")
+        let eventType = try row.decode(String.self, "event_type")
+        let schemaVersion = try row.decode(Int.self, "schema_version")
+        let metadata: EventMetadata
+        do {
+            metadata = try EventJSON.decoder.decode(EventMetadata.self, from: Data(metadataText.utf8))
+        } catch {
+            throw EventDecodingError(
+                eventID: eventID, eventType: eventType, schemaVersion: schemaVersion, streamID: streamID,
+                reason: "its metadata is not an object of optional strings (correlationID, causationID, actor, traceparent): \(error)")
+        }
         self.init(
-            position: try row.decode(Int64.self, "position"),
-            eventID: try row.decode(UUID.self, "event_id"),
-            streamID: try row.decode(String.self, "stream_id"),
-            streamVersion: try row.decode(Int64.self, "stream_version"),
-            eventType: try row.decode(String.self, "event_type"),
-            schemaVersion: try row.decode(Int.self, "schema_version"),
-            payload: try row.decode(String.self, "payload"),
-            metadata: (try? EventJSON.decoder.decode(EventMetadata.self, from: Data(metadataText.utf8))) ?? EventMetadata(),
-            occurredAt: try row.decode(Date.self, "occurred_at")
-        )
+            position: try row.decode(Int64.self, "position"), eventID: eventID, streamID: streamID,
+            streamVersion: try row.decode(Int64.self, "stream_version"), eventType: eventType, schemaVersion: schemaVersion,
+            payload: try row.decode(String.self, "payload"), metadata: metadata, occurredAt: try row.decode(Date.self, "occurred_at"))
     }
 }
 

@@ -17,6 +17,8 @@ public final class PostgresConnection: @unchecked Sendable {
     private let handle: PQConnectionHandle
     private let thread: SerialThread
     private let broken = Atomic<Bool>(false)
+    /// Set when the connection's session state can no longer be trusted (a failed ROLLBACK).
+    private let retired = Atomic<Bool>(false)
 
     private init(handle: PQConnectionHandle, thread: SerialThread) {
         self.handle = handle
@@ -80,8 +82,14 @@ public final class PostgresConnection: @unchecked Sendable {
         do {
             value = try await body(self)
         } catch {
-            // A broken connection has already lost the transaction; the server rolls it back.
-            try? await executeScript("ROLLBACK", statement: "ROLLBACK")
+            // A broken connection has already lost the transaction; the server rolls it back. A ROLLBACK that
+            // fails on a live connection leaves it inside the transaction: retire it, so that no later caller
+            // runs its statements in there.
+            do {
+                try await executeScript("ROLLBACK", statement: "ROLLBACK")
+            } catch {
+                retired.store(true, ordering: .releasing)
+            }
             throw error
         }
         try await executeScript("COMMIT", statement: "COMMIT")
@@ -111,7 +119,7 @@ public final class PostgresConnection: @unchecked Sendable {
 
     /// `true` once the connection is unusable (server gone, network dropped). A pool discards it.
     /// Updated on the connection's thread after every call, so reading it needs no trip to that thread.
-    public var isBroken: Bool { broken.load(ordering: .acquiring) }
+    public var isBroken: Bool { broken.load(ordering: .acquiring) || retired.load(ordering: .acquiring) }
 
     private func run<T: Sendable>(_ work: @escaping @Sendable (PQConnectionHandle) throws(PostgresError) -> T)
         async throws -> T

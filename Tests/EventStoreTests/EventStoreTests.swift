@@ -74,6 +74,22 @@ struct EventStoreTests {
         try await test.drop()
     }
 
+    @Test("metadata that is not EventMetadata fails the read with an error naming the event, never empty metadata")
+    func unreadableMetadata() async throws {
+        let test = try await TestEventStore.create()
+        let id = UUID()
+        try await test.pool.withConnection { connection in
+            try await connection.execute(
+                "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, metadata, occurred_at) "
+                    + "VALUES ($1, 'odd', 1, 'Note', 1, '{\"text\": \"x\"}', '{\"actor\": 5}', now())", [.uuid(id)])
+        }
+        await #expect { try await test.store.readStream("odd") } throws: { error in
+            guard let error = error as? EventDecodingError else { return false }
+            return error.eventID == id && error.streamID == "odd" && error.reason.contains("metadata")
+        }
+        try await test.drop()
+    }
+
     @Test("events cannot be updated or deleted")
     func appendOnly() async throws {
         let test = try await TestEventStore.create()
