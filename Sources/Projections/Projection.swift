@@ -11,7 +11,9 @@ public struct Projection: Sendable {
     public struct Table: Sendable {
         public var name: String
         public var createSQL: String
+        /// - Precondition: `name` is a plain identifier (``SQLIdentifier/isPlain(_:)``): handlers splice it into SQL.
         public init(name: String, createSQL: String) {
+            precondition(SQLIdentifier.isPlain(name), "projection table '\(name)' must be a plain identifier: a-z, 0-9, _ (at most 63)")
             self.name = name
             self.createSQL = createSQL
         }
@@ -27,7 +29,11 @@ public struct Projection: Sendable {
         name: String, tables: [Table],
         apply: @escaping @Sendable (any DomainEvent, RecordedEvent, ProjectionContext) async throws -> Void
     ) {
-        precondition(name.allSatisfy { $0.isLetter || $0.isNumber || $0 == "_" }, "projection names are identifiers")
+        // Its tables are named after it (`<name>_applied`, `<table>_rebuild`): it must stay a plain identifier
+        // with those suffixes (63 bytes at most).
+        precondition(
+            SQLIdentifier.isPlain(name) && name.utf8.count <= 50,
+            "projection name '\(name)' must be a plain identifier: a-z, 0-9, _ (at most 50)")
         self.name = name
         self.tables = tables
         self.apply = apply
@@ -84,7 +90,7 @@ enum ProjectionSchema {
 
     static func create(_ projection: Projection, suffix: String, on connection: PostgresConnection) async throws {
         for table in projection.allTables {
-            try await connection.executeScript("DROP TABLE IF EXISTS \(table.name + suffix)")
+            try await connection.executeScript("DROP TABLE IF EXISTS \(SQLIdentifier.quoted(table.name + suffix))")
             try await connection.executeScript(
                 table.createSQL.replacingOccurrences(of: "{table}", with: table.name + suffix),
                 statement: "projection: create \(table.name + suffix)")

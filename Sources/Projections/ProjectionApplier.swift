@@ -33,7 +33,7 @@ public struct ProjectionApplier: Sendable {
         let context = ProjectionContext(connection: connection, suffix: suffix)
         for projection in projections {
             let inserted = try await connection.execute(
-                "INSERT INTO \(projection.appliedTable.name + suffix) (event_id, position) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                "INSERT INTO \(SQLIdentifier.quoted(projection.appliedTable.name + suffix)) (event_id, position) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                 [.uuid(recorded.eventID), .int64(recorded.position)], statement: "projection: record \(projection.name)")
             if inserted == 0 {
                 outcome.duplicates += 1

@@ -105,10 +105,10 @@ public struct ProjectionRebuilder: Sendable {
             if live {
                 // The consumer's apply transactions touch the `_applied` table first, then the others: lock in
                 // the same order so the two never wait on each other in a cycle.
-                let names = ([projection.appliedTable] + projection.tables).map(\.name).joined(separator: ", ")
+                let names = ([projection.appliedTable] + projection.tables).map { SQLIdentifier.quoted($0.name) }.joined(separator: ", ")
                 try await connection.executeScript("LOCK TABLE \(names) IN ACCESS EXCLUSIVE MODE", statement: "rebuild: lock live tables")
-                missingFilter = " OR event_id IN (SELECT event_id FROM \(projection.appliedTable.name) "
-                    + "EXCEPT SELECT event_id FROM \(projection.appliedTable.name + suffix))"
+                missingFilter = " OR event_id IN (SELECT event_id FROM \(SQLIdentifier.quoted(projection.appliedTable.name)) "
+                    + "EXCEPT SELECT event_id FROM \(SQLIdentifier.quoted(projection.appliedTable.name + suffix)))"
             }
             let tail = try await connection.query(
                 "SELECT position, event_id, stream_id, stream_version, event_type, schema_version, payload, metadata, occurred_at "
@@ -117,8 +117,9 @@ public struct ProjectionRebuilder: Sendable {
             ).map(RecordedEvent.init(row:))
             for event in tail { _ = try await applier.apply(event, suffix: suffix, on: connection) }
             for table in projection.allTables {
-                if live { try await connection.executeScript("DROP TABLE \(table.name)") }
-                try await connection.executeScript("ALTER TABLE \(table.name + suffix) RENAME TO \(table.name)")
+                if live { try await connection.executeScript("DROP TABLE \(SQLIdentifier.quoted(table.name))") }
+                try await connection.executeScript(
+                    "ALTER TABLE \(SQLIdentifier.quoted(table.name + suffix)) RENAME TO \(SQLIdentifier.quoted(table.name))")
                 // Index names are per schema: give the fresh table's indexes the live names back.
                 let indexes = try await connection.query(
                     "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = $1",
@@ -126,7 +127,8 @@ public struct ProjectionRebuilder: Sendable {
                 ).map { try $0.decode(String.self, "indexname") }
                 for index in indexes where index.contains(suffix) {
                     try await connection.executeScript(
-                        "ALTER INDEX \(index) RENAME TO \(index.split(separator: suffix, omittingEmptySubsequences: false).joined())")
+                        "ALTER INDEX \(SQLIdentifier.quoted(index)) RENAME TO "
+                            + SQLIdentifier.quoted(index.split(separator: suffix, omittingEmptySubsequences: false).joined()))
                 }
             }
             return tail.count

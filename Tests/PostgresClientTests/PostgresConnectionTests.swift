@@ -253,3 +253,24 @@ struct PreparedStatementTests {
         #expect(try await connection.query("SELECT $1::int4 AS one", [.int32(1)]).first?.decode(Int.self, "one") == 1)
     }
 }
+
+@Suite("SQL identifiers")
+struct SQLIdentifierTests {
+    @Test("quoting makes any name one identifier; plain names are lower-case ASCII")
+    func identifiers() async throws {
+        #expect(SQLIdentifier.quoted("account_balances") == "\"account_balances\"")
+        #expect(SQLIdentifier.quoted("a\"; DROP TABLE x; --") == "\"a\"\"; DROP TABLE x; --\"")
+        for plain in ["a", "account_balances", "_x9"] { #expect(SQLIdentifier.isPlain(plain), "\(plain)") }
+        for bad in ["", "9a", "Upper", "with space", "a;b", "a\"b", "ü", String(repeating: "a", count: 64)] {
+            #expect(!SQLIdentifier.isPlain(bad), "\(bad)")
+        }
+        // A hostile name stays one identifier on the server.
+        let schema = try await TestSchema.create()
+        let connection = try await PostgresConnection.connect(to: schema.url)
+        let name = "weird \"name\"; DROP TABLE x; --"
+        try await connection.executeScript("CREATE TABLE \(SQLIdentifier.quoted(name)) (id int)")
+        #expect(try await connection.query("SELECT to_regclass($1) IS NOT NULL AS present", [.text(SQLIdentifier.quoted(name))])
+            .first!.decode(Bool.self, "present"))
+        try await schema.drop()
+    }
+}
