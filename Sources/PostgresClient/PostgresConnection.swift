@@ -17,15 +17,29 @@ public final class PostgresConnection: @unchecked Sendable {
     private let handle: PQConnectionHandle
     private let thread: SerialThread
     private let broken = Atomic<Bool>(false)
+    private let closed = Atomic<Bool>(false)
+    private let canceller: PostgresCanceller
     /// Set when the connection's session state can no longer be trusted (a failed ROLLBACK).
     private let retired = Atomic<Bool>(false)
 
     private init(handle: PQConnectionHandle, thread: SerialThread) {
         self.handle = handle
         self.thread = thread
+        self.canceller = handle.canceller
     }
 
     deinit { thread.stop() }
+
+    /// Closes the connection once the statements already running or queued on it are done; later calls throw
+    /// ``PostgresError/Code/connectionLost``. Releases what the session held (advisory locks, LISTEN). Closing
+    /// twice does nothing.
+    public func close() async {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        let handle = UnsafeTransfer(handle)
+        // The thread itself stops with the connection object: a call racing with close() finds the handle
+        // finished (an error), never a stopped thread.
+        await thread.run { handle.value.finish() }
+    }
 
     /// Opens a connection.
     /// - Parameter url: a `postgresql://` URL (`postgresql:///db?host=/tmp/sock` for a unix socket) or
@@ -119,16 +133,26 @@ public final class PostgresConnection: @unchecked Sendable {
 
     /// `true` once the connection is unusable (server gone, network dropped). A pool discards it.
     /// Updated on the connection's thread after every call, so reading it needs no trip to that thread.
-    public var isBroken: Bool { broken.load(ordering: .acquiring) || retired.load(ordering: .acquiring) }
+    public var isBroken: Bool {
+        broken.load(ordering: .acquiring) || retired.load(ordering: .acquiring) || closed.load(ordering: .acquiring)
+    }
 
     private func run<T: Sendable>(_ work: @escaping @Sendable (PQConnectionHandle) throws(PostgresError) -> T)
         async throws -> T
     {
+        guard !closed.load(ordering: .acquiring) else {
+            throw PostgresError(code: .connectionLost, message: "the connection was closed")
+        }
         let handle = UnsafeTransfer(handle)
         let state = UnsafeTransfer(self)
-        return try await thread.runLibPQ { () throws(PostgresError) in
-            defer { state.value.broken.store(handle.value.isBroken, ordering: .releasing) }
-            return try work(handle.value)
+        // A cancelled task cancels its statement on the server instead of waiting for it.
+        return try await withTaskCancellationHandler {
+            try await thread.runLibPQ { () throws(PostgresError) in
+                defer { state.value.broken.store(handle.value.isBroken, ordering: .releasing) }
+                return try work(handle.value)
+            }
+        } onCancel: { [canceller] in
+            canceller.cancelRunningStatement()
         }
     }
 }

@@ -9,11 +9,14 @@ public actor PostgresPool {
         public var url: String
         /// Upper bound on open connections. Default: 4.
         public var maxConnections: Int
+        /// Longest wait for a connection when all are in use; then ``PostgresError/Code/timeout``. Default: 30 s.
+        public var acquireTimeout: Duration
 
-        public init(url: String, maxConnections: Int = 4) {
+        public init(url: String, maxConnections: Int = 4, acquireTimeout: Duration = .seconds(30)) {
             precondition(maxConnections >= 1, "maxConnections must be at least 1")
             self.url = url
             self.maxConnections = maxConnections
+            self.acquireTimeout = acquireTimeout
         }
     }
 
@@ -25,15 +28,16 @@ public actor PostgresPool {
     public let configuration: Configuration
     private var idle: [PostgresConnection] = []
     private var openCount = 0
-    private var waiters: [CheckedContinuation<Grant, any Error>] = []
+    private var waiters: [(id: Int, continuation: CheckedContinuation<Grant, any Error>)] = []
+    private var nextWaiter = 0
     private var closed = false
 
     public init(_ configuration: Configuration) {
         self.configuration = configuration
     }
 
-    public init(url: String, maxConnections: Int = 4) {
-        self.init(Configuration(url: url, maxConnections: maxConnections))
+    public init(url: String, maxConnections: Int = 4, acquireTimeout: Duration = .seconds(30)) {
+        self.init(Configuration(url: url, maxConnections: maxConnections, acquireTimeout: acquireTimeout))
     }
 
     /// Lends a connection to `body` and takes it back afterwards.
@@ -63,7 +67,7 @@ public actor PostgresPool {
         let pending = waiters
         waiters.removeAll()
         for waiter in pending {
-            waiter.resume(throwing: PostgresError(code: .poolClosed, message: "the connection pool was closed"))
+            waiter.continuation.resume(throwing: PostgresError(code: .poolClosed, message: "the connection pool was closed"))
         }
     }
 
@@ -74,7 +78,16 @@ public actor PostgresPool {
             openCount += 1
             return try await openReserved()
         }
-        let grant = try await withCheckedThrowingContinuation { waiters.append($0) }
+        nextWaiter += 1
+        let id = nextWaiter
+        let timeout = configuration.acquireTimeout
+        // Not isolated to this actor: the task holds the pool weakly and must not outlive it on its executor.
+        let expiry = Task.detached { [weak self] in
+            try await Task.sleep(for: timeout)
+            await self?.expire(id)
+        }
+        defer { expiry.cancel() }
+        let grant = try await withCheckedThrowingContinuation { waiters.append((id, $0)) }
         switch grant {
         case .connection(let connection): return connection
         case .openNew: return try await openReserved()
@@ -98,15 +111,24 @@ public actor PostgresPool {
             return
         }
         if !waiters.isEmpty {
-            waiters.removeFirst().resume(returning: .connection(connection))
+            waiters.removeFirst().continuation.resume(returning: .connection(connection))
         } else {
             idle.append(connection)
         }
     }
 
+    /// A waiter whose time is up, if it is still waiting.
+    private func expire(_ id: Int) {
+        guard let index = waiters.firstIndex(where: { $0.id == id }) else { return }
+        waiters.remove(at: index).continuation.resume(
+            throwing: PostgresError(
+                code: .timeout,
+                message: "no database connection became free within \(configuration.acquireTimeout): all \(configuration.maxConnections) are in use; raise maxConnections or shorten the work done while holding one"))
+    }
+
     private func slotFreed() {
         if !closed, !waiters.isEmpty {
-            waiters.removeFirst().resume(returning: .openNew)
+            waiters.removeFirst().continuation.resume(returning: .openNew)
         } else {
             openCount -= 1
         }

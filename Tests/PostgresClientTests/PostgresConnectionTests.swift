@@ -274,3 +274,111 @@ struct SQLIdentifierTests {
         try await schema.drop()
     }
 }
+
+@Suite("bounded waits: cancellation, close, timeouts (real PostgreSQL)")
+struct BoundedWaitTests {
+    @Test("cancelling the task cancels the statement on the server (SQLSTATE 57014); the connection stays usable")
+    func cancellation() async throws {
+        let name = uniqueName("cancel")
+        let url = try TestEnvironment.databaseURL() + "&application_name=\(name)"
+        let connection = try await PostgresConnection.connect(to: url)
+        let observer = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())
+        let sleeping = Task { try await connection.query("SELECT pg_sleep(60)") }
+        try await waitUntil("the statement runs on the server") {
+            try await observer.query(
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = $1 AND state = 'active' AND query LIKE '%pg_sleep%'",
+                [.text(name)]
+            ).first!.decode(Int.self, "n") == 1
+        }
+        sleeping.cancel()
+        let finished = Locked(false)
+        let outcome = Task {
+            defer { finished.withLock { $0 = true } }
+            return await sleeping.result
+        }
+        try await waitUntil("the statement ends well before its 60 s") { finished.value }
+        guard case .failure(let error) = await outcome.value else {
+            Issue.record("the cancelled statement succeeded")
+            return
+        }
+        #expect((error as? PostgresError)?.sqlState == "57014", "\(error)")
+        #expect(try await connection.query("SELECT 1 AS one").first!.decode(Int.self, "one") == 1)
+    }
+
+    @Test("close() ends the session (its advisory lock is released without waiting for the object to go) and later calls fail clearly")
+    func explicitClose() async throws {
+        let url = try TestEnvironment.databaseURL()
+        let holder = try await PostgresConnection.connect(to: url)
+        let key = Int64.random(in: 1...Int64.max)
+        try await holder.query("SELECT pg_advisory_lock($1)", [.int64(key)])
+        let other = try await PostgresConnection.connect(to: url)
+        #expect(try await !other.query("SELECT pg_try_advisory_lock($1) AS got", [.int64(key)]).first!.decode(Bool.self, "got"))
+        await holder.close()
+        await holder.close()
+        #expect(holder.isBroken)
+        // The server ends the session when it reads the termination message, a moment later.
+        try await waitUntil("the lock is free once the session ended") {
+            try await other.query("SELECT pg_try_advisory_lock($1) AS got", [.int64(key)]).first!.decode(Bool.self, "got")
+        }
+        await #expect { try await holder.query("SELECT 1") } throws: { ($0 as? PostgresError)?.code == .connectionLost }
+    }
+
+    @Test("a pool whose connections are all busy fails a waiter after acquireTimeout, then serves again")
+    func poolAcquireTimeout() async throws {
+        let pool = PostgresPool(url: try TestEnvironment.databaseURL(), maxConnections: 1, acquireTimeout: .milliseconds(300))
+        let release = Locked(false)
+        let holding = Locked(false)
+        let holder = Task {
+            try await pool.withConnection { _ in
+                holding.withLock { $0 = true }
+                while !release.value { try await Task.sleep(for: .milliseconds(10)) }
+            }
+        }
+        try await waitUntil("the only connection is taken") { holding.value }
+        await #expect { try await pool.withConnection { _ in } } throws: { error in
+            (error as? PostgresError)?.code == .timeout && "\(error)".contains("all 1 are in use")
+        }
+        release.withLock { $0 = true }
+        try await holder.value
+        #expect(try await pool.withConnection { try await $0.query("SELECT 1 AS one").first!.decode(Int.self, "one") } == 1)
+        await pool.close()
+    }
+
+    @Test("a server that accepts the connection but never answers: connect_timeout from the URL ends the wait")
+    func connectTimeout() async throws {
+        // A listening socket nobody accepts from: the kernel completes the handshake, nothing ever replies.
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { Glibc.close(listener) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, length) } }
+        #expect(listen(listener, 8) == 0)
+        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &length) } }
+        let port = UInt16(bigEndian: address.sin_port)
+        let attempt = Task { try await PostgresConnection.connect(to: "postgresql://nobody@127.0.0.1:\(port)/db?connect_timeout=1") }
+        let finished = Locked(false)
+        let outcome = Task {
+            defer { finished.withLock { $0 = true } }
+            return await attempt.result
+        }
+        // Without the URL's 1 s (or with the 10 s default winning over it) this deadline passes first.
+        try await waitUntil("connect gives up", timeout: .seconds(8)) { finished.value }
+        guard case .failure(let error) = await outcome.value else {
+            Issue.record("connected to a server that never answers")
+            return
+        }
+        #expect((error as? PostgresError)?.code == .connectionFailed, "\(error)")
+    }
+
+    @Test("statement_timeout from the URL's options ends a long statement with a clear error")
+    func statementTimeout() async throws {
+        let connection = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL() + "&options=-cstatement_timeout%3D200")
+        await #expect { try await connection.query("SELECT pg_sleep(30)", statement: "long sleep") } throws: { error in
+            guard let error = error as? PostgresError else { return false }
+            return error.sqlState == "57014" && "\(error)".contains("long sleep") && "\(error)".contains("statement timeout")
+        }
+    }
+}

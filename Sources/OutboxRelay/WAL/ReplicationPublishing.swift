@@ -69,6 +69,7 @@ extension OutboxRelay {
             }
             confirmed = generation.confirmed
             await stream.close()
+            await connection.close()
             setActive(false)
             guard case .failed(let error) = end else { return }
             if generation.published > 0 { backoff.reset() }

@@ -5,6 +5,9 @@ import Foundation
 /// ``PostgresConnection`` confines every use to one serial dispatch queue.
 final class PQConnectionHandle {
     private let conn: OpaquePointer
+    private var finished = false
+    /// Sends cancel requests for this connection from any thread.
+    let canceller: PostgresCanceller
     /// Server-side prepared statements of this connection, by SQL text and parameter types. Repeated
     /// statements (every append, every projection write) skip parsing and planning: about 1.8x the
     /// throughput of the append statement in pgbench (`-M prepared` vs simple protocol).
@@ -17,13 +20,33 @@ final class PQConnectionHandle {
         var types: [UInt32]
     }
 
-    private init(conn: OpaquePointer) { self.conn = conn }
+    private init(conn: OpaquePointer) {
+        self.conn = conn
+        canceller = PostgresCanceller(PQgetCancel(conn))
+    }
 
-    deinit { PQfinish(conn) }
+    deinit { finish() }
+
+    /// Closes the connection (once); the handle must not be used afterwards.
+    func finish() {
+        guard !finished else { return }
+        finished = true
+        PQfinish(conn)
+    }
+
+    /// Defaults that a URL's own parameters override: without a connect timeout, libpq waits as long as the
+    /// operating system does for a host that does not answer.
+    static let connectionDefaults = ["connect_timeout": "10"]
 
     /// Opens a connection (blocking). `conninfo` is a `postgresql://` URL or `key=value` pairs.
     static func connect(_ conninfo: String) throws(PostgresError) -> PQConnectionHandle {
-        guard let conn = PQconnectdb(conninfo) else {
+        // Keywords before `dbname` are defaults: the expanded URL overrides them.
+        let keywords = Array(connectionDefaults.keys) + ["dbname"]
+        let values = Array(connectionDefaults.values) + [conninfo]
+        let made: OpaquePointer? = keywords.withCStrings { keywordPointers in
+            values.withCStrings { valuePointers in PQconnectdbParams(keywordPointers, valuePointers, 1) }
+        }
+        guard let conn = made else {
             throw PostgresError(code: .connectionFailed, message: "libpq could not allocate a connection")
         }
         // From here on `handle` owns `conn`; its deinit calls PQfinish on every path.
@@ -40,7 +63,13 @@ final class PQConnectionHandle {
         return handle
     }
 
-    var isBroken: Bool { PQstatus(conn) != CONNECTION_OK }
+    var isBroken: Bool { finished || PQstatus(conn) != CONNECTION_OK }
+
+    private func ensureOpen(_ statement: String?) throws(PostgresError) {
+        guard !finished else {
+            throw PostgresError(code: .connectionLost, message: "the connection was closed", statement: statement)
+        }
+    }
 
     var lastErrorMessage: String {
         String(cString: PQerrorMessage(conn)).trimmingCharacters(in: .whitespacesAndNewlines)
@@ -48,6 +77,7 @@ final class PQConnectionHandle {
 
     /// Runs one parameterized statement. Values are sent out of band (`PQexecParams`), never spliced into `sql`.
     func execute(_ sql: String, _ binds: [PostgresBind], statement: String) throws(PostgresError) -> PostgresResult {
+        try ensureOpen(statement)
         var wire: [(bytes: [UInt8], binary: Bool)?] = []
         wire.reserveCapacity(binds.count)
         for (index, bind) in binds.enumerated() {
@@ -108,11 +138,13 @@ final class PQConnectionHandle {
 
     /// Runs SQL text without parameters; may hold several statements (migrations, BEGIN/COMMIT).
     func executeScript(_ sql: String, statement: String? = nil) throws(PostgresError) {
+        try ensureOpen(statement)
         _ = try consume(PQexec(conn, sql), statement: statement ?? PostgresURL.abbreviate(sql))
     }
 
     /// Quotes an identifier (for LISTEN channel names, which cannot be parameters).
     func escapeIdentifier(_ identifier: String) throws(PostgresError) -> String {
+        try ensureOpen("LISTEN")
         guard let escaped = PQescapeIdentifier(conn, identifier, identifier.utf8.count) else {
             throw PostgresError(code: .invalidBind, message: "cannot quote identifier: \(lastErrorMessage)")
         }
@@ -122,6 +154,7 @@ final class PQConnectionHandle {
 
     /// Returns the notifications that have arrived, waiting up to `timeoutMilliseconds` for the first one.
     func awaitNotifications(timeoutMilliseconds: Int32) throws(PostgresError) -> [PostgresNotification] {
+        try ensureOpen("LISTEN")
         var received = try drainNotifications()
         if !received.isEmpty { return received }
         var descriptor = pollfd(fd: PQsocket(conn), events: Int16(POLLIN), revents: 0)
@@ -213,4 +246,36 @@ final class PQConnectionHandle {
 struct PostgresResult {
     var rows: [PostgresRow]
     var affectedRows: Int
+}
+
+/// Cancels the statement running on a connection (`PQcancel`), callable from any thread while the
+/// connection's own thread waits for the server. A cancel that arrives after the statement finished may hit
+/// the connection's next statement: PostgreSQL's cancel protocol cannot tell them apart.
+final class PostgresCanceller: @unchecked Sendable {
+    // PQcancel is thread-safe for a PGcancel object; the lock only guards its freeing.
+    private let lock = NSLock()
+    private var cancel: OpaquePointer?
+
+    init(_ cancel: OpaquePointer?) { self.cancel = cancel }
+
+    deinit { if let cancel { PQfreeCancel(cancel) } }
+
+    /// Asks the server to cancel the running statement; it then fails with SQLSTATE 57014.
+    func cancelRunningStatement() {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let cancel else { return }
+        var errorText = [CChar](repeating: 0, count: 256)
+        _ = PQcancel(cancel, &errorText, Int32(errorText.count))
+    }
+}
+
+extension Array where Element == String {
+    /// Calls `body` with a NULL-terminated array of C strings (libpq's keyword/value lists).
+    func withCStrings<R>(_ body: (UnsafePointer<UnsafePointer<CChar>?>) -> R) -> R {
+        let pointers = map { strdup($0) }
+        defer { pointers.forEach { free($0) } }
+        let terminated: [UnsafePointer<CChar>?] = pointers.map { UnsafePointer($0) } + [nil]
+        return terminated.withUnsafeBufferPointer { body($0.baseAddress!) }
+    }
 }

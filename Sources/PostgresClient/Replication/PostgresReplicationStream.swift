@@ -218,13 +218,3 @@ private final class ReplicationConnection {
             statement: statement)
     }
 }
-
-extension Array where Element == String {
-    /// Calls `body` with a NULL-terminated array of C strings (libpq's keyword/value lists).
-    fileprivate func withCStrings<R>(_ body: (UnsafePointer<UnsafePointer<CChar>?>) -> R) -> R {
-        let pointers = map { strdup($0) }
-        defer { pointers.forEach { free($0) } }
-        let terminated: [UnsafePointer<CChar>?] = pointers.map { UnsafePointer($0) } + [nil]
-        return terminated.withUnsafeBufferPointer { body($0.baseAddress!) }
-    }
-}
