@@ -79,6 +79,11 @@ public final class MockCluster: @unchecked Sendable {
         rd_kafka_mock_clear_request_errors(cluster, api.rawValue)
     }
 
+    /// Delays every response of a broker by `milliseconds` (0: no delay), as a slow network or broker would.
+    public func setRoundTrip(broker brokerID: Int32, milliseconds: Int32) throws {
+        try check(rd_kafka_mock_broker_set_rtt(cluster, brokerID, Int32(milliseconds)), "set the round trip of broker \(brokerID)")
+    }
+
     private func check(_ error: rd_kafka_resp_err_t, _ what: String) throws {
         guard error == RD_KAFKA_RESP_ERR_NO_ERROR else { throw KafkaError(error, context: "mock cluster cannot \(what)") }
     }

@@ -13,9 +13,23 @@ struct KafkaMockClusterCommand: ParsableCommand {
             Kafka client (the relay, consumers, kcat) can connect over TCP. Data lives in memory and is gone \
             when the process stops. Stop it with SIGTERM or Ctrl-C.
 
+            With --control PATH it also takes fault-injection commands from a named pipe (FIFO, created if \
+            missing), one per line, and answers each on standard output with `ok: <command>` or `error: <why>`:
+              broker N down | broker N up        a broker closes its connections and refuses new ones, or returns
+              all down | all up                  every broker
+              errors API COUNT ERROR_NAME        the next COUNT requests of API fail with that librdkafka error
+              clear API                          drop the errors still queued for API
+              rtt N MILLISECONDSms               delay every response of broker N (0ms: none)
+            API is one of Produce, Fetch, ListOffsets, Metadata, OffsetCommit, OffsetFetch, FindCoordinator, \
+            JoinGroup, Heartbeat, InitProducerId; ERROR_NAME as librdkafka names it (NOT_LEADER_FOR_PARTITION, \
+            REQUEST_TIMED_OUT, MSG_SIZE_TOO_LARGE, ...).
+
             Example:
-              kafka-mock-cluster --brokers 3 --topic bank.accounts:6 --bootstrap-file /tmp/kafka.bootstrap
+              kafka-mock-cluster --brokers 3 --topic bank.accounts:6 --bootstrap-file /tmp/kafka.bootstrap \
+                  --control /tmp/kafka.control
               kcat -b "$(cat /tmp/kafka.bootstrap)" -L
+              echo "broker 2 down" > /tmp/kafka.control     # rehearse an outage while real clients run
+              echo "errors Produce 5 NOT_LEADER_FOR_PARTITION" > /tmp/kafka.control
             """
     )
 
@@ -29,6 +43,9 @@ struct KafkaMockClusterCommand: ParsableCommand {
 
     @Option(help: "Write the bootstrap servers to this file once the cluster is ready (written atomically).")
     var bootstrapFile: String?
+
+    @Option(help: ArgumentHelp("Take fault-injection commands from this named pipe (created if missing); see above.", valueName: "path"))
+    var control: String?
 
     func validate() throws {
         guard brokers >= 1 else { throw ValidationError("--brokers must be at least 1 (got \(brokers))") }
@@ -49,6 +66,11 @@ struct KafkaMockClusterCommand: ParsableCommand {
         }
         print(cluster.bootstrapServers)
         FileHandle.standardOutput.synchronizeFile()
+        var createdPipe = false
+        if let control {
+            createdPipe = try ControlPipe.prepare(control)
+            ControlPipe.serve(control, cluster)
+        }
 
         let stop = DispatchSemaphore(value: 0)
         var sources: [any DispatchSourceSignal] = []
@@ -63,6 +85,61 @@ struct KafkaMockClusterCommand: ParsableCommand {
         sources.forEach { $0.cancel() }
         withExtendedLifetime(cluster) {}
         if let bootstrapFile { unlink(bootstrapFile) }
+        if let control, createdPipe { unlink(control) }
+    }
+}
+
+/// The `--control` named pipe: commands in, one answer per command on standard output.
+enum ControlPipe {
+    /// Creates the FIFO unless one is there; returns whether it created it.
+    static func prepare(_ path: String) throws -> Bool {
+        var status = stat()
+        if stat(path, &status) == 0 {
+            guard status.st_mode & S_IFMT == S_IFIFO else {
+                throw ValidationError("--control \(path) exists and is not a named pipe")
+            }
+            return false
+        }
+        guard mkfifo(path, 0o600) == 0 else { throw ValidationError("cannot create the named pipe \(path): errno \(errno)") }
+        return true
+    }
+
+    /// Reads commands on a thread of its own for as long as the process runs; writers may come and go.
+    static func serve(_ path: String, _ cluster: MockCluster) {
+        let thread = Thread {
+            while true {
+                // Blocks until a writer opens the pipe; end of file means the writer closed it.
+                guard let file = fopen(path, "r") else {
+                    answer("error: cannot open \(path): errno \(errno)")
+                    return
+                }
+                var line: UnsafeMutablePointer<CChar>?
+                var capacity = 0
+                while getline(&line, &capacity, file) >= 0, let line {
+                    let text = String(cString: line).trimmingCharacters(in: .whitespacesAndNewlines)
+                    guard !text.isEmpty, !text.hasPrefix("#") else { continue }
+                    do {
+                        let command = try MockClusterCommand(parsing: text)
+                        do {
+                            try cluster.apply(command)
+                            answer("ok: \(text)")
+                        } catch {
+                            answer("error: cannot run '\(text)': \(error)")
+                        }
+                    } catch {
+                        answer("error: \(error)")
+                    }
+                }
+                free(line)
+                fclose(file)
+            }
+        }
+        thread.name = "control"
+        thread.start()
+    }
+
+    private static func answer(_ text: String) {
+        FileHandle.standardOutput.write(Data((text + "\n").utf8))
     }
 }
 
