@@ -149,6 +149,29 @@ struct RelaySourceTests {
         try await source.drop(test)
     }
 
+    @Test("a 1 MB event (TOASTed in the outbox) arrives whole when the producer allows its size", arguments: SourceKind.allCases)
+    func oneMegabyteEvent(_ kind: SourceKind) async throws {
+        let topic = uniqueName("srcbig1mb")
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let source = try await RelaySource.prepare(kind, test)
+        let brokers = try TestEnvironment.kafkaBrokers()
+        // Random text, so that compression cannot make it small: the row really is stored out of line.
+        let filler = (0..<1_000_000).map { _ in "abcdefghijklmnopqrstuvwxyz0123456789".randomElement()! }
+        let event = NewEvent(Tick(n: 1, filler: String(filler)))
+        try await test.store.append([event], to: "big", category: "tick", expectedVersion: .noStream)
+        let after = try await test.appendTicks(streams: 1, perStream: 2, prefix: "after")
+        let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
+        try await withRelay(test, brokers: brokers, properties: ["message.max.bytes": "3000000"], configure: source.configure) { _ in
+            try await reader.read(until: "the big event and the ones after it") { _ in reader.eventIDs.count >= 3 }
+        }
+        expectComplete(reader, [event.eventID] + after)
+        let big = try #require(reader.messages.first { $0.keyString == "big" })
+        let envelope = try OutboxEnvelope.decode(try #require(big.value))
+        #expect(envelope.payload["filler"] == .string(String(filler)))
+        await reader.close()
+        try await source.drop(test)
+    }
+
     @Test("a rolled-back transaction publishes nothing", arguments: SourceKind.allCases)
     func rolledBack(_ kind: SourceKind) async throws {
         let topic = uniqueName("srcrb")
@@ -172,25 +195,31 @@ struct RelaySourceTests {
         try await source.drop(test)
     }
 
-    @Test("every broker down mid-stream (messages time out): producer replaced, every event arrives in order", arguments: SourceKind.allCases)
-    func brokersDown(_ kind: SourceKind) async throws {
+    @Test("every broker unresponsive mid-stream (messages time out): producer replaced, every event arrives in order", arguments: SourceKind.allCases)
+    func brokersUnresponsive(_ kind: SourceKind) async throws {
         let cluster = try MockCluster(brokers: 3)
-        let topic = uniqueName("srcdown")
+        let topic = uniqueName("srcslow")
         try cluster.createTopic(topic, partitions: 4, replicationFactor: 3)
         let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
         let source = try await RelaySource.prepare(kind, test)
         var ids = try await test.appendTicks(streams: 10, perStream: 50)
+        // Responses delayed past the message timeout, rather than brokers set down: librdkafka 2.0.2's mock
+        // aborts the process when a broker set up again cannot re-bind its port (seen once in CI), and a
+        // delay needs no re-bind. The relay sees the same thing: deliveries that time out.
+        func delay(_ milliseconds: Int32) throws {
+            for broker in 1...3 { try cluster.setRoundTrip(broker: Int32(broker), milliseconds: milliseconds) }
+        }
         try await withRelay(
             test, brokers: cluster.bootstrapServers, properties: ["message.timeout.ms": "1500"], batchSize: 50,
             configure: source.configure
         ) { relay in
             try await waitUntil("the relay publishes") { relay.publishedCount > 0 }
-            try cluster.setAllBrokersDown()
+            try delay(2500)
             ids += try await test.appendTicks(streams: 10, perStream: 30, prefix: "later")
             try await waitUntil("the relay replaces its producer") { relay.producerRestartCount > 0 }
-            try cluster.setAllBrokersUp()
+            try delay(0)
             let reader = try KafkaTopicReader(brokers: cluster.bootstrapServers, topic: topic)
-            try await reader.read(until: "every event after the brokers came back", timeout: .seconds(90)) { _ in
+            try await reader.read(until: "every event once the brokers answer again", timeout: .seconds(90)) { _ in
                 reader.eventIDs.count >= ids.count
             }
             expectComplete(reader, ids)
