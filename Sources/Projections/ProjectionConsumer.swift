@@ -20,6 +20,13 @@ public struct ProjectionConsumerConfiguration: Sendable {
     public var maxBackoff: Duration = .seconds(5)
     /// Records already received are applied together, up to this many per transaction. Default: 200.
     public var maxBatch: Int = 200
+    /// A record whose handler keeps failing for a reason retrying cannot fix (an error of its own, SQL that
+    /// does not fit the schema) is dead-lettered after this many attempts, and its partition goes on.
+    /// Transient database failures (connection lost, serialization failure, deadlock) are retried without
+    /// limit. Default: 5.
+    public var maxHandlerAttempts: Int = 5 {
+        didSet { precondition(maxHandlerAttempts >= 1, "maxHandlerAttempts must be at least 1") }
+    }
 
     public init(databaseURL: String, kafka: KafkaConfiguration, groupID: String, topics: [String]) {
         self.databaseURL = databaseURL
@@ -106,6 +113,7 @@ public final class ProjectionConsumer: Service, Sendable {
         var lastCommit = ContinuousClock.now
         var lastLag = ContinuousClock.now
         var backoff: Duration = .milliseconds(100)
+        var attempts = 0
 
         func commitPending() async {
             guard !pending.isEmpty else { return }
@@ -139,8 +147,9 @@ public final class ProjectionConsumer: Service, Sendable {
                 while !isStopping {
                     do {
                         if connection == nil { connection = try await PostgresConnection.connect(to: configuration.databaseURL) }
-                        try await handle(batch, on: connection!)
+                        try await handle(batch, giveUp: attempts + 1 >= configuration.maxHandlerAttempts, on: connection!)
                         backoff = .milliseconds(100)
+                        attempts = 0
                         for message in batch {
                             pending[KafkaTopicPartition(topic: message.topic, partition: message.partition)] = message.offset + 1
                         }
@@ -148,9 +157,13 @@ public final class ProjectionConsumer: Service, Sendable {
                         break
                     } catch {
                         connection = nil  // the retry opens a fresh connection
+                        if !Self.isTransient(error) { attempts += 1 }
                         logger.warning(
-                            "database failure while applying records; retrying",
-                            metadata: ["error": "\(error)", "kafka.offset": "\(batch[0].offset)", "retry.in": "\(backoff)"])
+                            "failure while applying records; retrying",
+                            metadata: [
+                                "error": "\(error)", "kafka.offset": "\(batch[0].offset)", "retry.in": "\(backoff)",
+                                "attempt": "\(attempts)",
+                            ])
                         try? await Task.sleep(for: backoff)
                         backoff = min(backoff * 2, configuration.maxBackoff)
                     }
@@ -173,8 +186,8 @@ public final class ProjectionConsumer: Service, Sendable {
     /// Applies a batch of records in one transaction. A batch holding a record that does not decode, or whose
     /// handler fails for a reason other than the database being unavailable, is applied record by record
     /// instead, so that only the bad record is dead-lettered. Throws only for failures worth retrying.
-    private func handle(_ batch: [KafkaMessage], on connection: PostgresConnection) async throws {
-        guard batch.count > 1 else { return try await handle(batch[0], on: connection) }
+    private func handle(_ batch: [KafkaMessage], giveUp: Bool, on connection: PostgresConnection) async throws {
+        guard batch.count > 1 else { return try await handle(batch[0], giveUp: giveUp, on: connection) }
         var events: [(recorded: RecordedEvent, event: any DomainEvent)] = []
         for message in batch {
             guard let value = message.value, let recorded = try? OutboxEnvelope.decode(value).recordedEvent(),
@@ -209,11 +222,18 @@ public final class ProjectionConsumer: Service, Sendable {
                 logger.info("a batch failed; applying its records one by one", metadata: ["error": "\(error)"])
             }
         }
-        for message in batch { try await handle(message, on: connection) }
+        for message in batch { try await handle(message, giveUp: giveUp, on: connection) }
     }
 
-    /// Applies one record, or dead-letters it. Throws only for failures worth retrying (database).
-    private func handle(_ message: KafkaMessage, on connection: PostgresConnection) async throws {
+    /// Failures that a later attempt can get past: the database unreachable or restarting, serialization
+    /// failures and deadlocks.
+    static func isTransient(_ error: any Error) -> Bool {
+        (error as? PostgresError)?.isRetriable ?? false
+    }
+
+    /// Applies one record, or dead-letters it. Throws for failures worth retrying: transient ones, and
+    /// (until `giveUp`) those of the handler that a fix (a migration, a restart) might cure.
+    private func handle(_ message: KafkaMessage, giveUp: Bool, on connection: PostgresConnection) async throws {
         var logger = self.logger
         if let traceparent = message.header("traceparent")?.stringValue { logger[metadataKey: "traceparent"] = "\(traceparent)" }
         let recorded: RecordedEvent
@@ -239,6 +259,9 @@ public final class ProjectionConsumer: Service, Sendable {
         } catch let error as PostgresError where !error.isRetriable && error.code == .server && error.sqlState?.hasPrefix("42") != true {
             // A deterministic failure of the handler's SQL (constraint, bad value): retrying cannot help.
             try await deadLetter(message, reason: "handler failed: \(error)", on: connection, logger: logger)
+        } catch where giveUp && !Self.isTransient(error) {
+            try await deadLetter(
+                message, reason: "handler failed \(configuration.maxHandlerAttempts) times: \(error)", on: connection, logger: logger)
         }
     }
 

@@ -183,6 +183,47 @@ struct ProjectionTests {
         try await pipeline.test.drop()
     }
 
+    @Test("a handler that keeps failing (its own error, SQL class 42) is dead-lettered after maxHandlerAttempts; the partition goes on")
+    func failingHandlers() async throws {
+        struct Refused: Error, CustomStringConvertible { var description: String { "the handler refuses 13" } }
+        let fragile = Projection(
+            name: "fragile_deposits",
+            tables: [.init(name: "fragile_deposits", createSQL: "CREATE TABLE {table} (event_id uuid PRIMARY KEY, amount bigint NOT NULL)")]
+        ) { event, recorded, context in
+            guard let deposit = event as? MoneyDeposited else { return }
+            if deposit.amount == 13 { throw Refused() }
+            if deposit.amount == 42 { try await context.connection.execute("SELECT * FROM no_such_table_anywhere") }
+            try await context.connection.execute(
+                "INSERT INTO \(context.table("fragile_deposits")) (event_id, amount) VALUES ($1, $2)",
+                [.uuid(recorded.eventID), .int64(deposit.amount)])
+        }
+        let pipeline = try await Pipeline.make()
+        var configuration = pipeline.consumerConfiguration()
+        configuration.maxHandlerAttempts = 2
+        configuration.maxBackoff = .milliseconds(200)
+        let consumer = ProjectionConsumer(
+            configuration: configuration, applier: ProjectionApplier(projections: [fragile], registry: BankEvents.registry))
+        try await consumer.prepare()  // the tables, before any event (nothing to back-fill)
+        let account = try await pipeline.bank.open(owner: "F", initialDeposit: 0)
+        for amount: Int64 in [13, 42, 5] { _ = try await pipeline.bank.deposit(account, amount: amount) }
+        try await pipeline.relaying {
+            let task = Task { try await consumer.run() }
+            try await waitUntil("the deposit after the failing ones is applied", timeout: .seconds(60)) {
+                try await pipeline.test.count("SELECT count(*) FROM fragile_deposits WHERE amount = 5") == 1
+            }
+            consumer.stop()
+            try await task.value
+        }
+        let reasons = try await pipeline.test.pool.withConnection {
+            try await $0.query("SELECT reason FROM projection_dead_letters ORDER BY id").map { try $0.decode(String.self, "reason") }
+        }
+        #expect(reasons.count == 2, "\(reasons)")
+        #expect(reasons.first?.contains("handler failed 2 times: the handler refuses 13") == true)
+        #expect(reasons.last?.contains("42P01") == true)
+        #expect(try await pipeline.test.count("SELECT count(*) FROM fragile_deposits") == 1)
+        try await pipeline.test.drop()
+    }
+
     @Test("a dead-letter log line carries the record's traceparent")
     func traceparentInLogs() async throws {
         let pipeline = try await Pipeline.make()
