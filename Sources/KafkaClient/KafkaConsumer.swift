@@ -80,11 +80,15 @@ public final class KafkaConsumer: Sendable {
             }
             defer { rd_kafka_message_destroy(raw) }
             if raw.pointee.err != RD_KAFKA_RESP_ERR_NO_ERROR {
-                var error = KafkaError(raw.pointee.err, context: "consumer poll")
                 if raw.pointee.err == RD_KAFKA_RESP_ERR__FATAL {
-                    error.isFatal = true
+                    // The underlying error and its reason, not just "Fatal error".
+                    var text = [CChar](repeating: 0, count: 512)
+                    let code = rd_kafka_fatal_error(handle.pointer, &text, text.count)
+                    return (nil, KafkaError(
+                        code: KafkaError.Code(code), message: "fatal consumer error: \(RDKafkaConfig.string(text)); the consumer must be recreated",
+                        isFatal: true))
                 }
-                return (nil, error)
+                return (nil, KafkaError(raw.pointee.err, context: "consumer poll"))
             }
             return (RDKafkaMessage.decode(raw), nil)
         }
@@ -93,6 +97,12 @@ public final class KafkaConsumer: Sendable {
             logger.info("consumer error, librdkafka retries", metadata: ["kafka.error": "\(error)"])
         }
         return message
+    }
+
+    /// Makes librdkafka raise a fatal error on this consumer (`rd_kafka_test_fatal_error`), as a fenced member
+    /// would see one: the next ``poll(timeout:)`` throws it. For tests of what callers do then.
+    @_spi(Testing) public func raiseFatalErrorForTesting(_ reason: String) {
+        _ = rd_kafka_test_fatal_error(handle.pointer, RD_KAFKA_RESP_ERR__INVALID_ARG, reason)
     }
 
     /// Commits the position after `message` (its offset + 1), synchronously.

@@ -1,6 +1,6 @@
 import EventSourcing
 import Foundation
-import KafkaClient
+@_spi(Testing) import KafkaClient
 import Logging
 import Metrics
 import PostgresClient
@@ -66,6 +66,8 @@ public final class ProjectionConsumer: Service, Sendable {
 
     public func stop() { stopping.store(true, ordering: .releasing) }
     private var isStopping: Bool { stopping.load(ordering: .acquiring) }
+    /// The running Kafka consumer, for the test hook.
+    private let current = Mutex<KafkaConsumer?>(nil)
 
     /// Creates the dead-letter table and back-fills projections that have never been built.
     public func prepare() async throws {
@@ -87,11 +89,14 @@ public final class ProjectionConsumer: Service, Sendable {
     }
 
     /// Consumes until graceful shutdown: then it finishes the current record, commits offsets, leaves the group.
+    /// - Throws: a fatal Kafka error (the consumer can no longer consume; after committing what was applied), so
+    ///   that a process ends with the reason instead of looking finished.
     public func run() async throws {
         try await prepare()
         let consumer = try KafkaConsumer(configuration: configuration.kafka, groupID: configuration.groupID, logger: logger)
+        current.withLock { $0 = consumer }
         try consumer.subscribe(topics: configuration.topics)
-        await withGracefulShutdownHandler {
+        let fatal = await withGracefulShutdownHandler {
             await withTaskCancellationHandler {
                 await self.consume(consumer)
             } onCancel: {
@@ -100,13 +105,25 @@ public final class ProjectionConsumer: Service, Sendable {
         } onGracefulShutdown: {
             self.stop()
         }
+        current.withLock { $0 = nil }
         await consumer.close()
+        if let fatal {
+            logger.error("projection consumer stopped by a fatal Kafka error", metadata: ["kafka.error": "\(fatal)"])
+            throw fatal
+        }
         logger.info(
             "projection consumer stopped",
             metadata: ["applied": "\(appliedCount)", "duplicates": "\(duplicateCount)", "dead.lettered": "\(deadLetterCount)"])
     }
 
-    private func consume(_ consumer: KafkaConsumer) async {
+    /// Raises a fatal error in the running consumer (see ``KafkaConsumer/raiseFatalErrorForTesting(_:)``).
+    @_spi(Testing) public func raiseFatalKafkaErrorForTesting(_ reason: String) {
+        current.withLock { $0 }?.raiseFatalErrorForTesting(reason)
+    }
+
+    /// Consumes until asked to stop; returns the fatal Kafka error that ended it, if one did.
+    private func consume(_ consumer: KafkaConsumer) async -> (any Error)? {
+        var fatal: (any Error)?
         var connection: PostgresConnection?
         var pending: [KafkaTopicPartition: Int64] = [:]
         var pendingCount = 0
@@ -140,7 +157,7 @@ public final class ProjectionConsumer: Service, Sendable {
                     }
                 }
             } catch {
-                logger.error("fatal Kafka consumer error; stopping", metadata: ["kafka.error": "\(error)"])
+                fatal = error
                 break
             }
             if !batch.isEmpty {
@@ -181,6 +198,7 @@ public final class ProjectionConsumer: Service, Sendable {
             }
         }
         await commitPending()
+        return fatal
     }
 
     /// Applies a batch of records in one transaction. A batch holding a record that does not decode, or whose

@@ -7,7 +7,7 @@ import KafkaClient
 import Logging
 import OutboxRelay
 import PostgresClient
-import Projections
+@_spi(Testing) import Projections
 import PropertyBased
 import TestSupport
 import Testing
@@ -221,6 +221,34 @@ struct ProjectionTests {
         #expect(reasons.first?.contains("handler failed 2 times: the handler refuses 13") == true)
         #expect(reasons.last?.contains("42P01") == true)
         #expect(try await pipeline.test.count("SELECT count(*) FROM fragile_deposits") == 1)
+        try await pipeline.test.drop()
+    }
+
+    @Test("a fatal Kafka error ends run() with that error (after committing what was applied), not a normal return")
+    func fatalKafkaError() async throws {
+        let pipeline = try await Pipeline.make()
+        let consumer = ProjectionConsumer(
+            configuration: pipeline.consumerConfiguration(),
+            applier: ProjectionApplier(projections: AccountProjections.all, registry: BankEvents.registry))
+        let finished = Locked(false)
+        try await consumer.prepare()  // tables exist before the wait below looks at them (nothing to back-fill yet)
+        let account = try await pipeline.bank.open(owner: "Fatal", initialDeposit: 7)
+        let running = Task { try await consumer.run() }
+        let outcome = Task {
+            defer { finished.withLock { $0 = true } }
+            return await running.result
+        }
+        try await pipeline.relaying {
+            try await waitUntil("the consumer applies the first event") { try await pipeline.balances()[account] == 7 }
+        }
+        consumer.raiseFatalKafkaErrorForTesting("test: fenced")
+        try await waitUntil("run() ends on the fatal error") { finished.value }
+        guard case .failure(let error) = await outcome.value else {
+            Issue.record("run() returned normally after a fatal Kafka error")
+            return
+        }
+        #expect((error as? KafkaError)?.isFatal == true, "\(error)")
+        #expect("\(error)".contains("test: fenced"))
         try await pipeline.test.drop()
     }
 
