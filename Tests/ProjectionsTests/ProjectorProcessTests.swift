@@ -1,6 +1,7 @@
 import BankAccount
 import EventStore
 import Foundation
+import KafkaClient
 import PostgresClient
 import Projections
 import TestSupport
@@ -12,6 +13,49 @@ import FoundationNetworking
 
 @Suite("account-projector process (real PostgreSQL + kafka-mock-cluster + the real relay)")
 struct ProjectorProcessTests {
+    @Test("SIGTERM: the projector commits the offsets of everything it applied, then exits 0 (checked in the group afterwards)")
+    func sigtermCommitsOffsets() async throws {
+        let pipeline = try await Pipeline.make()
+        let group = uniqueName("projector")
+        let env = ["EVENTOUTBOX_DATABASE_URL": pipeline.test.schema.url, "KAFKA_BROKERS": pipeline.brokers]
+        try await pipeline.test.pool.withConnection { connection in
+            for projection in AccountProjections.all { try await projection.createEmptyTables(on: connection) }
+        }
+        var ids: [String] = []
+        for n in 0..<4 {
+            let id = try await pipeline.bank.open(owner: "T\(n)", initialDeposit: 100)
+            _ = try await pipeline.bank.deposit(id, amount: 5)
+            ids.append(id)
+        }
+        let expected = try await pipeline.expectedBalances(ids)
+        // Offsets are committed only at shutdown: a commit interval of an hour.
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent(uniqueName("projector") + ".log")
+        let projector = try Tools.start(
+            "account-projector",
+            ["--group", group, "--topic", pipeline.topic, "--kafka-property", "allow.auto.create.topics=true",
+             "--kafka-property", "session.timeout.ms=6000", "--commit-interval", "3600"],
+            environment: env, output: log)
+        try await pipeline.relaying {
+            try await waitUntil("the projector applied everything") { try await pipeline.balances() == expected }
+        }
+        kill(projector.processIdentifier, SIGTERM)
+        try await waitUntil("the projector exits") { !projector.isRunning }
+        #expect(projector.terminationStatus == 0)
+
+        // Where the relay put each event, from the outbox: the committed offset of a partition is its last + 1.
+        let stored = try await pipeline.test.pool.withConnection { connection in
+            try await connection.query("SELECT kafka_partition AS p, max(kafka_offset) + 1 AS next FROM outbox GROUP BY kafka_partition")
+                .map { (try $0.decode(Int32.self, "p"), try $0.decode(Int64.self, "next")) }
+        }
+        let reader = try KafkaConsumer(configuration: KafkaConfiguration(bootstrapServers: pipeline.brokers), groupID: group)
+        let committed = try await reader.committed(stored.map { KafkaTopicPartition(topic: pipeline.topic, partition: $0.0) })
+        await reader.close()
+        #expect(
+            Dictionary(uniqueKeysWithValues: committed.map { ($0.partition, $0.offset) })
+                == Dictionary(uniqueKeysWithValues: stored.map { ($0.0, $0.1) }))
+        try await pipeline.test.drop()
+    }
+
     @Test("killed after its database commits but before its offset commits: on restart nothing is applied twice")
     func killBeforeOffsetCommit() async throws {
         let pipeline = try await Pipeline.make()
