@@ -66,11 +66,25 @@ public final class ProjectionConsumer: Service, Sendable {
 
     public func stop() { stopping.store(true, ordering: .releasing) }
     private var isStopping: Bool { stopping.load(ordering: .acquiring) }
+    /// The advisory lock class that serializes ``prepare()`` across projector processes of a schema.
+    static let prepareLockClass: Int32 = 72_405_113
     /// The running Kafka consumer, for the test hook.
     private let current = Mutex<KafkaConsumer?>(nil)
 
-    /// Creates the dead-letter table and back-fills projections that have never been built.
+    /// Creates the dead-letter table and back-fills projections that have never been built. Projectors that
+    /// start together take turns (an advisory lock): concurrent `CREATE TABLE IF NOT EXISTS` can fail in
+    /// PostgreSQL's catalog, and one back-fill per projection is enough.
     public func prepare() async throws {
+        // One lock per schema (the projections' tables live there); released when this session closes.
+        let lock = try await PostgresConnection.connect(to: configuration.databaseURL)
+        do {
+            try await lock.query(
+                "SELECT pg_advisory_lock($1, hashtext(current_schema()))", [.int32(Self.prepareLockClass)],
+                statement: "projections: prepare lock")
+        } catch {
+            await lock.close()
+            throw error
+        }
         let pool = PostgresPool(url: configuration.databaseURL, maxConnections: 2)
         do {
             try await pool.withConnection { try await $0.executeScript(ProjectionSchema.deadLettersSQL) }
@@ -83,9 +97,11 @@ public final class ProjectionConsumer: Service, Sendable {
             }
         } catch {
             await pool.close()
+            await lock.close()
             throw error
         }
         await pool.close()
+        await lock.close()
     }
 
     /// Consumes until graceful shutdown: then it finishes the current record, commits offsets, leaves the group.

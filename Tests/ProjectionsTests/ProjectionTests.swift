@@ -224,6 +224,25 @@ struct ProjectionTests {
         try await pipeline.test.drop()
     }
 
+    @Test("projectors starting together take turns preparing: concurrent start-ups all succeed, one back-fill")
+    func concurrentPrepare() async throws {
+        let pipeline = try await Pipeline.make()
+        let account = try await pipeline.bank.open(owner: "Together", initialDeposit: 3)
+        let consumers = (0..<4).map { _ in
+            ProjectionConsumer(
+                configuration: pipeline.consumerConfiguration(),
+                applier: ProjectionApplier(projections: AccountProjections.all, registry: BankEvents.registry))
+        }
+        // Without the lock, concurrent CREATE TABLE IF NOT EXISTS fails in the catalog (23505 on pg_type).
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for consumer in consumers { group.addTask { try await consumer.prepare() } }
+            try await group.waitForAll()
+        }
+        #expect(try await pipeline.balances() == [account: 3])
+        #expect(try await pipeline.test.count("SELECT count(*) FROM account_balances_applied") == 1)
+        try await pipeline.test.drop()
+    }
+
     @Test("a fatal Kafka error ends run() with that error (after committing what was applied), not a normal return")
     func fatalKafkaError() async throws {
         let pipeline = try await Pipeline.make()
