@@ -17,7 +17,9 @@ extension OutboxRelay {
     /// a failure to retry. An unreachable database is left to the retries.
     func checkReplicationSetup(_ wal: OutboxWAL) async throws {
         guard let connection = try? await PostgresConnection.connect(to: configuration.databaseURL) else { return }
-        let problems = wal.problems(in: try await wal.status(on: connection))
+        let status = try? await wal.status(on: connection)
+        await connection.close()
+        let problems = status.map(wal.problems(in:)) ?? []
         guard problems.isEmpty else { throw WALSetupError(problems: problems) }
     }
 
