@@ -115,8 +115,7 @@ private struct ReplicationGeneration {
     private var failure: (any Error)?
     private var replyRequested = false
     private var lastConfirm = ContinuousClock.now
-    /// How far this generation has read the stream, and how far it last told the server it had.
-    private var received = PostgresLSN.zero
+    /// How far this generation last told the server it had read (the decoder knows how far it has).
     private var reportedReceived = PostgresLSN.zero
     /// Whether the server has been asked where it stands since the last transaction settled: its keepalive
     /// lets an idle relay confirm the WAL after the last transaction (other tables' changes, vacuum), so the
@@ -205,7 +204,6 @@ private struct ReplicationGeneration {
                 prefetch = nil
                 let (changes, next) = try await fetch.value
                 decoder = next
-                received = max(received, next.received)
                 // While a batch streams in, read and decode the next one meanwhile.
                 let roomAfter = room - changes.count(where: \.isRow)
                 if !changes.isEmpty && roomAfter > 0 {
@@ -244,7 +242,10 @@ private struct ReplicationGeneration {
             case .begin(let commitTime):
                 transaction = ledger.begin(commitTime: commitTime)
             case .row(let row):
-                if let transaction { batch.append((transaction, row)) }
+                guard let transaction else {
+                    throw PostgresError(code: .decoding, message: "pgoutput sent outbox row \(row.id) outside a transaction")
+                }
+                batch.append((transaction, row))
             case .unreadable(let outboxID, let reason):
                 try await deadLetterUnreadable(outboxID, reason)
             case .commit(let endLSN):
@@ -360,7 +361,7 @@ private struct ReplicationGeneration {
         if !ledger.isIdle || transaction != nil { askedWhileIdle = false }
         let ask = ledger.isIdle && transaction == nil && inFlight.isEmpty
             && (!askedWhileIdle ? now - lastConfirm >= .milliseconds(100) : now - lastAsked >= .seconds(1))
-        let moved = ledger.confirmable > confirmed || received > reportedReceived
+        let moved = ledger.confirmable > confirmed || decoder.received > reportedReceived
         guard replyRequested || ask || (moved && now - lastConfirm >= .milliseconds(100)) else { return }
         if ask {
             askedWhileIdle = true
@@ -370,9 +371,9 @@ private struct ReplicationGeneration {
     }
 
     private mutating func confirm(requestingReply: Bool = false) async throws {
-        try await stream.confirm(ledger.confirmable, received: received, requestingReply: requestingReply)
+        try await stream.confirm(ledger.confirmable, received: decoder.received, requestingReply: requestingReply)
         confirmed = ledger.confirmable
-        reportedReceived = received
+        reportedReceived = decoder.received
         replyRequested = false
         lastConfirm = .now
         relay.metrics.walUnconfirmedAge.record(ledger.oldestUnsettledCommitTime.map { Date().timeIntervalSince($0) } ?? 0)
