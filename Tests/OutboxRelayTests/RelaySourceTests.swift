@@ -11,6 +11,14 @@ import Testing
 enum SourceKind: String, Sendable, CaseIterable, CustomTestStringConvertible {
     case table, wal
     var testDescription: String { "--source \(rawValue)" }
+
+    /// Where a test of this source keeps its event store. WAL tests get a database of their own: logical
+    /// decoding reads every change of its database, and the other tests' DDL there (tables created,
+    /// rewritten and dropped concurrently) once made PostgreSQL's decoder fail with "could not map filenode
+    /// ... to relation OID", at the same position on every retry.
+    func databaseURL() async throws -> String? {
+        self == .wal ? try await TestEnvironment.walDatabaseURL() : nil
+    }
 }
 
 /// The per-test setup of a source: for `wal`, a publication and slot of the test's own (named after its
@@ -81,7 +89,7 @@ struct RelaySourceTests {
     @Test("5,000 events over 50 streams, half before the relay starts, half while it runs", arguments: SourceKind.allCases)
     func fiveThousand(_ kind: SourceKind) async throws {
         let topic = uniqueName("src5k")
-        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic), databaseURL: try await kind.databaseURL())
         let source = try await RelaySource.prepare(kind, test)
         let brokers = try TestEnvironment.kafkaBrokers()
         var ids = try await test.appendTicks(streams: 25, perStream: 100, batch: 20, prefix: "before")
@@ -100,7 +108,7 @@ struct RelaySourceTests {
     @Test("transactions that commit out of id order, interleaved with appends: all published", arguments: SourceKind.allCases)
     func interleavedCommits(_ kind: SourceKind) async throws {
         let topic = uniqueName("srcooo")
-        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic), databaseURL: try await kind.databaseURL())
         let source = try await RelaySource.prepare(kind, test)
         let brokers = try TestEnvironment.kafkaBrokers()
         let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
@@ -133,7 +141,7 @@ struct RelaySourceTests {
         let cluster = try MockCluster(brokers: 1)
         let topic = uniqueName("srcbig")
         try cluster.createTopic(topic, partitions: 8)
-        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic), databaseURL: try await kind.databaseURL())
         let source = try await RelaySource.prepare(kind, test)
         #expect(try await test.bulkFill(streams: 10, perStream: 1000, topic: topic) == 10_000)
         let ids = try await test.pool.withConnection { connection in
@@ -152,7 +160,7 @@ struct RelaySourceTests {
     @Test("a 1 MB event (TOASTed in the outbox) arrives whole when the producer allows its size", arguments: SourceKind.allCases)
     func oneMegabyteEvent(_ kind: SourceKind) async throws {
         let topic = uniqueName("srcbig1mb")
-        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic), databaseURL: try await kind.databaseURL())
         let source = try await RelaySource.prepare(kind, test)
         let brokers = try TestEnvironment.kafkaBrokers()
         // Random text, so that compression cannot make it small: the row really is stored out of line.
@@ -175,7 +183,7 @@ struct RelaySourceTests {
     @Test("a rolled-back transaction publishes nothing", arguments: SourceKind.allCases)
     func rolledBack(_ kind: SourceKind) async throws {
         let topic = uniqueName("srcrb")
-        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic), databaseURL: try await kind.databaseURL())
         let source = try await RelaySource.prepare(kind, test)
         let brokers = try TestEnvironment.kafkaBrokers()
         let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
@@ -200,7 +208,7 @@ struct RelaySourceTests {
         let cluster = try MockCluster(brokers: 3)
         let topic = uniqueName("srcslow")
         try cluster.createTopic(topic, partitions: 4, replicationFactor: 3)
-        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic), databaseURL: try await kind.databaseURL())
         let source = try await RelaySource.prepare(kind, test)
         var ids = try await test.appendTicks(streams: 10, perStream: 50)
         // Responses delayed past the message timeout, rather than brokers set down: librdkafka 2.0.2's mock
@@ -231,7 +239,7 @@ struct RelaySourceTests {
     @Test("two relay processes: the active one is SIGKILLed under load, the standby takes over, nothing lost", arguments: SourceKind.allCases)
     func failoverAfterSigkill(_ kind: SourceKind) async throws {
         let topic = uniqueName("srcfail")
-        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic), databaseURL: try await kind.databaseURL())
         let source = try await RelaySource.prepare(kind, test)
         let brokers = try TestEnvironment.kafkaBrokers()
         let lockKey = Int64.random(in: 1...2_000_000_000)

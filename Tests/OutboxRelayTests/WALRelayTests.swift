@@ -22,7 +22,7 @@ private func positions(_ test: TestEventStore, _ wal: OutboxWAL) async throws ->
 struct WALRelayTests {
     @Test("missing publication or slot: the relay refuses to start with what to run; migrate --wal, wal status, drop-slot")
     func setup() async throws {
-        let test = try await TestEventStore.create()
+        let test = try await TestEventStore.create(databaseURL: try await TestEnvironment.walDatabaseURL())
         let wal = try OutboxWAL(publication: "p_" + test.schema.name, slot: "s_" + test.schema.name)
         let brokers = try TestEnvironment.kafkaBrokers()
         await #expect { try await withRelay(test, brokers: brokers, configure: { $0.source = .wal(wal) }) { _ in } } throws: { error in
@@ -64,7 +64,7 @@ struct WALRelayTests {
         let cluster = try MockCluster(brokers: 1)
         let topic = uniqueName("walack")
         try cluster.createTopic(topic, partitions: 2)
-        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic), databaseURL: try await TestEnvironment.walDatabaseURL())
         let source = try await RelaySource.prepare(.wal, test)
         let wal = try #require(source.wal)
         var ids = try await test.appendTicks(streams: 2, perStream: 5)
@@ -100,7 +100,7 @@ struct WALRelayTests {
     @Test("a row Kafka refuses is a dead letter, its stream's later rows are held behind it, retry publishes them in order")
     func deadLetters() async throws {
         let topic = uniqueName("waldead")
-        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic), databaseURL: try await TestEnvironment.walDatabaseURL())
         let source = try await RelaySource.prepare(.wal, test)
         let brokers = try TestEnvironment.kafkaBrokers()
         var held: [UUID] = []
@@ -142,7 +142,7 @@ struct WALRelayTests {
     @Test("retention deletes rows by age (they are never marked); the log already holds them")
     func retention() async throws {
         let topic = uniqueName("walret")
-        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
+        let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic), databaseURL: try await TestEnvironment.walDatabaseURL())
         let source = try await RelaySource.prepare(.wal, test)
         let brokers = try TestEnvironment.kafkaBrokers()
         let ids = try await test.appendTicks(streams: 3, perStream: 10)

@@ -18,6 +18,21 @@ public enum TestEnvironment {
     /// `KAFKA_BROKERS` (bootstrap servers of `kafka-mock-cluster`).
     public static func kafkaBrokers() throws -> String { try variable("KAFKA_BROKERS") }
 
+    /// A second database on the test server, `eventoutbox_wal`, for tests that read the WAL (created on first
+    /// use): logical decoding reads every change of its database, so these tests keep away from the DDL of
+    /// all the others.
+    public static func walDatabaseURL() async throws -> String {
+        let base = try databaseURL()
+        let admin = try await PostgresConnection.connect(to: base)
+        // One creator at a time: concurrent CREATE DATABASE from template1 fails.
+        try await admin.query("SELECT pg_advisory_lock(7240511099)")
+        let exists = try await admin.query("SELECT 1 FROM pg_database WHERE datname = 'eventoutbox_wal'").count == 1
+        if !exists { try await admin.executeScript("CREATE DATABASE eventoutbox_wal") }
+        await admin.close()
+        guard let range = base.range(of: "/eventoutbox?") else { return base }
+        return base.replacingCharacters(in: range, with: "/eventoutbox_wal?")
+    }
+
     private static func variable(_ name: String) throws -> String {
         guard let value = ProcessInfo.processInfo.environment[name], !value.isEmpty else {
             throw MissingTestServer(variable: name)
