@@ -3,7 +3,8 @@ import Foundation
 import PostgresClient
 import Projections
 
-/// The bank's read models.
+/// The bank's read models. Both handlers take a batch and write its effects in set-based statements: a batch of
+/// 200 events costs two or three statements, not 200.
 public enum AccountProjections {
     /// `account_balances`: one row per account with its balance and the last version applied.
     public static let balances = Projection(
@@ -20,31 +21,32 @@ public enum AccountProjections {
                         updated_at   timestamptz NOT NULL
                     )
                     """)
-        ]
-    ) { event, recorded, context in
-        let table = context.table("account_balances")
-        let common: [PostgresBind] = [.text(recorded.streamID), .int64(recorded.streamVersion), .timestamp(recorded.occurredAt)]
-        switch event {
-        case let opened as AccountOpened:
-            try await context.connection.execute(
-                "INSERT INTO \(table) (account_id, last_version, updated_at, owner, balance) VALUES ($1, $2, $3, $4, $5)",
-                common + [.text(opened.owner), .int64(opened.initialDeposit)], statement: "balances: opened")
-        case let deposited as MoneyDeposited:
-            try await context.connection.execute(
-                "UPDATE \(table) SET balance = balance + $4, last_version = GREATEST(last_version, $2), updated_at = $3 WHERE account_id = $1",
-                common + [.int64(deposited.amount)], statement: "balances: deposited")
-        case let withdrawn as MoneyWithdrawn:
-            try await context.connection.execute(
-                "UPDATE \(table) SET balance = balance - $4, last_version = GREATEST(last_version, $2), updated_at = $3 WHERE account_id = $1",
-                common + [.int64(withdrawn.amount)], statement: "balances: withdrawn")
-        case is WithdrawalRejected:
-            try await context.connection.execute(
-                "UPDATE \(table) SET last_version = GREATEST(last_version, $2), updated_at = $3 WHERE account_id = $1",
-                common, statement: "balances: rejected")
-        default:
-            break
-        }
-    }
+        ],
+        applyBatch: { events, context in
+            let changes = try BalanceChanges(events)
+            let table = context.table("account_balances")
+            let opened = changes.accounts.filter { changes.byAccount[$0]!.owner != nil }
+            let existing = changes.accounts.filter { changes.byAccount[$0]!.owner == nil }
+            if !opened.isEmpty {
+                let rows = opened.map { changes.byAccount[$0]! }
+                try await context.connection.execute(
+                    "INSERT INTO \(table) (account_id, owner, balance, last_version, updated_at) "
+                        + "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[])",
+                    [.textArray(opened), .textArray(rows.map { $0.owner! }), .int64Array(rows.map(\.delta)),
+                     .int64Array(rows.map(\.version)), .timestampArray(rows.map(\.at))],
+                    statement: "balances: opened")
+            }
+            if !existing.isEmpty {
+                let rows = existing.map { changes.byAccount[$0]! }
+                try await context.connection.execute(
+                    "UPDATE \(table) AS t SET balance = t.balance + u.delta, last_version = GREATEST(t.last_version, u.version), "
+                        + "updated_at = u.at FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::timestamptz[]) "
+                        + "AS u(account_id, delta, version, at) WHERE t.account_id = u.account_id",
+                    [.textArray(existing), .int64Array(rows.map(\.delta)), .int64Array(rows.map(\.version)),
+                     .timestampArray(rows.map(\.at))],
+                    statement: "balances: changed")
+            }
+        })
 
     /// `daily_volume`: per UTC day, deposits and withdrawals (totals and counts) and rejected withdrawals.
     public static let dailyVolume = Projection(
@@ -62,26 +64,94 @@ public enum AccountProjections {
                         rejected_count      int    NOT NULL DEFAULT 0
                     )
                     """)
-        ]
-    ) { event, recorded, context in
-        let column: (total: String?, count: String, amount: Int64)
-        switch event {
-        case let opened as AccountOpened where opened.initialDeposit > 0:
-            column = ("deposits_total", "deposits_count", opened.initialDeposit)
-        case let deposited as MoneyDeposited: column = ("deposits_total", "deposits_count", deposited.amount)
-        case let withdrawn as MoneyWithdrawn: column = ("withdrawals_total", "withdrawals_count", withdrawn.amount)
-        case is WithdrawalRejected: column = (nil, "rejected_count", 0)
-        default: return
-        }
-        let table = context.table("daily_volume")
-        let totalSet = column.total.map { ", \($0) = \(table).\($0) + $2" } ?? ""
-        let totalInsert = column.total.map { ", \($0)" } ?? ""
-        let totalValue = column.total == nil ? "" : ", $2"
-        try await context.connection.execute(
-            "INSERT INTO \(table) AS \(table) (day, \(column.count)\(totalInsert)) VALUES (($1::timestamptz AT TIME ZONE 'UTC')::date, 1\(totalValue)) "
-                + "ON CONFLICT (day) DO UPDATE SET \(column.count) = \(table).\(column.count) + 1\(totalSet)",
-            [.timestamp(recorded.occurredAt), .int64(column.amount)], statement: "daily volume")
-    }
+        ],
+        applyBatch: { events, context in
+            // One row per event that counts; PostgreSQL groups them by day.
+            var at: [Date] = [], depositTotals: [Int64] = [], depositCounts: [Int32] = []
+            var withdrawalTotals: [Int64] = [], withdrawalCounts: [Int32] = [], rejectedCounts: [Int32] = []
+            func add(_ event: ProjectedEvent, deposit: Int64 = 0, deposits: Int32 = 0, withdrawal: Int64 = 0, withdrawals: Int32 = 0, rejected: Int32 = 0) {
+                at.append(event.recorded.occurredAt)
+                depositTotals.append(deposit)
+                depositCounts.append(deposits)
+                withdrawalTotals.append(withdrawal)
+                withdrawalCounts.append(withdrawals)
+                rejectedCounts.append(rejected)
+            }
+            for event in events {
+                switch event.event {
+                case let opened as AccountOpened where opened.initialDeposit > 0: add(event, deposit: opened.initialDeposit, deposits: 1)
+                case let deposited as MoneyDeposited: add(event, deposit: deposited.amount, deposits: 1)
+                case let withdrawn as MoneyWithdrawn: add(event, withdrawal: withdrawn.amount, withdrawals: 1)
+                case is WithdrawalRejected: add(event, rejected: 1)
+                default: break
+                }
+            }
+            guard !at.isEmpty else { return }
+            let table = context.table("daily_volume")
+            try await context.connection.execute(
+                "INSERT INTO \(table) AS t (day, deposits_total, deposits_count, withdrawals_total, withdrawals_count, rejected_count) "
+                    + "SELECT (at AT TIME ZONE 'UTC')::date, sum(dt)::bigint, sum(dc)::int, sum(wt)::bigint, sum(wc)::int, sum(rc)::int "
+                    + "FROM unnest($1::timestamptz[], $2::bigint[], $3::int[], $4::bigint[], $5::int[], $6::int[]) AS u(at, dt, dc, wt, wc, rc) "
+                    + "GROUP BY 1 ON CONFLICT (day) DO UPDATE SET "
+                    + "deposits_total = t.deposits_total + EXCLUDED.deposits_total, deposits_count = t.deposits_count + EXCLUDED.deposits_count, "
+                    + "withdrawals_total = t.withdrawals_total + EXCLUDED.withdrawals_total, "
+                    + "withdrawals_count = t.withdrawals_count + EXCLUDED.withdrawals_count, "
+                    + "rejected_count = t.rejected_count + EXCLUDED.rejected_count",
+                [.timestampArray(at), .int64Array(depositTotals), .int32Array(depositCounts), .int64Array(withdrawalTotals),
+                 .int32Array(withdrawalCounts), .int32Array(rejectedCounts)],
+                statement: "daily volume")
+        })
 
     public static let all = [balances, dailyVolume]
+}
+
+/// A batch of bank events folded per account: what `account_balances` must change.
+struct BalanceChanges {
+    struct Change {
+        /// Set when the batch opens the account (a new row); `nil` when it changes an existing one.
+        var owner: String?
+        /// The initial deposit plus deposits minus withdrawals in the batch.
+        var delta: Int64 = 0
+        var version: Int64 = 0
+        var at = Date(timeIntervalSince1970: 0)
+    }
+
+    /// Accounts in first-seen order.
+    private(set) var accounts: [String] = []
+    private(set) var byAccount: [String: Change] = [:]
+
+    /// - Throws: ``BalanceOutOfRange`` when the batch's amounts do not fit in `Int64`.
+    init(_ events: [ProjectedEvent]) throws {
+        for event in events {
+            let amount: Int64
+            var owner: String?
+            switch event.event {
+            case let opened as AccountOpened:
+                amount = opened.initialDeposit
+                owner = opened.owner
+            case let deposited as MoneyDeposited: amount = deposited.amount
+            case let withdrawn as MoneyWithdrawn:
+                // Negated with a check: a hostile record could carry Int64.min.
+                let negated = Int64(0).subtractingReportingOverflow(withdrawn.amount)
+                guard !negated.overflow else {
+                    throw BalanceOutOfRange(owner: event.recorded.streamID, balance: 0, change: "a withdrawal of \(withdrawn.amount)")
+                }
+                amount = negated.partialValue
+            case is WithdrawalRejected: amount = 0
+            default: continue
+            }
+            let id = event.recorded.streamID
+            if byAccount[id] == nil { accounts.append(id) }
+            var change = byAccount[id] ?? Change()
+            if let owner { change.owner = owner }
+            let sum = change.delta.addingReportingOverflow(amount)
+            guard !sum.overflow else {
+                throw BalanceOutOfRange(owner: change.owner ?? id, balance: change.delta, change: "\(amount) in one batch of events")
+            }
+            change.delta = sum.partialValue
+            change.version = max(change.version, event.recorded.streamVersion)
+            change.at = event.recorded.occurredAt
+            byAccount[id] = change
+        }
+    }
 }

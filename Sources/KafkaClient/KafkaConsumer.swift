@@ -73,30 +73,39 @@ public final class KafkaConsumer: Sendable {
     /// Waits up to `timeout` for the next record. Returns `nil` if none arrived. Transient errors (a broker
     /// that is down) are logged and retried by librdkafka; only fatal errors are thrown.
     public func poll(timeout: Duration) async throws -> KafkaMessage? {
+        try await poll(upTo: 1, timeout: timeout).first
+    }
+
+    /// Waits up to `timeout` for a record, then takes the records already fetched, up to `limit` in all, in one
+    /// hop to the consumer's thread. Returns `[]` if none arrived. Errors as ``poll(timeout:)``; a fatal error
+    /// drops the records taken with it (their offsets were not committed: they are delivered again).
+    public func poll(upTo limit: Int, timeout: Duration) async throws -> [KafkaMessage] {
         let milliseconds = Int32(clamping: timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
-        let (message, error) = await onQueue { [handle] in
-            guard let raw = rd_kafka_consumer_poll(handle.pointer, milliseconds) else {
-                return (KafkaMessage?.none, KafkaError?.none)
-            }
-            defer { rd_kafka_message_destroy(raw) }
-            if raw.pointee.err != RD_KAFKA_RESP_ERR_NO_ERROR {
-                if raw.pointee.err == RD_KAFKA_RESP_ERR__FATAL {
-                    // The underlying error and its reason, not just "Fatal error".
-                    var text = [CChar](repeating: 0, count: 512)
-                    let code = rd_kafka_fatal_error(handle.pointer, &text, text.count)
-                    return (nil, KafkaError(
-                        code: KafkaError.Code(code), message: "fatal consumer error: \(RDKafkaConfig.string(text)); the consumer must be recreated",
-                        isFatal: true))
+        let (messages, error) = await onQueue { [handle] () -> ([KafkaMessage], KafkaError?) in
+            var messages: [KafkaMessage] = []
+            while messages.count < limit {
+                guard let raw = rd_kafka_consumer_poll(handle.pointer, messages.isEmpty ? milliseconds : 0) else { break }
+                defer { rd_kafka_message_destroy(raw) }
+                if raw.pointee.err != RD_KAFKA_RESP_ERR_NO_ERROR {
+                    if raw.pointee.err == RD_KAFKA_RESP_ERR__FATAL {
+                        // The underlying error and its reason, not just "Fatal error".
+                        var text = [CChar](repeating: 0, count: 512)
+                        let code = rd_kafka_fatal_error(handle.pointer, &text, text.count)
+                        return ([], KafkaError(
+                            code: KafkaError.Code(code), message: "fatal consumer error: \(RDKafkaConfig.string(text)); the consumer must be recreated",
+                            isFatal: true))
+                    }
+                    return (messages, KafkaError(raw.pointee.err, context: "consumer poll"))
                 }
-                return (nil, KafkaError(raw.pointee.err, context: "consumer poll"))
+                messages.append(RDKafkaMessage.decode(raw))
             }
-            return (RDKafkaMessage.decode(raw), nil)
+            return (messages, nil)
         }
         if let error {
             if error.isFatal { throw error }
             logger.info("consumer error, librdkafka retries", metadata: ["kafka.error": "\(error)"])
         }
-        return message
+        return messages
     }
 
     /// Makes librdkafka raise a fatal error on this consumer (`rd_kafka_test_fatal_error`), as a fenced member

@@ -20,6 +20,8 @@ public enum PostgresBind: Sendable, Hashable {
     case int32Array([Int32])
     /// A `text[]` parameter; any text (quotes, backslashes, commas, braces) arrives unchanged.
     case textArray([String])
+    /// A `timestamptz[]` parameter.
+    case timestampArray([Date])
 
     /// Convenience for `Int`.
     public static func int(_ value: Int) -> PostgresBind { .int64(Int64(value)) }
@@ -42,6 +44,7 @@ public enum PostgresBind: Sendable, Hashable {
         case .int64Array: return PostgresType.int8Array.oid
         case .int32Array: return PostgresType.int4Array.oid
         case .textArray: return PostgresType.textArray.oid
+        case .timestampArray: return PostgresType.timestamptzArray.oid
         }
     }
 
@@ -79,6 +82,17 @@ public enum PostgresBind: Sendable, Hashable {
                     if byte == UInt8(ascii: "\"") || byte == UInt8(ascii: "\\") { bytes.append(UInt8(ascii: "\\")) }
                     bytes.append(byte)
                 }
+                bytes.append(UInt8(ascii: "\""))
+            }
+            bytes.append(UInt8(ascii: "}"))
+            return (bytes, false)
+        case .timestampArray(let values):
+            // The timestamp text has a space: quoted.
+            var bytes: [UInt8] = [UInt8(ascii: "{")]
+            for (index, value) in values.enumerated() {
+                if index > 0 { bytes.append(UInt8(ascii: ",")) }
+                bytes.append(UInt8(ascii: "\""))
+                bytes.append(contentsOf: PostgresTimestamp.format(value).utf8)
                 bytes.append(UInt8(ascii: "\""))
             }
             bytes.append(UInt8(ascii: "}"))
@@ -122,6 +136,7 @@ public struct PostgresType: Hashable, Sendable, CustomStringConvertible {
     public static let int4Array = PostgresType(oid: 1007)
     public static let int8Array = PostgresType(oid: 1016)
     public static let textArray = PostgresType(oid: 1009)
+    public static let timestamptzArray = PostgresType(oid: 1185)
 
     public var description: String {
         switch self {
@@ -141,6 +156,7 @@ public struct PostgresType: Hashable, Sendable, CustomStringConvertible {
         case .int4Array: "int4[]"
         case .int8Array: "int8[]"
         case .textArray: "text[]"
+        case .timestamptzArray: "timestamptz[]"
         default: "oid \(oid)"
         }
     }

@@ -2,7 +2,21 @@ import EventSourcing
 import Foundation
 import PostgresClient
 
-/// A read model built from events: its tables and the handler that applies one event to them.
+/// One event handed to a projection's handler: decoded, with its stored record.
+public struct ProjectedEvent: Sendable {
+    public var event: any DomainEvent
+    public var recorded: RecordedEvent
+    /// The Kafka topic it was delivered on; `nil` when it is replayed from the event store (a rebuild).
+    public var topic: String?
+
+    public init(event: any DomainEvent, recorded: RecordedEvent, topic: String?) {
+        self.event = event
+        self.recorded = recorded
+        self.topic = topic
+    }
+}
+
+/// A read model built from events: its tables and the handler that applies events to them.
 ///
 /// The handler must write only through ``ProjectionContext/table(_:)`` names: the same code fills the live
 /// tables (from Kafka) and fresh copies during a rebuild (from the event store).
@@ -19,34 +33,52 @@ public struct Projection: Sendable {
         }
     }
 
-    /// Identifies the projection; also the name of its `_applied` table and of its rebuild.
+    /// Applies events, in the order given, inside the caller's transaction. Every event is new to this projection
+    /// (duplicates are filtered out before), and a stream's events come in version order.
+    public typealias BatchHandler = @Sendable (_ events: [ProjectedEvent], _ context: ProjectionContext) async throws -> Void
+
+    /// Identifies the projection; also the name of its `_progress` table and of its rebuild.
     public var name: String
     public var tables: [Table]
-    /// Applies one event. Events the projection does not care about are simply ignored by the handler.
-    public var apply: @Sendable (_ event: any DomainEvent, _ recorded: RecordedEvent, _ context: ProjectionContext) async throws -> Void
+    public var applyBatch: BatchHandler
 
-    public init(
-        name: String, tables: [Table],
-        apply: @escaping @Sendable (any DomainEvent, RecordedEvent, ProjectionContext) async throws -> Void
-    ) {
-        // Its tables are named after it (`<name>_applied`, `<table>_rebuild`): it must stay a plain identifier
+    /// A projection whose handler takes a batch of events: the fast form, which can write a batch's effects in a
+    /// few set-based statements (for example `INSERT … SELECT … FROM unnest($1, $2)`) instead of one per event.
+    public init(name: String, tables: [Table], applyBatch: @escaping BatchHandler) {
+        // Its tables are named after it (`<name>_progress`, `<table>_rebuild`): it must stay a plain identifier
         // with those suffixes (63 bytes at most).
         precondition(
             SQLIdentifier.isPlain(name) && name.utf8.count <= 50,
             "projection name '\(name)' must be a plain identifier: a-z, 0-9, _ (at most 50)")
         self.name = name
         self.tables = tables
-        self.apply = apply
+        self.applyBatch = applyBatch
     }
 
-    /// The table recording which events were applied (`event_id` primary key): what makes applying idempotent.
-    public var appliedTable: Table {
+    /// A projection whose handler applies one event at a time: the simple form. Events the projection does not
+    /// care about are ignored by the handler.
+    public init(
+        name: String, tables: [Table],
+        apply: @escaping @Sendable (_ event: any DomainEvent, _ recorded: RecordedEvent, _ context: ProjectionContext) async throws -> Void
+    ) {
+        self.init(name: name, tables: tables, applyBatch: { events, context in
+            for event in events { try await apply(event.event, event.recorded, context) }
+        })
+    }
+
+    /// What makes applying idempotent: per stream and source (a Kafka topic, or `''` for the event store), the
+    /// last version applied. Its size follows the number of streams, not of events.
+    public var progressTable: Table {
         Table(
-            name: "\(name)_applied",
-            createSQL: "CREATE TABLE {table} (event_id uuid PRIMARY KEY, position bigint NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            name: "\(name)_progress",
+            createSQL: "CREATE TABLE {table} (stream_id text NOT NULL, source text NOT NULL, last_version bigint NOT NULL, "
+                + "PRIMARY KEY (stream_id, source))")
     }
 
-    var allTables: [Table] { tables + [appliedTable] }
+    /// The table that recorded applied event ids before `_progress` replaced it; a rebuild drops it.
+    var legacyAppliedTable: String { "\(name)_applied" }
+
+    var allTables: [Table] { tables + [progressTable] }
 
     /// Creates the projection's live tables, empty, replacing any that exist. A consumer that finds them
     /// does not back-fill: it applies what Kafka delivers from its group's offsets on.
@@ -83,7 +115,7 @@ enum ProjectionSchema {
     /// `true` if the live tables of `projection` exist.
     static func exists(_ projection: Projection, on connection: PostgresConnection) async throws -> Bool {
         try await connection.query(
-            "SELECT to_regclass($1) IS NOT NULL AS present", [.text(projection.appliedTable.name)],
+            "SELECT to_regclass($1) IS NOT NULL AS present", [.text(projection.progressTable.name)],
             statement: "projection: exists"
         ).first!.decode(Bool.self, "present")
     }

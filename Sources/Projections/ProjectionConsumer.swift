@@ -38,9 +38,10 @@ public struct ProjectionConsumerConfiguration: Sendable {
 
 /// Builds projections from Kafka, applying every event's effect once although Kafka delivers at least once.
 ///
-/// For each record: decode the envelope, then in one PostgreSQL transaction record "event X applied to
-/// projection P" and run P's handler (see ``ProjectionApplier``); a second delivery of X is skipped and
-/// counted. The record's offset is committed to Kafka only after that transaction committed. A record that
+/// Records that have arrived (up to ``ProjectionConsumerConfiguration/maxBatch``) are decoded and applied in one
+/// PostgreSQL transaction: per projection, the handler gets the events new to it and the stream versions it
+/// reached are recorded (see ``ProjectionApplier``); a second delivery of an event is skipped and counted.
+/// Offsets are committed to Kafka only after that transaction committed. A record that
 /// cannot be decoded or has an unknown type goes to `projection_dead_letters` with its raw bytes and the
 /// reason, and the consumer goes on. Database failures are retried (with backoff) on the same record.
 ///
@@ -164,14 +165,9 @@ public final class ProjectionConsumer: Service, Sendable {
 
         while !isStopping {
             // Whatever has arrived, up to maxBatch records, is applied in one transaction.
-            var batch: [KafkaMessage] = []
+            let batch: [KafkaMessage]
             do {
-                if let first = try await consumer.poll(timeout: .milliseconds(100)) {
-                    batch.append(first)
-                    while batch.count < configuration.maxBatch, let next = try await consumer.poll(timeout: .zero) {
-                        batch.append(next)
-                    }
-                }
+                batch = try await consumer.poll(upTo: configuration.maxBatch, timeout: .milliseconds(100))
             } catch {
                 fatal = error
                 break
@@ -222,35 +218,22 @@ public final class ProjectionConsumer: Service, Sendable {
     /// instead, so that only the bad record is dead-lettered. Throws only for failures worth retrying.
     private func handle(_ batch: [KafkaMessage], giveUp: Bool, on connection: PostgresConnection) async throws {
         guard batch.count > 1 else { return try await handle(batch[0], giveUp: giveUp, on: connection) }
-        var events: [(recorded: RecordedEvent, event: any DomainEvent)] = []
+        var events: [ProjectedEvent] = []
+        events.reserveCapacity(batch.count)
         for message in batch {
             guard let value = message.value, let recorded = try? OutboxEnvelope.decode(value).recordedEvent(),
                 let event = try? applier.registry.decode(recorded)
             else { break }
-            events.append((recorded, event))
+            events.append(ProjectedEvent(event: event, recorded: recorded, topic: message.topic))
         }
         if events.count == batch.count {
             let started = ContinuousClock.now
             let events = events
             do {
-                let outcome = try await connection.withTransaction { tx in
-                    var total = ProjectionApplier.Outcome()
-                    for event in events {
-                        let outcome = try await self.applier.apply(event.recorded, decoded: event.event, on: tx)
-                        total.applied += outcome.applied
-                        total.duplicates += outcome.duplicates
-                    }
-                    return total
-                }
-                counts.applied.add(outcome.applied, ordering: .relaxed)
-                counts.duplicates.add(outcome.duplicates, ordering: .relaxed)
-                metrics.applied.increment(by: outcome.applied)
-                metrics.duplicates.increment(by: outcome.duplicates)
-                let elapsed = (ContinuousClock.now - started).components
-                let perEvent = (elapsed.seconds * 1_000_000_000 + elapsed.attoseconds / 1_000_000_000) / Int64(events.count)
-                for _ in events { metrics.applyLatency.recordNanoseconds(perEvent) }
+                let outcome = try await connection.withTransaction { tx in try await self.applier.apply(events, on: tx) }
+                count(outcome, events: events.count, since: started)
                 return
-            } catch let error as PostgresError where error.isRetriable {
+            } catch where Self.isTransient(error) {
                 throw error
             } catch {
                 logger.info("a batch failed; applying its records one by one", metadata: ["error": "\(error)"])
@@ -260,9 +243,9 @@ public final class ProjectionConsumer: Service, Sendable {
     }
 
     /// Failures that a later attempt can get past: the database unreachable or restarting, serialization
-    /// failures and deadlocks.
+    /// failures, deadlocks, and another consumer applying a new stream at the same moment.
     static func isTransient(_ error: any Error) -> Bool {
-        (error as? PostgresError)?.isRetriable ?? false
+        (error as? PostgresError)?.isRetriable ?? (error is ConcurrentProjectionUpdate)
     }
 
     /// Applies one record, or dead-letters it. Throws for failures worth retrying: transient ones, and
@@ -280,13 +263,10 @@ public final class ProjectionConsumer: Service, Sendable {
         }
         let started = ContinuousClock.now
         do {
-            let outcome = try await connection.withTransaction { tx in try await self.applier.apply(recorded, on: tx) }
-            counts.applied.add(outcome.applied, ordering: .relaxed)
-            counts.duplicates.add(outcome.duplicates, ordering: .relaxed)
-            metrics.applied.increment(by: outcome.applied)
-            metrics.duplicates.increment(by: outcome.duplicates)
-            let elapsed = (ContinuousClock.now - started).components
-            metrics.applyLatency.recordNanoseconds(elapsed.seconds * 1_000_000_000 + elapsed.attoseconds / 1_000_000_000)
+            let outcome = try await connection.withTransaction { tx in
+                try await self.applier.apply(recorded, topic: message.topic, on: tx)
+            }
+            count(outcome, events: 1, since: started)
             logger.trace("applied", metadata: ["event.id": "\(recorded.eventID)", "duplicates": "\(outcome.duplicates)"])
         } catch let error as EventDecodingError {
             try await deadLetter(message, reason: error.description, on: connection, logger: logger)
@@ -297,6 +277,16 @@ public final class ProjectionConsumer: Service, Sendable {
             try await deadLetter(
                 message, reason: "handler failed \(configuration.maxHandlerAttempts) times: \(error)", on: connection, logger: logger)
         }
+    }
+
+    private func count(_ outcome: ProjectionApplier.Outcome, events: Int, since started: ContinuousClock.Instant) {
+        counts.applied.add(outcome.applied, ordering: .relaxed)
+        counts.duplicates.add(outcome.duplicates, ordering: .relaxed)
+        metrics.applied.increment(by: outcome.applied)
+        metrics.duplicates.increment(by: outcome.duplicates)
+        let elapsed = (ContinuousClock.now - started).components
+        let perEvent = (elapsed.seconds * 1_000_000_000 + elapsed.attoseconds / 1_000_000_000) / Int64(events)
+        for _ in 0..<events { metrics.applyLatency.recordNanoseconds(perEvent) }
     }
 
     private func deadLetter(_ message: KafkaMessage, reason: String, on connection: PostgresConnection, logger: Logger) async throws {

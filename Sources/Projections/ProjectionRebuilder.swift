@@ -16,12 +16,12 @@ public struct RebuildProgress: Sendable {
 /// handler into fresh tables, then swaps them in atomically.
 ///
 /// Reconciling with the live consumer: the swap transaction locks the live tables (the consumer's apply
-/// transactions wait), then replays into the fresh tables every event the store holds after the last
-/// replayed position **and** every event the live `_applied` table has that the fresh one lacks (an event
-/// committed out of position order and already consumed). After the swap the fresh `_applied` table holds
-/// exactly the events whose effects the fresh tables contain; the consumer skips those and applies any
-/// other event when Kafka delivers it. So nothing is counted twice and nothing is lost, whatever the
-/// Kafka offsets are.
+/// transactions wait), then replays into the fresh tables every event the store holds after the last replayed
+/// position **and**, for each stream the live consumer has taken further than the replay (an event committed out
+/// of position order and already consumed), the stream's events up to the live version. After the swap the fresh
+/// `_progress` table says, per stream, up to which version the fresh tables hold every event's effect; the
+/// consumer skips those and applies any later event when Kafka delivers it. So nothing is counted twice and
+/// nothing is lost, whatever the Kafka offsets are.
 public struct ProjectionRebuilder: Sendable {
     public let pool: PostgresPool
     public let registry: EventRegistry
@@ -60,8 +60,9 @@ public struct ProjectionRebuilder: Sendable {
         func flush() async throws {
             let events = batch
             guard !events.isEmpty else { return }
+            let projected = try events.map { ProjectedEvent(event: try registry.decode($0), recorded: $0, topic: nil) }
             try await pool.withTransaction { connection in
-                for event in events { _ = try await applier.apply(event, suffix: suffix, on: connection) }
+                _ = try await applier.apply(projected, suffix: suffix, on: connection)
             }
             done += events.count
             last = events.last!.position
@@ -101,23 +102,33 @@ public struct ProjectionRebuilder: Sendable {
     private func swapInOnce(_ projection: Projection, after last: Int64, applier: ProjectionApplier, suffix: String) async throws -> Int {
         try await pool.withTransaction { connection -> Int in
             let live = try await ProjectionSchema.exists(projection, on: connection)
-            var missingFilter = ""
+            let columns = "e.position, e.event_id, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.payload, e.metadata, e.occurred_at"
+            var behindLive = ""
             if live {
-                // The consumer's apply transactions touch the `_applied` table first, then the others: lock in
+                // The consumer's apply transactions touch the `_progress` table first, then the others: lock in
                 // the same order so the two never wait on each other in a cycle.
-                let names = ([projection.appliedTable] + projection.tables).map { SQLIdentifier.quoted($0.name) }.joined(separator: ", ")
+                let names = ([projection.progressTable] + projection.tables).map { SQLIdentifier.quoted($0.name) }.joined(separator: ", ")
                 try await connection.executeScript("LOCK TABLE \(names) IN ACCESS EXCLUSIVE MODE", statement: "rebuild: lock live tables")
-                missingFilter = " OR event_id IN (SELECT event_id FROM \(SQLIdentifier.quoted(projection.appliedTable.name)) "
-                    + "EXCEPT SELECT event_id FROM \(SQLIdentifier.quoted(projection.appliedTable.name + suffix)))"
+                let liveProgress = SQLIdentifier.quoted(projection.progressTable.name)
+                let freshProgress = SQLIdentifier.quoted(projection.progressTable.name + suffix)
+                behindLive = " UNION ALL SELECT \(columns) FROM events e JOIN ("
+                    + "SELECT l.stream_id, coalesce(f.last_version, 0) AS fresh, l.version AS live "
+                    + "FROM (SELECT stream_id, max(last_version) AS version FROM \(liveProgress) GROUP BY stream_id) l "
+                    + "LEFT JOIN \(freshProgress) f ON f.stream_id = l.stream_id AND f.source = '' "
+                    + "WHERE l.version > coalesce(f.last_version, 0)) b ON e.stream_id = b.stream_id "
+                    + "AND e.stream_version > b.fresh AND e.stream_version <= b.live AND e.position <= $1"
             }
             let tail = try await connection.query(
-                "SELECT position, event_id, stream_id, stream_version, event_type, schema_version, payload, metadata, occurred_at "
-                    + "FROM events WHERE position > $1\(missingFilter) ORDER BY position",
+                "SELECT \(columns) FROM events e WHERE e.position > $1\(behindLive) ORDER BY 1",
                 [.int64(last)], statement: "rebuild: catch up"
             ).map(RecordedEvent.init(row:))
-            for event in tail { _ = try await applier.apply(event, suffix: suffix, on: connection) }
+            if !tail.isEmpty {
+                let projected = try tail.map { ProjectedEvent(event: try registry.decode($0), recorded: $0, topic: nil) }
+                _ = try await applier.apply(projected, suffix: suffix, on: connection)
+            }
+            try await connection.executeScript("DROP TABLE IF EXISTS \(SQLIdentifier.quoted(projection.legacyAppliedTable))")
             for table in projection.allTables {
-                if live { try await connection.executeScript("DROP TABLE \(SQLIdentifier.quoted(table.name))") }
+                try await connection.executeScript("DROP TABLE IF EXISTS \(SQLIdentifier.quoted(table.name))")
                 try await connection.executeScript(
                     "ALTER TABLE \(SQLIdentifier.quoted(table.name + suffix)) RENAME TO \(SQLIdentifier.quoted(table.name))")
                 // Index names are per schema: give the fresh table's indexes the live names back.

@@ -122,7 +122,7 @@ struct ProjectionTests {
             let expected = try await pipeline.expectedBalances(ids)
             try await waitUntil("account_balances matches the bank") { try await pipeline.balances() == expected }
             try await waitUntil("daily volume complete") {
-                try await pipeline.test.count("SELECT count(*) FROM daily_volume_applied") == 32
+                try await pipeline.test.projected("daily_volume") == 32
             }
             _ = consumer
         }
@@ -239,7 +239,7 @@ struct ProjectionTests {
             try await group.waitForAll()
         }
         #expect(try await pipeline.balances() == [account: 3])
-        #expect(try await pipeline.test.count("SELECT count(*) FROM account_balances_applied") == 1)
+        #expect(try await pipeline.test.projected("account_balances") == 1)
         try await pipeline.test.drop()
     }
 
@@ -316,8 +316,8 @@ struct ProjectionTests {
                     }
                     let total = try await pipeline.test.count("SELECT count(*) FROM events")
                     try await waitUntil("the projector catches up") {
-                        let balances = try await pipeline.test.count("SELECT count(*) FROM account_balances_applied")
-                        let volume = try await pipeline.test.count("SELECT count(*) FROM daily_volume_applied")
+                        let balances = try await pipeline.test.projected("account_balances")
+                        let volume = try await pipeline.test.projected("daily_volume")
                         return balances == total && volume == total
                     }
                     let incremental = (try await pipeline.rows("account_balances"), try await pipeline.rows("daily_volume"))
@@ -359,7 +359,7 @@ struct ProjectionTests {
             try await waitUntil("balances match the bank after the rebuild") { try await pipeline.balances() == expected }
             let total = try await pipeline.test.count("SELECT count(*) FROM events")
             try await waitUntil("every event applied once to daily_volume") {
-                try await pipeline.test.count("SELECT count(*) FROM daily_volume_applied") == total
+                try await pipeline.test.projected("daily_volume") == total
             }
         }
         // daily_volume (built live across a rebuild) equals a fresh rebuild of it.

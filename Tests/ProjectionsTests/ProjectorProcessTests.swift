@@ -99,7 +99,7 @@ struct ProjectorProcessTests {
         try await waitUntil("the second projector stops") { !second.isRunning }
         #expect(second.terminationStatus == 0)
         #expect(try await pipeline.balances() == expected)
-        #expect(try await pipeline.test.count("SELECT count(*) FROM account_balances_applied") == total)
+        #expect(try await pipeline.test.projected("account_balances") == total)
         #expect(try await pipeline.rows("daily_volume", except: ["day"]) == ["\(5 * 525)|10|500|5|0"])
 
         let rebuilt = try await Tools.run("account-projector", ["--rebuild", "daily_volume"], environment: env)

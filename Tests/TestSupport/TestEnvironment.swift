@@ -121,6 +121,13 @@ public struct TestEventStore: Sendable {
         try await pool.withConnection { try await $0.query(sql, binds).first!.decode(Int.self, at: 0) }
     }
 
+    /// How many events `projection` holds, from its `_progress` table: the sum of each stream's highest applied
+    /// version (a stream's events are numbered 1, 2, 3, … so this counts them once the stream is complete).
+    public func projected(_ projection: String) async throws -> Int {
+        try await count(
+            "SELECT coalesce(sum(version), 0)::bigint FROM (SELECT max(last_version) AS version FROM \(projection)_progress GROUP BY stream_id) s")
+    }
+
     public func drop() async throws {
         await pool.close()
         try await schema.drop()
