@@ -33,6 +33,18 @@ public struct EventMetadata: Codable, Sendable, Hashable {
         self.actor = actor
         self.traceparent = traceparent
     }
+
+    /// Reads metadata from its JSON text, as stored: a flat object of strings by a small scanner (the common case,
+    /// read once per event), anything else (nulls, unknown shapes) by `JSONDecoder`.
+    public init(jsonText: String) throws {
+        if let fields = JSONText.stringObject(jsonText) {
+            self.init(
+                correlationID: fields["correlationID"], causationID: fields["causationID"], actor: fields["actor"],
+                traceparent: fields["traceparent"])
+        } else {
+            self = try EventJSON.decoder.decode(EventMetadata.self, from: Data(jsonText.utf8))
+        }
+    }
 }
 
 /// An event to append, with the identity and time it will be stored under.

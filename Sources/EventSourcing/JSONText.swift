@@ -74,14 +74,22 @@ extension JSONText {
     public static func stringObject(_ text: String) -> [String: String]? {
         var text = text
         return text.withUTF8 { bytes in
-            var scanner = FlatObjectScanner(bytes: bytes)
+            var scanner = JSONScanner(bytes: bytes)
             return scanner.object()
         }
     }
+
+    /// The members of a JSON object, in order, each value as the byte range of its raw JSON text; `nil` if
+    /// `bytes` is not one well-formed JSON object (nesting deeper than 256 levels counts as malformed).
+    /// For reading a few fields of a document without building its whole tree.
+    public static func members(of bytes: UnsafeBufferPointer<UInt8>) -> [(key: String, value: Range<Int>)]? {
+        var scanner = JSONScanner(bytes: bytes)
+        return scanner.members()
+    }
 }
 
-/// The scanner behind ``JSONText/stringObject(_:)``, over the text's UTF-8 bytes.
-private struct FlatObjectScanner {
+/// A small JSON scanner over UTF-8 bytes, behind ``JSONText/stringObject(_:)`` and ``JSONText/members(of:)``.
+private struct JSONScanner {
     let bytes: UnsafeBufferPointer<UInt8>
     var index = 0
 
@@ -101,6 +109,85 @@ private struct FlatObjectScanner {
         return index == bytes.count ? object : nil
     }
 
+    mutating func members() -> [(key: String, value: Range<Int>)]? {
+        guard expect(UInt8(ascii: "{")) else { return nil }
+        var members: [(key: String, value: Range<Int>)] = []
+        if !expect(UInt8(ascii: "}")) {
+            while true {
+                guard let key = string(), expect(UInt8(ascii: ":")) else { return nil }
+                skipSpace()
+                let start = index
+                guard skipValue(depth: 1) else { return nil }
+                members.append((key, start..<index))
+                if expect(UInt8(ascii: ",")) { continue }
+                guard expect(UInt8(ascii: "}")) else { return nil }
+                break
+            }
+        }
+        skipSpace()
+        return index == bytes.count ? members : nil
+    }
+
+    /// Moves past one JSON value, checking its syntax; `false` if it is malformed.
+    private mutating func skipValue(depth: Int) -> Bool {
+        guard depth <= 256 else { return false }
+        skipSpace()
+        guard index < bytes.count else { return false }
+        switch bytes[index] {
+        case UInt8(ascii: "\""):
+            return string() != nil
+        case UInt8(ascii: "{"):
+            index += 1
+            if expect(UInt8(ascii: "}")) { return true }
+            repeat {
+                guard string() != nil, expect(UInt8(ascii: ":")), skipValue(depth: depth + 1) else { return false }
+            } while expect(UInt8(ascii: ","))
+            return expect(UInt8(ascii: "}"))
+        case UInt8(ascii: "["):
+            index += 1
+            if expect(UInt8(ascii: "]")) { return true }
+            repeat {
+                guard skipValue(depth: depth + 1) else { return false }
+            } while expect(UInt8(ascii: ","))
+            return expect(UInt8(ascii: "]"))
+        case UInt8(ascii: "t"): return literal("true")
+        case UInt8(ascii: "f"): return literal("false")
+        case UInt8(ascii: "n"): return literal("null")
+        default: return number()
+        }
+    }
+
+    private mutating func literal(_ word: StaticString) -> Bool {
+        let count = word.utf8CodeUnitCount
+        guard index + count <= bytes.count else { return false }
+        for offset in 0..<count where bytes[index + offset] != word.utf8Start[offset] { return false }
+        index += count
+        return true
+    }
+
+    /// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`
+    private mutating func number() -> Bool {
+        func digits() -> Int {
+            let start = index
+            while index < bytes.count, bytes[index] >= UInt8(ascii: "0"), bytes[index] <= UInt8(ascii: "9") { index += 1 }
+            return index - start
+        }
+        if index < bytes.count, bytes[index] == UInt8(ascii: "-") { index += 1 }
+        let first = index
+        let integer = digits()
+        guard integer > 0, integer == 1 || bytes[first] != UInt8(ascii: "0") else { return false }
+        if index < bytes.count, bytes[index] == UInt8(ascii: ".") {
+            index += 1
+            guard digits() > 0 else { return false }
+        }
+        if index < bytes.count, bytes[index] == UInt8(ascii: "e") || bytes[index] == UInt8(ascii: "E") {
+            index += 1
+            if index < bytes.count, bytes[index] == UInt8(ascii: "+") || bytes[index] == UInt8(ascii: "-") { index += 1 }
+            guard digits() > 0 else { return false }
+        }
+        return true
+    }
+
     private mutating func skipSpace() {
         while index < bytes.count, bytes[index] == 0x20 || bytes[index] == 0x0A || bytes[index] == 0x0D || bytes[index] == 0x09 {
             index += 1
@@ -114,7 +201,7 @@ private struct FlatObjectScanner {
         return true
     }
 
-    private mutating func string() -> String? {
+    mutating func string() -> String? {
         guard expect(UInt8(ascii: "\"")) else { return nil }
         let start = index
         // Fast path: no escapes, the bytes are the string.

@@ -206,7 +206,7 @@ extension RecordedEvent {
         let schemaVersion = try row.decode(Int.self, "schema_version")
         let metadata: EventMetadata
         do {
-            metadata = try EventJSON.decoder.decode(EventMetadata.self, from: Data(metadataText.utf8))
+            metadata = try EventMetadata(jsonText: metadataText)
         } catch {
             throw EventDecodingError(
                 eventID: eventID, eventType: eventType, schemaVersion: schemaVersion, streamID: streamID,

@@ -221,7 +221,7 @@ public final class ProjectionConsumer: Service, Sendable {
         var events: [ProjectedEvent] = []
         events.reserveCapacity(batch.count)
         for message in batch {
-            guard let value = message.value, let recorded = try? OutboxEnvelope.decode(value).recordedEvent(),
+            guard let value = message.value, let recorded = try? OutboxEnvelope.recordedEvent(from: value),
                 let event = try? applier.registry.decode(recorded)
             else { break }
             events.append(ProjectedEvent(event: event, recorded: recorded, topic: message.topic))
@@ -256,7 +256,7 @@ public final class ProjectionConsumer: Service, Sendable {
         let recorded: RecordedEvent
         do {
             guard let value = message.value else { throw EnvelopeError("the record has no value") }
-            recorded = try OutboxEnvelope.decode(value).recordedEvent()
+            recorded = try OutboxEnvelope.recordedEvent(from: value)
         } catch {
             try await deadLetter(message, reason: "not an EventOutbox envelope: \(error)", on: connection, logger: logger)
             return
