@@ -32,8 +32,8 @@ public struct ProjectionApplier: Sendable {
     }
 
     /// Applies events, in order, to every projection inside the caller's transaction. Per projection: one statement
-    /// locks and reads the progress of the batch's streams, the handler gets the new events, one statement records
-    /// the new versions.
+    /// locks and reads the progress of the batch's streams, one records the new versions, and the handler gets the
+    /// new events.
     public func apply(_ events: [ProjectedEvent], suffix: String = "", on connection: PostgresConnection) async throws -> Outcome {
         var outcome = Outcome()
         guard !events.isEmpty else { return outcome }
@@ -44,8 +44,10 @@ public struct ProjectionApplier: Sendable {
             let fresh = events.filter { progress.admit($0) }
             outcome.duplicates += events.count - fresh.count
             guard !fresh.isEmpty else { continue }
-            try await projection.applyBatch(fresh, context)
+            // Progress first: a stream another transaction is recording at the same moment fails here, retriably,
+            // before the handler's writes can collide with that transaction's.
             try await progress.record(in: table, on: connection)
+            try await projection.applyBatch(fresh, context)
             outcome.applied += fresh.count
         }
         return outcome
