@@ -8,7 +8,8 @@ import PostgresClient
 public struct AggregateRepository<State: Aggregate>: Sendable {
     public let store: EventStore
     public let registry: EventRegistry
-    /// A snapshot is written when a save crosses a multiple of this many events. Default: 100.
+    /// A snapshot is written when a save crosses a multiple of this many events, and when a load had to replay
+    /// this many events or more (a stream imported without snapshots, or whose state schema changed). Default: 100.
     public var snapshotInterval: Int
     public var logger: Logger
 
@@ -23,20 +24,34 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
         self.logger = logger
     }
 
-    /// The current state: the latest usable snapshot plus the events after it.
+    /// The current state: the latest usable snapshot plus the events after it. A load that replays
+    /// ``snapshotInterval`` events or more leaves a snapshot for the next one.
     public func load(_ streamID: String) async throws -> VersionedState<State> {
         let start = try await latestSnapshot(streamID) ?? VersionedState(state: State(), version: 0)
-        return try replay(try await store.readStream(streamID, from: start.version + 1), onto: start)
+        let events = try await store.readStream(streamID, from: start.version + 1)
+        let state = try replay(events, onto: start)
+        if events.count >= snapshotInterval { await writeSnapshot(streamID, state) }
+        return state
     }
 
-    /// The state right after event `version` (time travel by version). Full replay; snapshots are not used.
+    /// The state right after event `version` (time travel by version): the newest usable snapshot at or below
+    /// `version`, plus the events after it. Past the end of the stream, the current state.
     public func load(_ streamID: String, atVersion version: Int64) async throws -> VersionedState<State> {
-        try replay(try await store.readStream(streamID, through: version), onto: VersionedState(state: State(), version: 0))
+        let start = try await latestSnapshot(streamID, atOrBelow: version) ?? VersionedState(state: State(), version: 0)
+        return try replay(try await store.readStream(streamID, from: start.version + 1, through: version), onto: start)
     }
 
-    /// The state as it was at `date` (time travel by time): every event that had occurred by then.
+    /// The state as it was at `date` (time travel by time): the state after the last event that had occurred by
+    /// then (version 0, the empty state, if none had). Uses snapshots as ``load(_:atVersion:)`` does.
     public func load(_ streamID: String, asOf date: Date) async throws -> VersionedState<State> {
-        try replay(try await store.readStream(streamID, asOf: date), onto: VersionedState(state: State(), version: 0))
+        let version = try await store.pool.withConnection { connection in
+            try await connection.query(
+                "SELECT COALESCE(max(stream_version), 0) AS version FROM events WHERE stream_id = $1 AND occurred_at <= $2",
+                [.text(streamID), .timestamp(date)], statement: "version as of"
+            ).first!.decode(Int64.self, "version")
+        }
+        guard version > 0 else { return VersionedState(state: State(), version: 0) }
+        return try await load(streamID, atVersion: version)
     }
 
     /// Folds stored events into a state.
@@ -97,12 +112,12 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
         }
     }
 
-    private func latestSnapshot(_ streamID: String) async throws -> VersionedState<State>? {
+    private func latestSnapshot(_ streamID: String, atOrBelow version: Int64 = .max) async throws -> VersionedState<State>? {
         let row = try await store.pool.withConnection { connection in
             try await connection.query(
                 "SELECT version, state::text AS state FROM snapshots WHERE stream_id = $1 AND state_schema_version = $2 "
-                    + "ORDER BY version DESC LIMIT 1",
-                [.text(streamID), .int(State.stateSchemaVersion)], statement: "load snapshot"
+                    + "AND version <= $3 ORDER BY version DESC LIMIT 1",
+                [.text(streamID), .int(State.stateSchemaVersion), .int64(version)], statement: "load snapshot"
             ).first
         }
         guard let row else { return nil }
@@ -123,8 +138,9 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
             let json = String(decoding: try EventJSON.encoder.encode(state.state), as: UTF8.self)
             try await store.pool.withConnection { connection in
                 try await connection.execute(
+                    // Same stream, version and layout means the same state, unless the stored one is corrupt: replace.
                     "INSERT INTO snapshots (stream_id, version, state_schema_version, state) VALUES ($1, $2, $3, $4) "
-                        + "ON CONFLICT DO NOTHING",
+                        + "ON CONFLICT (stream_id, version, state_schema_version) DO UPDATE SET state = EXCLUDED.state",
                     [.text(streamID), .int64(state.version), .int(State.stateSchemaVersion), .jsonb(json)],
                     statement: "write snapshot")
             }

@@ -158,10 +158,12 @@ public struct EventStore: Sendable {
             [.text(streamID), .int64(version), .int64(throughVersion)], statement: "read stream")
     }
 
-    /// A stream's events that had occurred at `date` (inclusive): the stream as it was then.
+    /// The stream as it was at `date` (inclusive): its events through the last one that had occurred by then. A
+    /// state is a prefix of its history, so an earlier version stamped later (clocks differ) is included.
     public func readStream(_ streamID: String, asOf date: Date) async throws -> [RecordedEvent] {
         try await query(
-            "WHERE stream_id = $1 AND occurred_at <= $2 ORDER BY stream_version",
+            "WHERE stream_id = $1 AND stream_version <= (SELECT COALESCE(max(stream_version), 0) FROM events "
+                + "WHERE stream_id = $1 AND occurred_at <= $2) ORDER BY stream_version",
             [.text(streamID), .timestamp(date)], statement: "read stream as of")
     }
 
@@ -179,7 +181,9 @@ public struct EventStore: Sendable {
         }
     }
 
-    func readBatch(after position: Int64, limit: Int) async throws -> [RecordedEvent] {
+    /// Up to `limit` events after `position`, in global order: one batch of ``readAll(after:batchSize:)``, for
+    /// readers that fetch the next batch while they work on the last one.
+    public func readBatch(after position: Int64, limit: Int) async throws -> [RecordedEvent] {
         try await query(
             "WHERE position > $1 ORDER BY position LIMIT $2", [.int64(position), .int(limit)], statement: "read all")
     }

@@ -56,26 +56,33 @@ public struct ProjectionRebuilder: Sendable {
         let started = ContinuousClock.now
         var done = 0
         var last: Int64 = 0
-        var batch: [RecordedEvent] = []
-        func flush() async throws {
-            let events = batch
-            guard !events.isEmpty else { return }
-            let projected = try events.map { ProjectedEvent(event: try registry.decode($0), recorded: $0, topic: nil) }
-            try await pool.withTransaction { connection in
-                _ = try await applier.apply(projected, suffix: suffix, on: connection)
+        // The next batch is read and decoded while the current one is written: the two overlap on the server.
+        let registry = self.registry
+        let batchSize = self.batchSize
+        @Sendable func read(after position: Int64) async throws -> [ProjectedEvent] {
+            try await store.readBatch(after: position, limit: batchSize).map {
+                ProjectedEvent(event: try registry.decode($0), recorded: $0, topic: nil)
+            }
+        }
+        var next: Task<[ProjectedEvent], any Error>? = Task { try await read(after: 0) }
+        while let reading = next {
+            let events = try await reading.value
+            guard let end = events.last?.recorded.position else { break }
+            next = events.count < batchSize ? nil : Task { try await read(after: end) }
+            do {
+                try await pool.withTransaction { connection in
+                    _ = try await applier.apply(events, suffix: suffix, on: connection)
+                }
+            } catch {
+                next?.cancel()
+                throw error
             }
             done += events.count
-            last = events.last!.position
-            batch.removeAll(keepingCapacity: true)
+            last = end
             let seconds = Double((ContinuousClock.now - started).components.seconds)
                 + Double((ContinuousClock.now - started).components.attoseconds) / 1e18
             progress(RebuildProgress(projection: projection.name, done: done, total: max(total, done), eventsPerSecond: Double(done) / max(seconds, 0.001)))
         }
-        for try await event in store.readAll(after: 0, batchSize: batchSize) {
-            batch.append(event)
-            if batch.count >= batchSize { try await flush() }
-        }
-        try await flush()
 
         let caughtUp = try await swapIn(projection, after: last, applier: applier, suffix: suffix)
         try await lockConnection.query("SELECT pg_advisory_unlock(hashtext($1))", [.text("eventoutbox.rebuild." + projection.name)])

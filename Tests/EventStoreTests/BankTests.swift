@@ -169,6 +169,55 @@ struct BankTests {
         try await test.drop()
     }
 
+    @Test("a load that replays snapshotInterval events or more leaves a snapshot (a stream imported without any)")
+    func snapshotAfterLongReplay() async throws {
+        let test = try await TestEventStore.create()
+        let bank = Bank(store: test.store, snapshotInterval: 10)
+        let id = try await bank.open(owner: "Imported", initialDeposit: 1)
+        for _ in 0..<24 { _ = try await bank.deposit(id, amount: 1) }  // versions 2...25
+        try await test.pool.withConnection { try await $0.execute("DELETE FROM snapshots") }
+        #expect(try await bank.account(id).state.balance == 25)
+        #expect(try await test.count("SELECT max(version) FROM snapshots WHERE stream_id = $1", [.text(id)]) == 25)
+        // A corrupt snapshot of the current layout is replaced by the next load that replays past it.
+        try await test.pool.withConnection {
+            try await $0.execute("UPDATE snapshots SET state = '{\"balance\": \"garbage\"}' WHERE stream_id = $1", [.text(id)])
+        }
+        #expect(try await bank.account(id).state.balance == 25)
+        #expect(try await test.count("SELECT (state->>'balance')::bigint FROM snapshots WHERE stream_id = $1 AND version = 25", [.text(id)]) == 25)
+        try await test.drop()
+    }
+
+    @Test("time travel starts from the newest snapshot at or below the version or moment asked for")
+    func timeTravelFromSnapshots() async throws {
+        let test = try await TestEventStore.create()
+        let bank = Bank(store: test.store, snapshotInterval: 1000)
+        let id = try await bank.open(owner: "Traveller", initialDeposit: 0)
+        var times: [Date] = []
+        for _ in 0..<9 {
+            _ = try await bank.deposit(id, amount: 1)  // versions 2...10, balance = version - 1
+            times.append(try await test.store.readStream(id).last!.occurredAt)
+        }
+        // A marked snapshot at version 5 (balance 1000 instead of 4): whatever reads through it shows the mark.
+        var marked = Account()
+        marked.isOpen = true
+        marked.owner = "Traveller"
+        marked.balance = 1000
+        let markedJSON = String(decoding: try EventJSON.encoder.encode(marked), as: UTF8.self)
+        try await test.pool.withConnection {
+            try await $0.execute(
+                "INSERT INTO snapshots (stream_id, version, state_schema_version, state) VALUES ($1, 5, 1, $2)",
+                [.text(id), .jsonb(markedJSON)])
+        }
+        #expect(try await bank.account(id, atVersion: 4).state.balance == 3, "below the snapshot: replayed from the start")
+        #expect(try await bank.account(id, atVersion: 5).state.balance == 1000, "the snapshot itself")
+        #expect(try await bank.account(id, atVersion: 8).state.balance == 1003, "the snapshot plus versions 6...8")
+        #expect(try await bank.account(id, asOf: times[2]).state.balance == 3, "version 4 by time")
+        #expect(try await bank.account(id, asOf: times[6]).state.balance == 1003, "version 8 by time, through the snapshot")
+        let pastEnd = await #expect(throws: BankError.self) { try await bank.account(id, atVersion: 11) }
+        #expect(pastEnd?.description.contains("there is no version 11") == true)
+        try await test.drop()
+    }
+
     @Test("for random command histories, snapshot + tail replay equals full replay")
     func snapshotEqualsReplay() async throws {
         let test = try await TestEventStore.create()
@@ -186,7 +235,7 @@ struct BankTests {
                     }
                 }
                 let viaSnapshot = try await bank.repository.load(id)
-                let full = try await bank.repository.load(id, atVersion: .max)
+                let full = try bank.repository.replay(try await test.store.readStream(id), onto: VersionedState(state: Account(), version: 0))
                 #expect(viaSnapshot.state == full.state)
                 #expect(viaSnapshot.version == full.version)
                 #expect(viaSnapshot.version == Int64(1 + amounts.filter { $0 != 0 }.count))
