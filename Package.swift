@@ -136,7 +136,7 @@ let package = Package(
             name: "account-projector",
             dependencies: [
                 "CommandLineSupport",
-                "BankAccount", "Projections", "Observability", "KafkaClient", "PostgresClient",
+                "BankAccount", "EventSourcing", "Projections", "Observability", "KafkaClient", "PostgresClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),

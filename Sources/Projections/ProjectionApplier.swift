@@ -23,6 +23,10 @@ public struct ProjectionApplier: Sendable {
     public struct Outcome: Sendable, Equatable {
         public var applied = 0
         public var duplicates = 0
+        public init(applied: Int = 0, duplicates: Int = 0) {
+            self.applied = applied
+            self.duplicates = duplicates
+        }
     }
 
     /// Decodes `recorded` (with ``registry``) and applies it inside the caller's transaction.
@@ -35,13 +39,19 @@ public struct ProjectionApplier: Sendable {
     /// locks and reads the progress of the batch's streams, one records the new versions, and the handler gets the
     /// new events.
     public func apply(_ events: [ProjectedEvent], suffix: String = "", on connection: PostgresConnection) async throws -> Outcome {
+        try await apply(events, suffix: suffix, evenIfBehind: false, on: connection)
+    }
+
+    /// `evenIfBehind`: apply every event although its stream has moved past it (a dead letter being retried: it
+    /// was never applied, and later events of its stream were).
+    func apply(_ events: [ProjectedEvent], suffix: String = "", evenIfBehind: Bool, on connection: PostgresConnection) async throws -> Outcome {
         var outcome = Outcome()
         guard !events.isEmpty else { return outcome }
         let context = ProjectionContext(connection: connection, suffix: suffix)
         for projection in projections {
             let table = SQLIdentifier.quoted(projection.progressTable.name + suffix)
             var progress = try await StreamProgress.lock(events, in: table, on: connection)
-            let fresh = events.filter { progress.admit($0) }
+            let fresh = events.filter { evenIfBehind ? progress.force($0) : progress.admit($0) }
             outcome.duplicates += events.count - fresh.count
             guard !fresh.isEmpty else { continue }
             // Progress first: a stream another transaction is recording at the same moment fails here, retriably,
@@ -83,6 +93,14 @@ struct StreamProgress: Equatable {
         let applied = max(versions[key] ?? 0, versions[Key(stream: key.stream, source: Self.store)] ?? 0)
         guard event.recorded.streamVersion > applied else { return false }
         versions[key] = event.recorded.streamVersion
+        changed.insert(key)
+        return true
+    }
+
+    /// Records `event` as applied whatever the stream's version (never lowering it); always `true`.
+    mutating func force(_ event: ProjectedEvent) -> Bool {
+        let key = Self.key(event)
+        versions[key] = max(versions[key] ?? 0, event.recorded.streamVersion)
         changed.insert(key)
         return true
     }

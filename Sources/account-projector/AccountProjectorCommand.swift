@@ -1,6 +1,7 @@
 import ArgumentParser
-import CommandLineSupport
 import BankAccount
+import CommandLineSupport
+import EventSourcing
 import Foundation
 import KafkaClient
 import Logging
@@ -24,9 +25,15 @@ struct AccountProjectorCommand: AsyncParsableCommand {
             --rebuild NAME replays the event store into fresh tables through the same code, swaps them in \
             atomically, and exits; a running projector goes on without double counting.
 
+            Records it could not apply (undecodable, an unknown type, a handler that keeps failing) are kept in \
+            projection_dead_letters: --dead-letters lists them, --show-dead-letter ID prints one with its raw \
+            bytes, --retry-dead-letter ID applies it (once the cause is fixed) and deletes it, in one transaction.
+
             Examples:
               account-projector --metrics-port 9465
               account-projector --rebuild daily_volume
+              account-projector --dead-letters
+              account-projector --retry-dead-letter 7
             """
     )
 
@@ -48,6 +55,15 @@ struct AccountProjectorCommand: AsyncParsableCommand {
     @Option(help: "Rebuild one projection (\(AccountProjections.all.map(\.name).joined(separator: ", "))) from the event store, then exit.")
     var rebuild: String?
 
+    @Flag(help: "List the records this group dead-lettered (id, topic/partition@offset, size, time, reason), then exit.")
+    var deadLetters = false
+
+    @Option(help: ArgumentHelp("Print one dead letter with its key and value (text, or hex if not UTF-8), then exit.", valueName: "id"))
+    var showDeadLetter: Int64?
+
+    @Option(help: ArgumentHelp("Apply one dead letter to the projections and delete it (fix the cause first), then exit.", valueName: "id"))
+    var retryDeadLetter: Int64?
+
     @Option(help: "Seconds between Kafka offset commits while records flow (they follow the database commits).")
     var commitInterval: Double = 0.5
 
@@ -68,6 +84,9 @@ struct AccountProjectorCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
+        if deadLetters || showDeadLetter != nil || retryDeadLetter != nil {
+            return try await reportingFailures { try await administerDeadLetters() }
+        }
         let url = try database.url()
         let metricsServer = try Observability.bootstrap(
             logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost,
@@ -100,5 +119,45 @@ struct AccountProjectorCommand: AsyncParsableCommand {
         let group = ServiceGroup(
             configuration: .init(services: [.init(service: consumer)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()
+    }
+
+    private func administerDeadLetters() async throws {
+        let connection = try await PostgresConnection.connect(to: try database.url())
+        do {
+            try await administerDeadLetters(on: connection)
+        } catch {
+            await connection.close()
+            throw error
+        }
+        await connection.close()
+    }
+
+    private func administerDeadLetters(on connection: PostgresConnection) async throws {
+        if deadLetters {
+            let letters = try await ProjectionDeadLetters.list(consumer: group, on: connection)
+            if letters.isEmpty { print("no dead letters for group '\(group)'") }
+            for letter in letters {
+                print("\(letter.id)\t\(letter.topic)/\(letter.partition)@\(letter.offset)\t\(letter.value?.count ?? 0) bytes\t"
+                    + "\(ISOTimestamp.format(letter.receivedAt))\t\(letter.reason)")
+            }
+        } else if let id = showDeadLetter {
+            guard let letter = try await ProjectionDeadLetters.find(id, on: connection) else {
+                throw ValidationError("no dead letter with id \(id); see `account-projector --dead-letters`")
+            }
+            func bytes(_ value: [UInt8]?) -> String {
+                guard let value else { return "(none)" }
+                if let text = String(validating: value, as: UTF8.self) { return text }
+                return "hex " + value.map { String(format: "%02x", $0) }.joined()
+            }
+            print("id:       \(letter.id)\ngroup:    \(letter.consumer)\nrecord:   \(letter.topic)/\(letter.partition)@\(letter.offset)")
+            print("received: \(ISOTimestamp.format(letter.receivedAt))\nreason:   \(letter.reason)")
+            print("key:      \(bytes(letter.key))\nvalue:    \(bytes(letter.value))")
+        } else if let id = retryDeadLetter {
+            let applier = ProjectionApplier(projections: AccountProjections.all, registry: BankEvents.registry)
+            guard let outcome = try await ProjectionDeadLetters.retry(id, with: applier, on: connection) else {
+                throw ValidationError("no dead letter with id \(id); see `account-projector --dead-letters`")
+            }
+            print("dead letter \(id) applied to \(outcome.applied) projection(s) and removed")
+        }
     }
 }

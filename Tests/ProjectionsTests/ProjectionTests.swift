@@ -274,6 +274,60 @@ struct ProjectionTests {
         try await pipeline.test.drop()
     }
 
+    @Test("dead letters: listed with their raw bytes; a retry after the fix applies once although later events were applied")
+    func deadLetterRetry() async throws {
+        struct Refused: Error, CustomStringConvertible { var description: String { "refusing 13 until fixed" } }
+        let fixed = Locked(false)
+        let fragile = Projection(
+            name: "fixable_deposits",
+            tables: [.init(name: "fixable_deposits", createSQL: "CREATE TABLE {table} (event_id uuid PRIMARY KEY, amount bigint NOT NULL)")]
+        ) { event, recorded, context in
+            guard let deposit = event as? MoneyDeposited else { return }
+            if deposit.amount == 13, !fixed.value { throw Refused() }
+            try await context.connection.execute(
+                "INSERT INTO \(context.table("fixable_deposits")) (event_id, amount) VALUES ($1, $2)",
+                [.uuid(recorded.eventID), .int64(deposit.amount)])
+        }
+        let pipeline = try await Pipeline.make()
+        var configuration = pipeline.consumerConfiguration()
+        configuration.maxHandlerAttempts = 1
+        let applier = ProjectionApplier(projections: [fragile], registry: BankEvents.registry)
+        let consumer = ProjectionConsumer(configuration: configuration, applier: applier)
+        try await consumer.prepare()
+        let account = try await pipeline.bank.open(owner: "Fix", initialDeposit: 0)
+        for amount: Int64 in [13, 5] { _ = try await pipeline.bank.deposit(account, amount: amount) }
+        try await pipeline.relaying {
+            let task = Task { try await consumer.run() }
+            try await waitUntil("the deposit after the refused one is applied") {
+                try await pipeline.test.count("SELECT count(*) FROM fixable_deposits WHERE amount = 5") == 1
+            }
+            consumer.stop()
+            try await task.value
+        }
+        let connection = try await PostgresConnection.connect(to: pipeline.test.schema.url)
+        let letters = try await ProjectionDeadLetters.list(consumer: configuration.groupID, on: connection)
+        #expect(letters.count == 1)
+        let letter = try #require(letters.first)
+        let envelope = try await connection.query("SELECT envelope FROM outbox WHERE stream_version = 2").first!.decode(String.self, at: 0)
+        #expect(letter.value == Array(envelope.utf8))
+        #expect(letter.key == Array(account.utf8))
+        #expect(letter.reason.contains("refusing 13 until fixed"))
+        #expect(try await ProjectionDeadLetters.find(letter.id, on: connection) == letter)
+
+        // Not fixed yet: the retry fails and changes nothing.
+        await #expect(throws: (any Error).self) { try await ProjectionDeadLetters.retry(letter.id, with: applier, on: connection) }
+        #expect(try await ProjectionDeadLetters.list(on: connection).count == 1)
+        fixed.withLock { $0 = true }
+        let outcome = try await ProjectionDeadLetters.retry(letter.id, with: applier, on: connection)
+        #expect(outcome == .init(applied: 1, duplicates: 0))
+        #expect(try await pipeline.test.count("SELECT sum(amount)::bigint FROM fixable_deposits") == 18)
+        #expect(try await ProjectionDeadLetters.list(on: connection).isEmpty)
+        #expect(try await ProjectionDeadLetters.retry(letter.id, with: applier, on: connection) == nil, "retried once only")
+        #expect(try await pipeline.test.count("SELECT last_version FROM fixable_deposits_progress") == 3, "progress never goes back")
+        await connection.close()
+        try await pipeline.test.drop()
+    }
+
     @Test("projectors starting together take turns preparing: concurrent start-ups all succeed, one back-fill")
     func concurrentPrepare() async throws {
         let pipeline = try await Pipeline.make()

@@ -112,4 +112,40 @@ struct ProjectorProcessTests {
         #expect(try await Tools.run("outbox-relay", ["--help"]).stdout.contains("--kafka-property"))
         try await pipeline.test.drop()
     }
+
+    @Test("account-projector --dead-letters, --show-dead-letter, --retry-dead-letter: raw bytes shown, a retry that still fails changes nothing")
+    func deadLetterCommands() async throws {
+        let pipeline = try await Pipeline.make()
+        let group = uniqueName("projector")
+        let env = ["EVENTOUTBOX_DATABASE_URL": pipeline.test.schema.url, "KAFKA_BROKERS": pipeline.brokers]
+        let consumer = ProjectionConsumer(
+            configuration: pipeline.consumerConfiguration(group: group),
+            applier: ProjectionApplier(projections: AccountProjections.all, registry: BankEvents.registry))
+        try await consumer.prepare()
+        let empty = try await Tools.run("account-projector", ["--dead-letters", "--group", group], environment: env)
+        #expect(empty.status == 0 && empty.stdout.contains("no dead letters"))
+        let task = Task { try await consumer.run() }
+        let producer = try KafkaProducer(configuration: .init(bootstrapServers: pipeline.brokers))
+        _ = try await producer.send(KafkaOutgoingMessage(topic: pipeline.topic, key: Array("k".utf8), value: [0xff, 0x00, 0x7b]))
+        await producer.close()
+        try await waitUntil("dead-lettered") { consumer.deadLetterCount == 1 }
+        consumer.stop()
+        try await task.value
+        let id = try await pipeline.test.count("SELECT id FROM projection_dead_letters")
+
+        let list = try await Tools.run("account-projector", ["--dead-letters", "--group", group], environment: env)
+        #expect(list.status == 0)
+        #expect(list.stdout.hasPrefix("\(id)\t\(pipeline.topic)/"), "\(list.stdout)")
+        #expect(list.stdout.contains("3 bytes") && list.stdout.contains("not an EventOutbox envelope"))
+        let show = try await Tools.run("account-projector", ["--show-dead-letter", String(id)], environment: env)
+        #expect(show.status == 0)
+        #expect(show.stdout.contains("value:    hex ff007b") && show.stdout.contains("key:      k"), "\(show.stdout)")
+        let retry = try await Tools.run("account-projector", ["--retry-dead-letter", String(id)], environment: env)
+        #expect(retry.status != 0)
+        #expect(retry.stderr.hasPrefix("error: "), "\(retry.stderr)")
+        #expect(try await pipeline.test.count("SELECT count(*) FROM projection_dead_letters") == 1)
+        let unknown = try await Tools.run("account-projector", ["--retry-dead-letter", "999999"], environment: env)
+        #expect(unknown.status != 0 && unknown.stderr.contains("no dead letter with id 999999"))
+        try await pipeline.test.drop()
+    }
 }
