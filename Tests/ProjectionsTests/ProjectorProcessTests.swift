@@ -148,4 +148,58 @@ struct ProjectorProcessTests {
         #expect(unknown.status != 0 && unknown.stderr.contains("no dead letter with id 999999"))
         try await pipeline.test.drop()
     }
+
+    @Test("two projectors in one group share the partitions; SIGKILL one under load: the other takes over, balances equal the store's")
+    func twoProjectorsOneKilled() async throws {
+        let pipeline = try await Pipeline.make()
+        try await pipeline.test.pool.withConnection { connection in
+            for projection in AccountProjections.all { try await projection.createEmptyTables(on: connection) }
+        }
+        var ids: [String] = []
+        for n in 0..<16 { ids.append(try await pipeline.bank.open(owner: "S\(n)", initialDeposit: 1000)) }
+        let accounts = ids
+        let group = uniqueName("projector")
+        let env = ["EVENTOUTBOX_DATABASE_URL": pipeline.test.schema.url, "KAFKA_BROKERS": pipeline.brokers]
+        let common = ["--group", group, "--topic", pipeline.topic, "--kafka-property", "allow.auto.create.topics=true",
+                      "--kafka-property", "session.timeout.ms=6000", "--kafka-property", "heartbeat.interval.ms=500",
+                      "--commit-interval", "0.2"]
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent(uniqueName("projector") + ".log")
+        let ports = [Int.random(in: 20_000...30_000), Int.random(in: 30_001...40_000)]
+        let projectors = try ports.map {
+            try Tools.start("account-projector", common + ["--metrics-port", String($0)], environment: env, output: log)
+        }
+        defer { for projector in projectors where projector.isRunning { kill(projector.processIdentifier, SIGKILL) } }
+        func applied(_ port: Int) async -> Int {
+            guard let (body, _) = try? await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/metrics")!) else { return 0 }
+            let line = String(decoding: body, as: UTF8.self).split(separator: "\n")
+                .first { $0.hasPrefix("eventoutbox_projection_applied_total ") }
+            return line.flatMap { Int($0.split(separator: " ").last ?? "") } ?? 0
+        }
+        try await pipeline.relaying {
+            let writer = Task {
+                for round in 0..<600 {
+                    _ = try await pipeline.bank.deposit(accounts[round % accounts.count], amount: Int64(round % 9 + 1))
+                }
+            }
+            try await waitUntil("both projectors apply events (the partitions are shared)", timeout: .seconds(60)) {
+                let first = await applied(ports[0])
+                let second = await applied(ports[1])
+                return first > 0 && second > 0
+            }
+            kill(projectors[0].processIdentifier, SIGKILL)
+            try await writer.value
+            let expected = try await pipeline.expectedBalances(accounts)
+            try await waitUntil("the survivor took over and every balance equals the store's", timeout: .seconds(90)) {
+                try await pipeline.balances() == expected
+            }
+        }
+        #expect(projectors[1].isRunning)
+        let total = try await pipeline.test.count("SELECT count(*) FROM events")
+        #expect(try await pipeline.test.projected("account_balances") == total)
+        #expect(try await pipeline.test.projected("daily_volume") == total)
+        kill(projectors[1].processIdentifier, SIGTERM)
+        try await waitUntil("the survivor stops") { !projectors[1].isRunning }
+        #expect(projectors[1].terminationStatus == 0)
+        try await pipeline.test.drop()
+    }
 }
