@@ -438,13 +438,7 @@ struct Latency: AsyncParsableCommand {
             try await Task.sleep(for: .milliseconds(20))
         }
         reading.cancel()
-        let arrivals = received.value
-        let commits = try await store.pool.withConnection { connection in
-            try await connection.query(
-                "SELECT event_id::text AS id, EXTRACT(EPOCH FROM pg_xact_commit_timestamp(xmin))::float8::text AS committed FROM events"
-            ).map { (try $0.decode(String.self, "id"), Double(try $0.decode(String.self, "committed")) ?? 0) }
-        }
-        let afterCommit = commits.compactMap { id, committed in arrivals[id].map { ($0.timeIntervalSince1970 - committed) * 1000 } }
+        let afterCommit = try await millisecondsAfterCommit(received.value, store: store)
         print(String(format: "latency at %.0f commits/s for %d s, --source %@%@:", achieved, duration, wal == nil ? "table" : "wal",
                      store.notifiesOnAppend ? "" : " (no NOTIFY)"))
         print("  commit timestamp → a consumer received it: " + percentiles(afterCommit))
@@ -516,6 +510,17 @@ extension Latency {
 }
 
 /// p50/p90/p99/max of millisecond samples.
+/// For each event in `arrivals` (event id → when a consumer received it): milliseconds from its transaction's
+/// commit timestamp (PostgreSQL's clock, same machine; needs `track_commit_timestamp = on`).
+func millisecondsAfterCommit(_ arrivals: [String: Date], store: EventStore) async throws -> [Double] {
+    let commits = try await store.pool.withConnection { connection in
+        try await connection.query(
+            "SELECT event_id::text AS id, EXTRACT(EPOCH FROM pg_xact_commit_timestamp(xmin))::float8::text AS committed FROM events"
+        ).map { (try $0.decode(String.self, "id"), Double(try $0.decode(String.self, "committed")) ?? 0) }
+    }
+    return commits.compactMap { id, committed in arrivals[id].map { ($0.timeIntervalSince1970 - committed) * 1000 } }
+}
+
 func percentiles(_ values: [Double]) -> String {
     let sorted = values.sorted()
     guard !sorted.isEmpty else { return "no samples" }

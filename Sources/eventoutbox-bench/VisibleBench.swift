@@ -112,13 +112,7 @@ struct Visible: AsyncParsableCommand {
                     """
                 ).map { Double(try $0.decode(String.self, "ms")) ?? .nan }
             }
-            let arrivals = received.value
-            let commits = try await store.pool.withConnection { connection in
-                try await connection.query(
-                    "SELECT event_id::text AS id, EXTRACT(EPOCH FROM pg_xact_commit_timestamp(xmin))::float8::text AS committed FROM events"
-                ).map { (try $0.decode(String.self, "id"), Double(try $0.decode(String.self, "committed")) ?? 0) }
-            }
-            let delivered = commits.compactMap { id, committed in arrivals[id].map { ($0.timeIntervalSince1970 - committed) * 1000 } }
+            let delivered = try await millisecondsAfterCommit(received.value, store: store)
             print(String(format: "commit → visible in account_balances at %.0f commits/s for %d s (relay + projector running):", achieved, duration))
             print("  " + percentiles(latencies))
             print("  same run, commit → a plain consumer received it (the Kafka part): " + percentiles(delivered))
