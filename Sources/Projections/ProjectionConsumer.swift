@@ -113,7 +113,7 @@ public final class ProjectionConsumer: Service, Sendable {
         let consumer = try KafkaConsumer(configuration: configuration.kafka, groupID: configuration.groupID, logger: logger)
         current.withLock { $0 = consumer }
         try consumer.subscribe(topics: configuration.topics)
-        let fatal = await withGracefulShutdownHandler {
+        let (fatal, last) = await withGracefulShutdownHandler {
             await withTaskCancellationHandler {
                 await self.consume(consumer)
             } onCancel: {
@@ -123,7 +123,7 @@ public final class ProjectionConsumer: Service, Sendable {
             self.stop()
         }
         current.withLock { $0 = nil }
-        await consumer.close()
+        await last.close()
         if let fatal {
             logger.error("projection consumer stopped by a fatal Kafka error", metadata: ["kafka.error": "\(fatal)"])
             throw fatal
@@ -138,9 +138,16 @@ public final class ProjectionConsumer: Service, Sendable {
         current.withLock { $0 }?.raiseFatalErrorForTesting(reason)
     }
 
-    /// Consumes until asked to stop; returns the fatal Kafka error that ended it, if one did.
-    private func consume(_ consumer: KafkaConsumer) async -> (any Error)? {
+    /// Offset commits refused this many times in a row because the group moved on without this member
+    /// (ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID) make the consumer rejoin as a new member.
+    static let rejoinAfterFencedCommits = 3
+
+    /// Consumes until asked to stop; returns the fatal Kafka error that ended it, if one did, and the consumer in
+    /// use at the end (a fenced one is replaced on the way).
+    private func consume(_ first: KafkaConsumer) async -> (fatal: (any Error)?, consumer: KafkaConsumer) {
+        var consumer = first
         var fatal: (any Error)?
+        var fencedCommits = 0
         var connection: PostgresConnection?
         var pending: [KafkaTopicPartition: Int64] = [:]
         var pendingCount = 0
@@ -156,11 +163,38 @@ public final class ProjectionConsumer: Service, Sendable {
                 try await consumer.commit(offsets)
                 pending.removeAll()
                 pendingCount = 0
+                fencedCommits = 0
             } catch {
                 // Not fatal: the records are applied; at worst they are delivered again and skipped.
                 logger.warning("offset commit failed; will retry", metadata: ["kafka.error": "\(error)"])
+                if let code = (error as? KafkaError)?.code, code == .illegalGeneration || code == .unknownMemberID {
+                    fencedCommits += 1
+                }
             }
             lastCommit = .now
+        }
+
+        /// The group went on without this member and it is not finding its way back (seen with a member of the
+        /// group SIGKILLed): leave, and join again as a new member. The records applied since the last commit are
+        /// delivered again and skipped as duplicates.
+        func rejoin() async -> Bool {
+            logger.warning(
+                "the group no longer accepts this member's offsets; rejoining as a new member",
+                metadata: ["uncommitted.records": "\(pendingCount)", "group": "\(configuration.groupID)"])
+            await consumer.close()
+            do {
+                let fresh = try KafkaConsumer(configuration: configuration.kafka, groupID: configuration.groupID, logger: logger)
+                try fresh.subscribe(topics: configuration.topics)
+                consumer = fresh
+                current.withLock { $0 = fresh }
+            } catch {
+                fatal = error
+                return false
+            }
+            pending.removeAll()
+            pendingCount = 0
+            fencedCommits = 0
+            return true
         }
 
         while !isStopping {
@@ -200,6 +234,7 @@ public final class ProjectionConsumer: Service, Sendable {
             }
             if pendingCount >= 500 || ContinuousClock.now - lastCommit >= configuration.commitInterval {
                 await commitPending()
+                if fencedCommits >= Self.rejoinAfterFencedCommits, !(await rejoin()) { break }
             }
             if ContinuousClock.now - lastLag >= .seconds(1) {
                 for (partition, lag) in await consumer.lag() {
@@ -210,7 +245,7 @@ public final class ProjectionConsumer: Service, Sendable {
             }
         }
         await commitPending()
-        return fatal
+        return (fatal, consumer)
     }
 
     /// Applies a batch of records in one transaction. A batch holding a record that does not decode, or whose

@@ -87,9 +87,13 @@ struct RelayFaultTests {
         try await setup.test.drop()
     }
 
+    /// Not REQUEST_TIMED_OUT: librdkafka takes such a batch as possibly persisted and, for an idempotent producer,
+    /// as persisted once the broker accepts a later sequence. A real broker refuses a later sequence after a gap;
+    /// librdkafka 2.0.2's mock accepts it, so on the mock one such message in 800 was reported delivered (offset
+    /// unknown) and never stored: a fault of the mock, not of the relay.
     @Test(
         "Produce requests failing with an injected error: retried or the producer replaced; every event, in order",
-        arguments: [KafkaError.Code.notLeaderForPartition, .requestTimedOut, .outOfOrderSequenceNumber])
+        arguments: [KafkaError.Code.notLeaderForPartition, .notEnoughReplicas, .outOfOrderSequenceNumber])
     func injectedProduceErrors(_ code: KafkaError.Code) async throws {
         let setup = try await Setup.make()
         var ids = try await setup.test.appendTicks(streams: 20, perStream: 20)
