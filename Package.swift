@@ -20,6 +20,7 @@ let package = Package(
         .executable(name: "eventoutbox", targets: ["eventoutbox"]),
         .executable(name: "outbox-relay", targets: ["outbox-relay"]),
         .executable(name: "account-projector", targets: ["account-projector"]),
+        .executable(name: "accounts-service", targets: ["accounts-service"]),
         .library(name: "Projections", targets: ["Projections"]),
         .library(name: "OutboxRelay", targets: ["OutboxRelay"]),
     ],
@@ -30,6 +31,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics", from: "2.5.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.0.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.6.0"),
+        // No default traits: they pull in swift-configuration, which nothing here uses.
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1", traits: []),
+        .package(url: "https://github.com/apple/swift-http-types", from: "1.8.0"),
     ],
     targets: [
         // C libraries, linked from the system (apt: libpq-dev, librdkafka-dev).
@@ -147,6 +151,26 @@ let package = Package(
             swiftSettings: strictSettings
         ),
         .executableTarget(
+            name: "accounts-service",
+            dependencies: [
+                "AccountsService", "CommandLineSupport", "Observability", "BankAccount", "EventStore", "PostgresClient",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .target(
+            name: "AccountsService",
+            dependencies: [
+                "BankAccount", "EventSourcing", "EventStore", "PostgresClient",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .executableTarget(
             name: "eventoutbox-bench",
             dependencies: [
                 "BankAccount", "EventStore", "OutboxRelay", "Projections", "KafkaClient", "PostgresClient",
@@ -218,6 +242,14 @@ let package = Package(
                 "Projections", "BankAccount", "EventStore", "OutboxRelay", "KafkaClient", "TestSupport",
                 .product(name: "PropertyBased", package: "swift-property-based"),
                 .product(name: "InMemoryLogging", package: "swift-log"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "AccountsServiceTests",
+            dependencies: [
+                "AccountsService", "BankAccount", "EventSourcing", "EventStore", "PostgresClient", "TestSupport",
+                .product(name: "Hummingbird", package: "hummingbird"),
             ],
             swiftSettings: strictSettings
         ),

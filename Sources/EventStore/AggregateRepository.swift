@@ -66,17 +66,20 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
     }
 
     /// Appends new events to a state loaded earlier; fails with ``ConcurrencyConflict`` if the stream moved on.
+    /// - Parameter alsoWriting: given the state after the events, statements that commit with them.
     /// - Returns: the state after the events.
     @discardableResult
-    public func save(_ streamID: String, _ events: [NewEvent], after loaded: VersionedState<State>) async throws
-        -> VersionedState<State>
-    {
+    public func save(
+        _ streamID: String, _ events: [NewEvent], after loaded: VersionedState<State>,
+        alsoWriting: (VersionedState<State>) throws -> [TransactionalWrite] = { _ in [] }
+    ) async throws -> VersionedState<State> {
         guard !events.isEmpty else { return loaded }
         var next = loaded
         for event in events { try next.state.apply(event.event) }
+        next.version = loaded.version + Int64(events.count)
         let result = try await store.append(
             events, to: streamID, category: State.category,
-            expectedVersion: loaded.version == 0 ? .noStream : .exact(loaded.version))
+            expectedVersion: loaded.version == 0 ? .noStream : .exact(loaded.version), alsoWriting: try alsoWriting(next))
         next.version = result.streamVersion
         if next.version / Int64(snapshotInterval) > loaded.version / Int64(snapshotInterval) {
             await writeSnapshot(streamID, next)
@@ -89,8 +92,11 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
     /// - Parameter decide: returns the events the command produces from the current state (may be empty);
     ///   throws to refuse the command without recording anything.
     /// - Returns: the new state and the events that were recorded.
+    /// - Parameter alsoWriting: given the state after the decided events and the events, statements that commit
+    ///   with them (not called when the command decides no events).
     public func execute(
         _ streamID: String, metadata: EventMetadata = .init(), maxAttempts: Int = 10,
+        alsoWriting: @Sendable (VersionedState<State>, [any DomainEvent]) throws -> [TransactionalWrite] = { _, _ in [] },
         _ decide: @Sendable (VersionedState<State>) throws -> [any DomainEvent]
     ) async throws -> (state: VersionedState<State>, events: [any DomainEvent]) {
         precondition(maxAttempts >= 1, "maxAttempts must be at least 1")
@@ -100,7 +106,9 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
             let loaded = try await load(streamID)
             let decided = try decide(loaded)
             do {
-                let saved = try await save(streamID, decided.map { NewEvent($0, metadata: metadata) }, after: loaded)
+                let saved = try await save(streamID, decided.map { NewEvent($0, metadata: metadata) }, after: loaded) {
+                    try alsoWriting($0, decided)
+                }
                 return (saved, decided)
             } catch let conflict as ConcurrencyConflict where attempt < maxAttempts {
                 logger.debug(

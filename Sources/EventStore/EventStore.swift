@@ -36,9 +36,12 @@ public struct EventStore: Sendable {
     ///   - category: the kind of stream (routes the outbox messages to a topic, see ``OutboxRouting``).
     /// - Throws: ``ConcurrencyConflict`` (nothing written) when the stream's version differs from
     ///   `expectedVersion`; ``PostgresError`` for database failures (nothing written either).
+    ///   - alsoWriting: statements that commit in the same transaction as the events, and only with them (for
+    ///     example a service's idempotency record). A failure of one rolls the events back too.
     @discardableResult
     public func append(
-        _ events: [NewEvent], to streamID: String, category: String, expectedVersion: ExpectedVersion
+        _ events: [NewEvent], to streamID: String, category: String, expectedVersion: ExpectedVersion,
+        alsoWriting writes: [TransactionalWrite] = []
     ) async throws -> AppendResult {
         precondition(!events.isEmpty, "append needs at least one event")
         let rows = try events.map { try PreparedEvent($0, category: category, routing: routing) }
@@ -54,8 +57,18 @@ public struct EventStore: Sendable {
             case .any: base = try await currentVersion(of: streamID)
             }
             do {
+                let notify = notifiesOnAppend
                 let result = try await pool.withConnection { connection in
-                    try await Self.append(rows, to: streamID, after: base, notify: notifiesOnAppend, on: connection)
+                    guard !writes.isEmpty else {
+                        return try await Self.append(rows, to: streamID, after: base, notify: notify, on: connection)
+                    }
+                    return try await connection.withTransaction { tx in
+                        let outcome = try await Self.append(rows, to: streamID, after: base, notify: notify, on: tx)
+                        if case .appended = outcome {
+                            for write in writes { try await tx.execute(write.sql, write.binds, statement: write.statement) }
+                        }
+                        return outcome
+                    }
                 }
                 switch result {
                 case .appended(let appended): return appended
@@ -72,7 +85,7 @@ public struct EventStore: Sendable {
         }
     }
 
-    private enum AppendOutcome {
+    private enum AppendOutcome: Sendable {
         case appended(AppendResult)
         case versionMismatch(actual: Int64)
     }
@@ -253,6 +266,20 @@ private struct PreparedEvent: Sendable {
         ]
         if let traceparent = event.metadata.traceparent { members.append(("traceparent", JSONText.string(traceparent))) }
         return JSONText.object(members)
+    }
+}
+
+/// A statement to run in an append's transaction (see ``EventStore/append(_:to:category:expectedVersion:alsoWriting:)``).
+public struct TransactionalWrite: Sendable {
+    public var sql: String
+    public var binds: [PostgresBind]
+    /// Names the statement in errors and logs.
+    public var statement: String
+
+    public init(_ sql: String, _ binds: [PostgresBind] = [], statement: String) {
+        self.sql = sql
+        self.binds = binds
+        self.statement = statement
     }
 }
 

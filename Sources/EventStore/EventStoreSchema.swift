@@ -100,6 +100,22 @@ public enum EventStoreSchema {
                 ALTER TABLE outbox_dead_letters ADD COLUMN held_behind bigint;
                 CREATE INDEX outbox_dead_letters_held ON outbox_dead_letters (held_behind) WHERE held_behind IS NOT NULL;
                 """),
+        Migration(
+            version: 5, name: "idempotency keys",
+            sql: """
+                -- A service's answer to a request that carried an Idempotency-Key, written in the transaction of
+                -- the events it caused: a retry with the same key gets the same answer and writes nothing.
+                CREATE TABLE idempotency_keys (
+                    key          text        PRIMARY KEY,
+                    -- The request in a canonical form (method, path, decoded body): the same key with another
+                    -- request is refused.
+                    request      text        NOT NULL,
+                    status       int         NOT NULL,
+                    body         text        NOT NULL,
+                    location     text,
+                    created_at   timestamptz NOT NULL DEFAULT now()
+                );
+                """),
     ]
 
     /// Applies the migrations that are missing. Returns the versions it applied (empty if up to date).

@@ -1,0 +1,279 @@
+import BankAccount
+import EventSourcing
+import EventStore
+import Foundation
+import HTTPTypes
+import Hummingbird
+import PostgresClient
+
+/// The bank over HTTP: every command commits its events and outbox rows through ``Bank`` exactly as the `bank`
+/// CLI does. Errors are `application/problem+json`; every POST honours an `Idempotency-Key` header.
+public struct AccountsAPI: Sendable {
+    /// One route: its method and its path as `openapi.yaml` writes it (`/accounts/{id}`).
+    public struct Route: Sendable, Hashable, CustomStringConvertible {
+        public var method: String
+        public var path: String
+        public var description: String { "\(method) \(path)" }
+    }
+
+    /// Every route the service serves; `openapi.yaml` describes exactly these (a test checks).
+    public static let routes: [Route] = [
+        Route(method: "POST", path: "/accounts"),
+        Route(method: "GET", path: "/accounts/{id}"),
+        Route(method: "GET", path: "/accounts/{id}/history"),
+        Route(method: "POST", path: "/accounts/{id}/deposits"),
+        Route(method: "POST", path: "/accounts/{id}/withdrawals"),
+        Route(method: "GET", path: "/health/live"),
+        Route(method: "GET", path: "/health/ready"),
+    ]
+
+    /// Request bodies larger than this are refused (413).
+    public static let maxBodyBytes = 64 * 1024
+    static let idempotencyKey = HTTPField.Name("Idempotency-Key")!
+    static let traceparent = HTTPField.Name("traceparent")!
+    static let correlationID = HTTPField.Name("X-Correlation-ID")!
+
+    public let bank: Bank
+    let keys: IdempotencyKeys
+
+    public init(bank: Bank) {
+        self.bank = bank
+        keys = IdempotencyKeys(pool: bank.repository.store.pool)
+    }
+
+    /// A router serving ``routes``.
+    public func makeRouter() -> Router<BasicRequestContext> {
+        let router = Router()
+        router.post("accounts") { request, _ in await respond { try await openAccount(request) } }
+        router.get("accounts/:id") { request, context in await respond { try await account(request, id: context.parameters.require("id")) } }
+        router.get("accounts/:id/history") { _, context in await respond { try await history(id: context.parameters.require("id")) } }
+        router.post("accounts/:id/deposits") { request, context in
+            await respond { try await move(request, id: context.parameters.require("id"), deposit: true) }
+        }
+        router.post("accounts/:id/withdrawals") { request, context in
+            await respond { try await move(request, id: context.parameters.require("id"), deposit: false) }
+        }
+        router.get("health/live") { _, _ in json(.ok, #"{"status":"live"}"#) }
+        router.get("health/ready") { _, _ in await respond { try await ready() } }
+        return router
+    }
+
+    // MARK: Commands
+
+    struct OpenRequest: Decodable {
+        var owner: String
+        var initialDeposit: Int64?
+    }
+
+    struct MoveRequest: Decodable {
+        var amount: Int64
+        var description: String?
+    }
+
+    struct AccountView: Encodable {
+        var id: String
+        var owner: String
+        var balance: Int64
+        var version: Int64
+    }
+
+    private func openAccount(_ request: Request) async throws -> Response {
+        var request = request
+        let body: OpenRequest = try await decode(&request)
+        let command = AccountCommand.open(owner: body.owner, initialDeposit: body.initialDeposit ?? 0)
+        return try await idempotent(request, canonical: "POST /accounts \(canonical(command))") { alsoWriting in
+            try await bank.execute(command, metadata: metadata(request), alsoWriting: alsoWriting)
+        } answer: { result in
+            Answer(status: .created, body: try encode(AccountView(result)), location: "/accounts/\(result.accountID)")
+        }
+    }
+
+    private func move(_ request: Request, id: String, deposit: Bool) async throws -> Response {
+        var request = request
+        let body: MoveRequest = try await decode(&request)
+        let command: AccountCommand = deposit
+            ? .deposit(amount: body.amount, description: body.description ?? "")
+            : .withdraw(amount: body.amount, description: body.description ?? "")
+        let path = "/accounts/\(id)/\(deposit ? "deposits" : "withdrawals")"
+        return try await idempotent(request, canonical: "POST \(path) \(canonical(command))") { alsoWriting in
+            try await bank.execute(command, on: id, metadata: metadata(request), alsoWriting: alsoWriting)
+        } answer: { result in
+            if let rejection = result.rejection {
+                // Refused, and still recorded (WithdrawalRejected): the answer says so, with where it was recorded.
+                let problem = Problem(
+                    .unprocessableContent, "Withdrawal rejected", detail: rejection, type: "/problems/insufficient-funds",
+                    extra: ["balance": result.balance, "version": result.version])
+                return Answer(status: problem.status, body: String(decoding: problem.jsonBody, as: UTF8.self), location: nil)
+            }
+            return Answer(status: .ok, body: try encode(AccountView(result)), location: nil)
+        }
+    }
+
+    /// The canonical text of a command, for telling a retried request from another one with the same key.
+    private func canonical(_ command: AccountCommand) -> String {
+        switch command {
+        case .open(let owner, let initialDeposit): "open owner=\(JSONText.string(owner)) initialDeposit=\(initialDeposit)"
+        case .deposit(let amount, let description): "deposit amount=\(amount) description=\(JSONText.string(description))"
+        case .withdraw(let amount, let description): "withdraw amount=\(amount) description=\(JSONText.string(description))"
+        }
+    }
+
+    /// A command's answer: what is sent, and stored under an idempotency key.
+    struct Answer: Sendable {
+        var status: HTTPResponse.Status
+        var body: String
+        var location: String?
+
+        func response(replayed: Bool = false) -> Response {
+            var headers: HTTPFields = [.contentType: status.code >= 400 ? "application/problem+json" : "application/json"]
+            if let location { headers[.location] = location }
+            if replayed { headers[HTTPField.Name("Idempotent-Replayed")!] = "true" }
+            return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(string: body)))
+        }
+    }
+
+    /// Runs a command once per `Idempotency-Key`: a retry gets the stored answer and writes nothing.
+    private func idempotent(
+        _ request: Request, canonical: String,
+        run: (@escaping @Sendable (AccountCommandResult) throws -> [TransactionalWrite]) async throws -> AccountCommandResult,
+        answer: @escaping @Sendable (AccountCommandResult) throws -> Answer
+    ) async throws -> Response {
+        guard let key = request.headers[Self.idempotencyKey] else {
+            return try answer(try await run { _ in [] }).response()
+        }
+        guard !key.isEmpty, key.utf8.count <= IdempotencyKeys.maxKeyLength, key.unicodeScalars.allSatisfy({ $0.value >= 0x20 && $0.value < 0x7F }) else {
+            throw Problem(.badRequest, "Invalid Idempotency-Key", detail: "an Idempotency-Key is 1 to \(IdempotencyKeys.maxKeyLength) printable ASCII characters")
+        }
+        // Twice at most: a request that loses the race for its key finds the winner's answer the second time.
+        for _ in 0..<2 {
+            if let stored = try await keys.find(key) {
+                guard stored.request == canonical else {
+                    throw Problem(
+                        .unprocessableContent, "Idempotency-Key reused",
+                        detail: "the Idempotency-Key '\(key)' was first used for another request; use a new key for a new request")
+                }
+                let location = stored.status == 201 ? Self.location(inAnswer: stored.body) : nil
+                return Answer(status: HTTPResponse.Status(code: stored.status), body: stored.body, location: location).response(replayed: true)
+            }
+            do {
+                let result = try await run { result in
+                    let answer = try answer(result)
+                    return [IdempotencyKeys.record(key: key, request: canonical, status: answer.status.code, body: answer.body)]
+                }
+                return try answer(result).response()
+            } catch where IdempotencyKeys.isTaken(error) {
+                continue
+            }
+        }
+        throw Problem(.conflict, "Idempotency-Key in use", detail: "another request with the Idempotency-Key '\(key)' is being processed; retry")
+    }
+
+    private static func location(inAnswer body: String) -> String? {
+        var body = body
+        return body.withUTF8 { bytes in
+            guard let id = JSONText.members(of: bytes)?.first(where: { $0.key == "id" }) else { return nil }
+            let text = String(decoding: UnsafeBufferPointer(rebasing: bytes[id.value]), as: UTF8.self)
+            return JSONText.stringObject("{\"id\":" + text + "}")?["id"].map { "/accounts/\($0)" }
+        }
+    }
+
+    private func metadata(_ request: Request) -> EventMetadata {
+        EventMetadata(
+            correlationID: request.headers[Self.correlationID], actor: "accounts-service", traceparent: request.headers[Self.traceparent])
+    }
+
+    // MARK: Queries
+
+    private func account(_ request: Request, id: String) async throws -> Response {
+        let query = request.uri.queryParameters
+        var version: Int64?
+        var date: Date?
+        if let text = query.get("version") {
+            guard let value = Int64(text) else { throw Problem(.badRequest, "Invalid request", detail: "version must be a whole number (got '\(text)')") }
+            version = value
+        }
+        if let text = query.get("at") {
+            guard let value = ISOTimestamp.parse(text) else {
+                throw Problem(.badRequest, "Invalid request", detail: "at must be an ISO 8601 time such as 2026-11-25T12:00:00Z (got '\(text)')")
+            }
+            date = value
+        }
+        guard version == nil || date == nil else { throw Problem(.badRequest, "Invalid request", detail: "give version or at, not both") }
+        let state = try await bank.account(id, atVersion: version, asOf: date)
+        return json(.ok, try encode(AccountView(id: id, owner: state.state.owner, balance: state.state.balance, version: state.version)))
+    }
+
+    private func history(id: String) async throws -> Response {
+        let events = try await bank.history(id)
+        let items = events.map { recorded, _ in
+            JSONText.object([
+                (key: "eventId", json: JSONText.string(recorded.eventID.uuidString.lowercased())),
+                (key: "occurredAt", json: JSONText.string(ISOTimestamp.format(recorded.occurredAt))),
+                (key: "payload", json: recorded.payload),
+                (key: "schemaVersion", json: String(recorded.schemaVersion)),
+                (key: "type", json: JSONText.string(recorded.eventType)),
+                (key: "version", json: String(recorded.streamVersion)),
+            ])
+        }
+        return json(.ok, JSONText.object([(key: "events", json: "[" + items.joined(separator: ",") + "]"), (key: "id", json: JSONText.string(id))]))
+    }
+
+    private func ready() async throws -> Response {
+        do {
+            try await bank.repository.store.pool.withConnection { _ = try await $0.query("SELECT 1", statement: "readiness") }
+        } catch {
+            throw Problem(.serviceUnavailable, "Not ready", detail: "the database does not answer: \(error)")
+        }
+        return json(.ok, #"{"status":"ready"}"#)
+    }
+
+    // MARK: Plumbing
+
+    private func decode<Body: Decodable>(_ request: inout Request) async throws -> Body {
+        let buffer: ByteBuffer
+        do {
+            buffer = try await request.collectBody(upTo: Self.maxBodyBytes)
+        } catch {
+            throw Problem(.contentTooLarge, "Request too large", detail: "the body is larger than \(Self.maxBodyBytes) bytes")
+        }
+        do {
+            return try EventJSON.decoder.decode(Body.self, from: Data(buffer.readableBytesView))
+        } catch let error as DecodingError {
+            throw Problem(.badRequest, "Malformed request", detail: "the body is not the JSON this route takes: \(Self.describe(error))")
+        }
+    }
+
+    private static func describe(_ error: DecodingError) -> String {
+        switch error {
+        case .keyNotFound(let key, _): "missing '\(key.stringValue)'"
+        case .typeMismatch(_, let context), .valueNotFound(_, let context):
+            "'\(context.codingPath.map(\.stringValue).joined(separator: "."))' has the wrong type (amounts are whole numbers of minor units)"
+        case .dataCorrupted(let context):
+            context.codingPath.isEmpty ? "malformed JSON" : "'\(context.codingPath.map(\.stringValue).joined(separator: "."))' is out of range"
+        @unknown default: "\(error)"
+        }
+    }
+
+    private func encode(_ value: some Encodable) throws -> String {
+        String(decoding: try EventJSON.encoder.encode(value), as: UTF8.self)
+    }
+}
+
+extension AccountsAPI.AccountView {
+    init(_ result: AccountCommandResult) {
+        self.init(id: result.accountID, owner: result.owner, balance: result.balance, version: result.version)
+    }
+}
+
+/// Runs a handler; a thrown error becomes its problem answer, so no request ends without one.
+private func respond(_ body: () async throws -> Response) async -> Response {
+    do {
+        return try await body()
+    } catch {
+        return Problem.from(error).response
+    }
+}
+
+private func json(_ status: HTTPResponse.Status, _ body: String) -> Response {
+    Response(status: status, headers: [.contentType: "application/json"], body: ResponseBody(byteBuffer: ByteBuffer(string: body)))
+}

@@ -1,0 +1,74 @@
+import AccountsService
+import ArgumentParser
+import BankAccount
+import CommandLineSupport
+import EventStore
+import Foundation
+import Hummingbird
+import Logging
+import Observability
+import PostgresClient
+
+@main
+struct AccountsServiceCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "accounts-service",
+        abstract: "Serve the bank over HTTP: accounts, deposits and withdrawals as events with their outbox rows.",
+        discussion: """
+            Commits every command's events and outbox rows in one PostgreSQL transaction, as the bank CLI does; \
+            run outbox-relay beside it to publish them. Errors are application/problem+json (RFC 9457). Every POST \
+            honours an Idempotency-Key header: a retry with the same key gets the first answer and writes nothing.
+
+              POST /accounts                     {"owner": "Kim", "initialDeposit": 100}   -> 201, Location
+              POST /accounts/{id}/deposits       {"amount": 250, "description": "salary"}  -> 200
+              POST /accounts/{id}/withdrawals    {"amount": 99}   -> 200, or 422 when refused (still recorded)
+              GET  /accounts/{id}[?version=N | ?at=2026-11-25T12:00:00Z]
+              GET  /accounts/{id}/history
+              GET  /health/live, /health/ready
+
+            The API is described in openapi.yaml. The tables come from `eventoutbox migrate`.
+
+            Example:
+              accounts-service --port 8080 --metrics-port 9466
+              curl -s -X POST localhost:8080/accounts -H 'Idempotency-Key: k1' -d '{"owner": "Kim"}'
+            """)
+
+    @OptionGroup var database: DatabaseOption
+
+    @Option(help: "Address to listen on.") var host = "127.0.0.1"
+    @Option(help: "Port to listen on.") var port = 8080
+    @Option(help: "PostgreSQL connections at most.") var maxConnections = 8
+    @Option(help: "Serve Prometheus metrics at http://HOST:PORT/metrics.") var metricsPort: Int?
+    @Option(help: "Address the metrics endpoint binds to.") var metricsHost = "127.0.0.1"
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
+
+    func validate() throws {
+        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
+        guard (0...65_535).contains(port) else { throw ValidationError("--port must be 0 to 65535 (got \(port))") }
+        guard maxConnections >= 1 else { throw ValidationError("--max-connections must be at least 1") }
+    }
+
+    func run() async throws {
+        let metricsServer = try Observability.bootstrap(
+            logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost, metricsPort: metricsPort)
+        defer { metricsServer?.stop() }
+        let logger = Logger(label: "accounts-service")
+        let pool = PostgresPool(url: try database.url(), maxConnections: maxConnections)
+        try await reportingFailures {
+            let migrated = try await pool.withConnection {
+                try await $0.query("SELECT to_regclass('idempotency_keys') IS NOT NULL AS present").first!.decode(Bool.self, "present")
+            }
+            guard migrated else {
+                throw ValidationError("the event store tables are missing or out of date: run `eventoutbox migrate` first")
+            }
+        }
+        let api = AccountsAPI(bank: Bank(store: EventStore(pool: pool)))
+        let app = Application(
+            router: api.makeRouter(),
+            configuration: .init(address: .hostname(host, port: port), serverName: "accounts-service"),
+            logger: logger)
+        logger.info("serving the bank over HTTP", metadata: ["address": "\(host):\(port)"])
+        try await app.runService()
+        await pool.close()
+    }
+}
