@@ -22,6 +22,7 @@ ensure_packages() {
     pkg-config --exists rdkafka 2>/dev/null || missing+=(librdkafka-dev)
     pg_bindir >/dev/null || missing+=(postgresql)
     command -v kcat >/dev/null || missing+=(kcat)
+    command -v curl >/dev/null || missing+=(curl)
     command -v pkg-config >/dev/null || missing+=(pkg-config)
     if [ ${#missing[@]} -gt 0 ]; then
         log "installing ${missing[*]}"

@@ -1,0 +1,23 @@
+# Sourced by scripts/bench: accounts-service under wrk (deposits on 100 accounts, 16 connections, 15 s), then
+# eventoutbox-bench append with as many connections, in the same run. Needs $bin, the servers and wrk.
+http_bench() {
+    local schema url port pid accounts id
+    schema=http_$RANDOM
+    "$EO_PG_BINDIR/psql" -q "$EVENTOUTBOX_DATABASE_URL" -c "CREATE SCHEMA $schema"
+    url="$EVENTOUTBOX_DATABASE_URL&options=-csearch_path%3D$schema"
+    EVENTOUTBOX_DATABASE_URL="$url" "$bin/eventoutbox" migrate >/dev/null
+    port=$((20000 + RANDOM % 10000))
+    EVENTOUTBOX_DATABASE_URL="$url" "$bin/accounts-service" --port $port --max-connections 16 --log-level error &
+    pid=$!
+    until curl -sf "localhost:$port/health/ready" >/dev/null; do sleep 0.2; done
+    accounts="$EO_RUNDIR/accounts.txt"
+    : >"$accounts"
+    for n in $(seq 1 100); do
+        id=$(curl -sf -X POST "localhost:$port/accounts" -d "{\"owner\": \"L$n\"}" | sed -E 's/.*"id":"([^"]+)".*/\1/')
+        echo "$id" >>"$accounts"
+    done
+    ACCOUNTS_FILE="$accounts" wrk -t2 -c16 -d15s --latency -s scripts/lib/deposit.lua "http://127.0.0.1:$port" | tail -1
+    kill $pid
+    wait $pid 2>/dev/null || true
+    "$bin/eventoutbox-bench" append --connections 16 --events 5000 --baseline
+}
