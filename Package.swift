@@ -34,6 +34,7 @@ let package = Package(
         // No default traits: they pull in swift-configuration, which nothing here uses.
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1", traits: []),
         .package(url: "https://github.com/apple/swift-http-types", from: "1.8.0"),
+        .package(url: "https://github.com/apple/swift-distributed-tracing", from: "1.1.0"),
     ],
     targets: [
         // C libraries, linked from the system (apt: libpq-dev, librdkafka-dev).
@@ -66,11 +67,15 @@ let package = Package(
         // Event sourcing: the C-free core, the PostgreSQL event store, and the reference domain.
         .target(
             name: "EventSourcing",
+            dependencies: [.product(name: "Tracing", package: "swift-distributed-tracing")],
             swiftSettings: strictSettings
         ),
         .target(
             name: "EventStore",
-            dependencies: ["EventSourcing", "PostgresClient", .product(name: "Logging", package: "swift-log")],
+            dependencies: [
+                "EventSourcing", "PostgresClient", .product(name: "Logging", package: "swift-log"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+            ],
             swiftSettings: strictSettings
         ),
         .target(
@@ -83,10 +88,11 @@ let package = Package(
         .target(
             name: "OutboxRelay",
             dependencies: [
-                "EventStore", "KafkaClient", "PostgresClient",
+                "EventSourcing", "EventStore", "KafkaClient", "PostgresClient",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
             ],
             swiftSettings: strictSettings
         ),
@@ -98,6 +104,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
             ],
             swiftSettings: strictSettings
         ),
@@ -249,7 +256,9 @@ let package = Package(
             name: "AccountsServiceTests",
             dependencies: [
                 "AccountsService", "BankAccount", "EventSourcing", "EventStore", "PostgresClient", "TestSupport",
+                "OutboxRelay", "Projections", "KafkaClient",
                 .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
             ],
             swiftSettings: strictSettings
         ),

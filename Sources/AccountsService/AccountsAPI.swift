@@ -44,6 +44,8 @@ public struct AccountsAPI: Sendable {
     /// A router serving ``routes``.
     public func makeRouter() -> Router<BasicRequestContext> {
         let router = Router()
+        // A span per request, continuing the caller's trace (`traceparent`); commands continue it into their events.
+        router.add(middleware: TracingMiddleware())
         router.post("accounts") { request, _ in await respond { try await openAccount(request) } }
         router.get("accounts/:id") { request, context in await respond { try await account(request, id: context.parameters.require("id")) } }
         router.get("accounts/:id/history") { _, context in await respond { try await history(id: context.parameters.require("id")) } }

@@ -1,6 +1,7 @@
 import EventSourcing
 import Foundation
 import PostgresClient
+import Tracing
 
 /// The result of a successful append.
 public struct AppendResult: Sendable, Hashable {
@@ -44,6 +45,24 @@ public struct EventStore: Sendable {
         alsoWriting writes: [TransactionalWrite] = []
     ) async throws -> AppendResult {
         precondition(!events.isEmpty, "append needs at least one event")
+        return try await withSpan("eventoutbox.append", ofKind: .producer) { span in
+            span.attributes["eventoutbox.stream_id"] = streamID
+            span.attributes["eventoutbox.events"] = events.count
+            // Events carry the append's trace, so that the relay and the consumers continue it. Without a tracer
+            // that writes one, a traceparent the caller put in the metadata stays.
+            let traceparent = span.isRecording ? TraceContext.traceparent(of: span.context) : nil
+            let traced = traceparent == nil ? events : events.map { event in
+                var event = event
+                event.metadata.traceparent = traceparent
+                return event
+            }
+            return try await append(traced, streamID, category, expectedVersion, writes)
+        }
+    }
+
+    private func append(
+        _ events: [NewEvent], _ streamID: String, _ category: String, _ expectedVersion: ExpectedVersion, _ writes: [TransactionalWrite]
+    ) async throws -> AppendResult {
         let rows = try events.map { try PreparedEvent($0, category: category, routing: routing) }
         var attempt = 0
         while true {

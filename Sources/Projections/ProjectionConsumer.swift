@@ -6,6 +6,7 @@ import Metrics
 import PostgresClient
 import ServiceLifecycle
 import Synchronization
+import Tracing
 
 /// Settings of a ``ProjectionConsumer``.
 public struct ProjectionConsumerConfiguration: Sendable {
@@ -263,10 +264,12 @@ public final class ProjectionConsumer: Service, Sendable {
         }
         if events.count == batch.count {
             let started = ContinuousClock.now
+            let traceStart = DefaultTracerClock.now
             let events = events
             do {
                 let outcome = try await connection.withTransaction { tx in try await self.applier.apply(events, on: tx) }
                 count(outcome, events: events.count, since: started)
+                Self.trace(events.map(\.recorded), since: traceStart)
                 return
             } catch where Self.isTransient(error) {
                 throw error
@@ -297,11 +300,13 @@ public final class ProjectionConsumer: Service, Sendable {
             return
         }
         let started = ContinuousClock.now
+        let traceStart = DefaultTracerClock.now
         do {
             let outcome = try await connection.withTransaction { tx in
                 try await self.applier.apply(recorded, topic: message.topic, on: tx)
             }
             count(outcome, events: 1, since: started)
+            Self.trace([recorded], since: traceStart)
             logger.trace("applied", metadata: ["event.id": "\(recorded.eventID)", "duplicates": "\(outcome.duplicates)"])
         } catch let error as EventDecodingError {
             try await deadLetter(message, reason: error.description, on: connection, logger: logger)
@@ -322,6 +327,20 @@ public final class ProjectionConsumer: Service, Sendable {
         let elapsed = (ContinuousClock.now - started).components
         let perEvent = (elapsed.seconds * 1_000_000_000 + elapsed.attoseconds / 1_000_000_000) / Int64(events)
         for _ in 0..<events { metrics.applyLatency.recordNanoseconds(perEvent) }
+    }
+
+    /// A span per applied event that carries a trace (its `traceparent`), continuing it: from the start of the
+    /// transaction that applied it to its commit.
+    static func trace(_ events: [RecordedEvent], since start: DefaultTracerClock.Instant) {
+        for event in events {
+            guard let traceparent = event.metadata.traceparent else { continue }
+            let span = InstrumentationSystem.tracer.startSpan(
+                "eventoutbox.apply", context: TraceContext.context(continuing: traceparent), ofKind: .consumer, at: start)
+            span.attributes["eventoutbox.event_id"] = event.eventID.uuidString.lowercased()
+            span.attributes["eventoutbox.event_type"] = event.eventType
+            span.attributes["eventoutbox.stream_id"] = event.streamID
+            span.end()
+        }
     }
 
     private func deadLetter(_ message: KafkaMessage, reason: String, on connection: PostgresConnection, logger: Logger) async throws {
