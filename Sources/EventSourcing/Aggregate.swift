@@ -37,6 +37,10 @@ public struct UnexpectedEvent: Error, CustomStringConvertible, Sendable {
         self.aggregate = aggregate
         self.eventType = eventType
     }
+    /// The error for `event` reaching an aggregate of type `aggregate` that does not handle it.
+    public init<State: Aggregate>(_ event: any DomainEvent, in aggregate: State.Type) {
+        self.init(aggregate: State.category, eventType: type(of: event).eventType)
+    }
     public var description: String { "aggregate '\(aggregate)' cannot apply an event of type '\(eventType)'" }
 }
 

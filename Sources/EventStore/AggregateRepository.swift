@@ -94,6 +94,7 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
     /// - Returns: the new state and the events that were recorded.
     /// - Parameter alsoWriting: given the state after the decided events and the events, statements that commit
     ///   with them (not called when the command decides no events).
+    @discardableResult
     public func execute(
         _ streamID: String, metadata: EventMetadata = .init(), maxAttempts: Int = 10,
         alsoWriting: @Sendable (VersionedState<State>, [any DomainEvent]) throws -> [TransactionalWrite] = { _, _ in [] },
