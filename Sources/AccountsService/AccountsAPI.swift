@@ -46,6 +46,8 @@ public struct AccountsAPI: Sendable {
         let router = Router()
         // A span per request, continuing the caller's trace (`traceparent`); commands continue it into their events.
         router.add(middleware: TracingMiddleware())
+        // Requests by route and status, and their durations (`hb_requests`, `http_server_request_duration`).
+        router.add(middleware: MetricsMiddleware())
         router.post("accounts") { request, _ in await respond { try await openAccount(request) } }
         router.get("accounts/:id") { request, context in await respond { try await account(request, id: context.parameters.require("id")) } }
         router.get("accounts/:id/history") { _, context in await respond { try await history(id: context.parameters.require("id")) } }

@@ -1,12 +1,17 @@
+import Hummingbird
 import Logging
 import Metrics
+import PostgresClient
 import Prometheus
+import ServiceLifecycle
 
 /// Process-wide logging and metrics set-up shared by the long-running executables.
 public enum Observability {
-    /// Logs to standard error at `level`; serves Prometheus metrics at `host:port` when `port` is given.
-    /// Call once, at start. Returns the metrics server (stop it on exit), if any.
-    public static func bootstrap(logLevel: Logger.Level, metricsHost: String, metricsPort: Int?) throws -> MetricsServer? {
+    /// Logs to standard error at `level`. With a `metricsPort`, also sends metrics to Prometheus and returns the
+    /// ``OperationsEndpoint`` that serves them (run it beside the process's own services). Call once, at start.
+    public static func bootstrap(
+        logLevel: Logger.Level, metricsHost: String, metricsPort: Int?, databaseURL: String?
+    ) -> OperationsEndpoint? {
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = logLevel
@@ -15,6 +20,52 @@ public enum Observability {
         guard let metricsPort else { return nil }
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
-        return try MetricsServer(host: metricsHost, port: metricsPort, registry: registry)
+        return OperationsEndpoint(host: metricsHost, port: metricsPort, registry: registry, databaseURL: databaseURL)
+    }
+}
+
+/// What operators and orchestrators ask a process over HTTP: `/metrics` (Prometheus), `/health/live` (the
+/// process answers) and `/health/ready` (its database answers). A swift-service-lifecycle
+/// `Service`: run it in the process's `ServiceGroup`. Readiness opens a connection per probe (probes come every
+/// few seconds), bounded by the URL's `connect_timeout` (10 s unless it says otherwise).
+public struct OperationsEndpoint: Service {
+    public let host: String
+    public let port: Int
+    let registry: PrometheusCollectorRegistry
+    let databaseURL: String?
+
+    public init(host: String, port: Int, registry: PrometheusCollectorRegistry, databaseURL: String?) {
+        self.host = host
+        self.port = port
+        self.registry = registry
+        self.databaseURL = databaseURL
+    }
+
+    public func run() async throws {
+        let router = Router()
+        router.get("metrics") { [registry] _, _ -> Response in
+            var body: [UInt8] = []
+            registry.emit(into: &body)
+            return Response(
+                status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: body)))
+        }
+        router.get("health/live") { _, _ in "live\n" }
+        router.get("health/ready") { [databaseURL] _, _ -> Response in
+            guard let databaseURL else { return Response(status: .ok, body: ResponseBody(byteBuffer: ByteBuffer(string: "ready\n"))) }
+            do {
+                let connection = try await PostgresConnection.connect(to: databaseURL)
+                let answered = (try? await connection.query("SELECT 1", statement: "readiness")) != nil
+                await connection.close()
+                guard answered else { throw PostgresError(code: .server, message: "SELECT 1 failed") }
+                return Response(status: .ok, body: ResponseBody(byteBuffer: ByteBuffer(string: "ready\n")))
+            } catch {
+                return Response(
+                    status: .serviceUnavailable, body: ResponseBody(byteBuffer: ByteBuffer(string: "not ready: the database does not answer\n")))
+            }
+        }
+        let app = Application(
+            router: router, configuration: .init(address: .hostname(host, port: port), serverName: "operations"),
+            logger: Logger(label: "eventoutbox.operations"))
+        try await app.run()
     }
 }

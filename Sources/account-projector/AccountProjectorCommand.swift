@@ -88,10 +88,9 @@ struct AccountProjectorCommand: AsyncParsableCommand {
             return try await reportingFailures { try await administerDeadLetters() }
         }
         let url = try database.url()
-        let metricsServer = try Observability.bootstrap(
+        let endpoint = Observability.bootstrap(
             logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost,
-            metricsPort: rebuild == nil ? metricsPort : nil)
-        defer { metricsServer?.stop() }
+            metricsPort: rebuild == nil ? metricsPort : nil, databaseURL: url)
         let logger = Logger(label: "account-projector")
 
         if let name = rebuild, let projection = AccountProjections.all.first(where: { $0.name == name }) {
@@ -117,7 +116,9 @@ struct AccountProjectorCommand: AsyncParsableCommand {
             applier: ProjectionApplier(projections: AccountProjections.all, registry: BankEvents.registry),
             logger: logger)
         let group = ServiceGroup(
-            configuration: .init(services: [.init(service: consumer)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+            configuration: .init(
+                services: [.init(service: consumer)] + (endpoint.map { [.init(service: $0)] } ?? []),
+                gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()
     }
 

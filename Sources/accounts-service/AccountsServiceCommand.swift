@@ -8,6 +8,8 @@ import Hummingbird
 import Logging
 import Observability
 import PostgresClient
+import ServiceLifecycle
+import UnixSignals
 
 @main
 struct AccountsServiceCommand: AsyncParsableCommand {
@@ -49,11 +51,11 @@ struct AccountsServiceCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let metricsServer = try Observability.bootstrap(
-            logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost, metricsPort: metricsPort)
-        defer { metricsServer?.stop() }
+        let url = try database.url()
+        let endpoint = Observability.bootstrap(
+            logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost, metricsPort: metricsPort, databaseURL: url)
         let logger = Logger(label: "accounts-service")
-        let pool = PostgresPool(url: try database.url(), maxConnections: maxConnections)
+        let pool = PostgresPool(url: url, maxConnections: maxConnections)
         try await reportingFailures {
             let migrated = try await pool.withConnection {
                 try await $0.query("SELECT to_regclass('idempotency_keys') IS NOT NULL AS present").first!.decode(Bool.self, "present")
@@ -68,7 +70,11 @@ struct AccountsServiceCommand: AsyncParsableCommand {
             configuration: .init(address: .hostname(host, port: port), serverName: "accounts-service"),
             logger: logger)
         logger.info("serving the bank over HTTP", metadata: ["address": "\(host):\(port)"])
-        try await app.runService()
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [.init(service: app)] + (endpoint.map { [.init(service: $0)] } ?? []),
+                gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await group.run()
         await pool.close()
     }
 }

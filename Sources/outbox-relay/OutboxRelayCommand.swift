@@ -129,11 +129,10 @@ struct OutboxRelayCommand: AsyncParsableCommand {
     func run() async throws {
         let url = try database.url()
         let brokers = try kafka.bootstrapServers()
-        let metricsServer = try Observability.bootstrap(
-            logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost, metricsPort: metricsPort)
-        defer { metricsServer?.stop() }
+        let endpoint = Observability.bootstrap(
+            logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost, metricsPort: metricsPort, databaseURL: url)
         let logger = Logger(label: "outbox-relay")
-        if let metricsServer { logger.info("metrics at http://\(metricsHost):\(metricsServer.port)/metrics") }
+        if let endpoint { logger.info("metrics at http://\(metricsHost):\(endpoint.port)/metrics; probes at /health/live and /health/ready") }
 
         var configuration = OutboxRelayConfiguration(
             databaseURL: url,
@@ -153,7 +152,8 @@ struct OutboxRelayCommand: AsyncParsableCommand {
         let relay = OutboxRelay(configuration: configuration, logger: logger)
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: relay)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+                services: [.init(service: relay)] + (endpoint.map { [.init(service: $0)] } ?? []),
+                gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()
     }
 }

@@ -215,5 +215,28 @@ struct AccountsServiceTests {
         #expect(refused.status != 0)
         #expect(refused.stderr.contains("eventoutbox migrate"), "\(refused.stderr)")
         try await schema.drop()
+
+        // Running: the API on one port, metrics and probes on another; SIGTERM stops it with status 0.
+        let test = try await TestEventStore.create()
+        let (port, metricsPort) = (Int.random(in: 20_000...30_000), Int.random(in: 30_001...40_000))
+        let service = try Tools.start(
+            "accounts-service", ["--port", String(port), "--metrics-port", String(metricsPort)],
+            environment: ["EVENTOUTBOX_DATABASE_URL": test.schema.url])
+        try await waitUntil("the service and its operations endpoint answer") {
+            let api = try? await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/health/ready")!)
+            let ready = try? await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(metricsPort)/health/ready")!)
+            return (api?.1 as? HTTPURLResponse)?.statusCode == 200 && (ready?.1 as? HTTPURLResponse)?.statusCode == 200
+        }
+        var request = URLRequest(url: URL(string: "http://127.0.0.1:\(port)/accounts")!)
+        request.httpMethod = "POST"
+        request.httpBody = Data(#"{"owner": "Process"}"#.utf8)
+        let (_, created) = try await URLSession.shared.data(for: request)
+        #expect((created as? HTTPURLResponse)?.statusCode == 201)
+        let (metrics, _) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(metricsPort)/metrics")!)
+        #expect(String(decoding: metrics, as: UTF8.self).contains("hb_requests"), "\(String(decoding: metrics, as: UTF8.self).prefix(500))")
+        kill(service.processIdentifier, SIGTERM)
+        try await waitUntil("the service stops") { !service.isRunning }
+        #expect(service.terminationStatus == 0)
+        try await test.drop()
     }
 }

@@ -145,6 +145,11 @@ struct RelayProcessTests {
         let metrics = String(decoding: body, as: UTF8.self)
         #expect(metrics.contains("eventoutbox_relay_published_total"))
         #expect(metrics.contains("eventoutbox_relay_active 1"))
+        // The sidecar's probes, on the same port.
+        for probe in ["live", "ready"] {
+            let (_, answer) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/health/\(probe)")!)
+            #expect((answer as? HTTPURLResponse)?.statusCode == 200, "/health/\(probe)")
+        }
 
         relay.signal(SIGTERM)
         #expect(try await relay.waitForExit() == 0)
