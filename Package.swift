@@ -63,6 +63,12 @@ let package = Package(
             dependencies: ["CRdKafka", "BlockingIO", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strictSettings
         ),
+        // librdkafka's mock cluster (rdkafka_mock.h): the test broker, for kafka-mock-cluster and the tests only.
+        .target(
+            name: "KafkaMock",
+            dependencies: ["CRdKafka", "KafkaClient", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strictSettings
+        ),
 
         // Event sourcing: the C-free core, the PostgreSQL event store, and the reference domain.
         .target(
@@ -210,7 +216,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "kafka-mock-cluster",
-            dependencies: ["KafkaClient", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["KafkaMock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strictSettings
         ),
 
@@ -242,7 +248,7 @@ let package = Package(
         .testTarget(
             name: "OutboxRelayTests",
             dependencies: [
-                "OutboxRelay", "EventStore", "BankAccount", "KafkaClient", "TestSupport", "Observability",
+                "OutboxRelay", "EventStore", "BankAccount", "KafkaClient", "KafkaMock", "TestSupport", "Observability",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ],
@@ -269,7 +275,7 @@ let package = Package(
         ),
         .testTarget(
             name: "KafkaClientTests",
-            dependencies: ["KafkaClient", "TestSupport"],
+            dependencies: ["KafkaClient", "KafkaMock", "TestSupport"],
             swiftSettings: strictSettings
         ),
     ],

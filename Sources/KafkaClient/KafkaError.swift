@@ -4,9 +4,9 @@ import CRdKafka
 public struct KafkaError: Error, CustomStringConvertible, Sendable {
     /// A librdkafka error code (`rd_kafka_resp_err_t`), kept opaque so no C type leaks into the API.
     public struct Code: Hashable, Sendable, CustomStringConvertible {
-        let rawValue: Int32
-        init(rawValue: Int32) { self.rawValue = rawValue }
-        init(_ error: rd_kafka_resp_err_t) { self.rawValue = error.rawValue }
+        package let rawValue: Int32
+        package init(rawValue: Int32) { self.rawValue = rawValue }
+        package init(_ error: rd_kafka_resp_err_t) { self.rawValue = error.rawValue }
 
         /// librdkafka's name for the code, e.g. `_MSG_TIMED_OUT` or `MSG_SIZE_TOO_LARGE`.
         public var name: String {
@@ -61,7 +61,7 @@ public struct KafkaError: Error, CustomStringConvertible, Sendable {
         self.isRetriable = isRetriable
     }
 
-    init(_ error: rd_kafka_resp_err_t, context: String) {
+    package init(_ error: rd_kafka_resp_err_t, context: String) {
         self.init(
             code: Code(error),
             message: "\(context): \(String(cString: rd_kafka_err2str(error)))",

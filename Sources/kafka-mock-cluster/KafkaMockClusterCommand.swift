@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import KafkaClient
+import KafkaMock
 
 @main
 struct KafkaMockClusterCommand: ParsableCommand {

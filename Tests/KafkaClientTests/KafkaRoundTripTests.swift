@@ -1,4 +1,5 @@
 import KafkaClient
+import KafkaMock
 import TestSupport
 import Testing
 

@@ -1,5 +1,6 @@
 import Foundation
 import KafkaClient
+import KafkaMock
 import TestSupport
 import Testing
 

@@ -2,6 +2,7 @@ import EventSourcing
 import EventStore
 import Foundation
 import KafkaClient
+import KafkaMock
 import OutboxRelay
 import PostgresClient
 import TestSupport

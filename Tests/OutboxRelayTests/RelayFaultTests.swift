@@ -1,6 +1,7 @@
 import EventStore
 import Foundation
 import KafkaClient
+import KafkaMock
 import OutboxRelay
 import PostgresClient
 import TestSupport

@@ -2,7 +2,7 @@ import CRdKafka
 import Foundation
 
 /// Builds an `rd_kafka_conf_t` from property names and values, failing with the name librdkafka rejected.
-enum RDKafkaConfig {
+package enum RDKafkaConfig {
     /// Text that librdkafka wrote into an error buffer.
     static func string(_ buffer: [CChar]) -> String {
         String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
@@ -10,7 +10,7 @@ enum RDKafkaConfig {
 
     /// Returns a new configuration; the caller hands it to `rd_kafka_new` (which takes ownership on success)
     /// or destroys it.
-    static func make(_ properties: [String: String]) throws(KafkaError) -> OpaquePointer {
+    package static func make(_ properties: [String: String]) throws(KafkaError) -> OpaquePointer {
         let conf = rd_kafka_conf_new()!
         for (key, value) in properties.sorted(by: { $0.key < $1.key }) {
             var errorText = [CChar](repeating: 0, count: 512)
@@ -39,13 +39,13 @@ enum RDKafkaConfig {
 }
 
 /// Owns one `rd_kafka_t` and destroys it. `rd_kafka_t` is thread-safe, so this is shared freely.
-final class RDKafkaHandle: @unchecked Sendable {
-    let pointer: OpaquePointer
+package final class RDKafkaHandle: @unchecked Sendable {
+    package let pointer: OpaquePointer
     /// Kept alive as long as the handle: librdkafka's callbacks find it through `rd_kafka_opaque`.
     let context: RDKafkaContext
 
     /// Creates a client of `type` (`RD_KAFKA_PRODUCER` or `RD_KAFKA_CONSUMER`). Takes ownership of `conf`.
-    init(type: rd_kafka_type_t, conf: OpaquePointer, context: RDKafkaContext) throws(KafkaError) {
+    package init(type: rd_kafka_type_t, conf: OpaquePointer, context: RDKafkaContext) throws(KafkaError) {
         rd_kafka_conf_set_opaque(conf, Unmanaged.passUnretained(context).toOpaque())
         rd_kafka_conf_set_log_cb(conf, rdKafkaLogCallback)
         var errorText = [CChar](repeating: 0, count: 512)
@@ -80,7 +80,7 @@ final class RDKafkaHandle: @unchecked Sendable {
 }
 
 /// Moves a C handle to the thread that destroys it; nothing else uses it afterwards.
-struct UnsafeSendablePointer: @unchecked Sendable {
-    let value: OpaquePointer
-    init(_ value: OpaquePointer) { self.value = value }
+package struct UnsafeSendablePointer: @unchecked Sendable {
+    package let value: OpaquePointer
+    package init(_ value: OpaquePointer) { self.value = value }
 }

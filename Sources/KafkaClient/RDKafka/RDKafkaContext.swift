@@ -3,13 +3,16 @@ import Logging
 import Synchronization
 
 /// What librdkafka's C callbacks need from Swift, reached through the client's opaque pointer.
-final class RDKafkaContext: Sendable {
+package final class RDKafkaContext: Sendable {
     let logger: Logger
     private let rebalanceSink: Mutex<AsyncStream<KafkaRebalanceEvent>.Continuation?>
     /// Where a producer's delivery reports go (`nil` for other clients).
     let deliveries: KafkaDeliveryRouter?
     /// Told about client-level errors (fatal ones included), on librdkafka's poll thread.
     let errorHandler: (@Sendable (KafkaError) -> Void)?
+
+    /// A context that only logs (for handles that host something, such as the mock cluster).
+    package convenience init(logger: Logger) { self.init(logger: logger, rebalanceSink: nil) }
 
     init(
         logger: Logger, rebalanceSink: AsyncStream<KafkaRebalanceEvent>.Continuation? = nil,

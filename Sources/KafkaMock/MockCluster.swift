@@ -1,4 +1,5 @@
 import CRdKafka
+import KafkaClient
 import Foundation
 import Logging
 

@@ -1,4 +1,5 @@
 import CRdKafka
+import KafkaClient
 
 /// One fault-injection command for a ``MockCluster``, as typed on `kafka-mock-cluster --control`:
 ///
