@@ -86,7 +86,13 @@ let package = Package(
         ),
         .target(
             name: "BankAccount",
-            dependencies: ["EventSourcing", "EventStore", "Projections", "PostgresClient"],
+            dependencies: ["BankDomain", "EventSourcing", "EventStore", "Projections", "PostgresClient"],
+            swiftSettings: strictSettings
+        ),
+        // The bank's pure domain: events, the account aggregate and its rules; no database import.
+        .target(
+            name: "BankDomain",
+            dependencies: ["EventSourcing"],
             swiftSettings: strictSettings
         ),
 
@@ -234,7 +240,7 @@ let package = Package(
         ),
         .testTarget(
             name: "EventSourcingTests",
-            dependencies: ["EventSourcing", "BankAccount"],
+            dependencies: ["EventSourcing", "BankDomain"],
             swiftSettings: strictSettings
         ),
         .testTarget(

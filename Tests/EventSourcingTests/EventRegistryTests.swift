@@ -1,4 +1,4 @@
-import BankAccount
+import BankDomain
 import EventSourcing
 import Foundation
 import Testing

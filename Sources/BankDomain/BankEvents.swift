@@ -1,5 +1,4 @@
 import EventSourcing
-import EventStore
 
 /// An account was opened. Amounts everywhere are integer minor units (cents), never floating point.
 public struct AccountOpened: DomainEvent, Hashable {

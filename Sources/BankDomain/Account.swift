@@ -47,6 +47,11 @@ public struct BalanceOutOfRange: Error, CustomStringConvertible, Sendable, Equat
     public var owner: String
     public var balance: Int64
     public var change: String
+    public init(owner: String, balance: Int64, change: String) {
+        self.owner = owner
+        self.balance = balance
+        self.change = change
+    }
     public var description: String {
         "the balance of \(owner)'s account (\(balance)) cannot take \(change): it would leave the range the bank can hold (±\(Int64.max) minor units)"
     }
