@@ -25,7 +25,7 @@ public actor PostgresPool {
         case openNew
     }
 
-    public let configuration: Configuration
+    public nonisolated let configuration: Configuration
     private var idle: [PostgresConnection] = []
     private var openCount = 0
     private var waiters: [(id: Int, continuation: CheckedContinuation<Grant, any Error>)] = []

@@ -11,6 +11,9 @@ import Tracing
 /// Settings of a ``ProjectionConsumer``.
 public struct ProjectionConsumerConfiguration: Sendable {
     public var databaseURL: String
+    /// The connections to apply with: the service's own pool, if it hands one over; `nil`: a small pool of the
+    /// consumer's own on ``databaseURL``.
+    public var pool: PostgresPool?
     public var kafka: KafkaConfiguration
     /// Kafka consumer group; members of one group share the partitions.
     public var groupID: String
@@ -29,8 +32,16 @@ public struct ProjectionConsumerConfiguration: Sendable {
         didSet { precondition(maxHandlerAttempts >= 1, "maxHandlerAttempts must be at least 1") }
     }
 
+    /// A consumer applying through the service's own pool (its URL serves the consumer's side connections, such as
+    /// the lock that lets projectors take turns preparing).
+    public init(pool: PostgresPool, kafka: KafkaConfiguration, groupID: String, topics: [String]) {
+        self.init(databaseURL: pool.configuration.url, kafka: kafka, groupID: groupID, topics: topics)
+        self.pool = pool
+    }
+
     public init(databaseURL: String, kafka: KafkaConfiguration, groupID: String, topics: [String]) {
         self.databaseURL = databaseURL
+        self.pool = nil
         self.kafka = kafka
         self.groupID = groupID
         self.topics = topics
@@ -55,11 +66,16 @@ public final class ProjectionConsumer: Service, Sendable {
     private let stopping = Atomic<Bool>(false)
     private let counts = ConsumerCounts()
     private let metrics = ConsumerMetrics()
+    /// Where records are applied: ``ProjectionConsumerConfiguration/pool``, or one of the consumer's own.
+    private let pool: PostgresPool
+    private let ownsPool: Bool
 
     public init(configuration: ProjectionConsumerConfiguration, applier: ProjectionApplier, logger: Logger = Logger(label: "eventoutbox.projections")) {
         self.configuration = configuration
         self.applier = applier
         self.logger = logger
+        pool = configuration.pool ?? PostgresPool(url: configuration.databaseURL, maxConnections: 2)
+        ownsPool = configuration.pool == nil
     }
 
     public var appliedCount: Int { counts.applied.load(ordering: .relaxed) }
@@ -78,7 +94,7 @@ public final class ProjectionConsumer: Service, Sendable {
     /// PostgreSQL's catalog, and one back-fill per projection is enough.
     public func prepare() async throws {
         // One lock per schema (the projections' tables live there); released when this session closes.
-        let lock = try await PostgresConnection.connect(to: configuration.databaseURL)
+        let lock = try await PostgresConnection.connect(to: pool.configuration.url)
         do {
             try await lock.query(
                 "SELECT pg_advisory_lock($1, hashtext(current_schema()))", [.int32(Self.prepareLockClass)],
@@ -87,7 +103,6 @@ public final class ProjectionConsumer: Service, Sendable {
             await lock.close()
             throw error
         }
-        let pool = PostgresPool(url: configuration.databaseURL, maxConnections: 2)
         do {
             try await pool.withConnection { try await $0.executeScript(ProjectionSchema.deadLettersSQL) }
             for projection in applier.projections {
@@ -98,11 +113,9 @@ public final class ProjectionConsumer: Service, Sendable {
                 }
             }
         } catch {
-            await pool.close()
             await lock.close()
             throw error
         }
-        await pool.close()
         await lock.close()
     }
 
@@ -125,6 +138,7 @@ public final class ProjectionConsumer: Service, Sendable {
         }
         current.withLock { $0 = nil }
         await last.close()
+        if ownsPool { await pool.close() }
         if let fatal {
             logger.error("projection consumer stopped by a fatal Kafka error", metadata: ["kafka.error": "\(fatal)"])
             throw fatal
@@ -149,7 +163,6 @@ public final class ProjectionConsumer: Service, Sendable {
         var consumer = first
         var fatal: (any Error)?
         var fencedCommits = 0
-        var connection: PostgresConnection?
         var pending: [KafkaTopicPartition: Int64] = [:]
         var pendingCount = 0
         var lastCommit = ContinuousClock.now
@@ -210,8 +223,9 @@ public final class ProjectionConsumer: Service, Sendable {
             if !batch.isEmpty {
                 while !isStopping {
                     do {
-                        if connection == nil { connection = try await PostgresConnection.connect(to: configuration.databaseURL) }
-                        try await handle(batch, giveUp: attempts + 1 >= configuration.maxHandlerAttempts, on: connection!)
+                        let giveUp = attempts + 1 >= configuration.maxHandlerAttempts
+                        // A broken connection goes back to the pool, which drops it; the retry gets a fresh one.
+                        try await pool.withConnection { try await self.handle(batch, giveUp: giveUp, on: $0) }
                         backoff = .milliseconds(100)
                         attempts = 0
                         for message in batch {
@@ -220,7 +234,6 @@ public final class ProjectionConsumer: Service, Sendable {
                         pendingCount += batch.count
                         break
                     } catch {
-                        connection = nil  // the retry opens a fresh connection
                         if !Self.isTransient(error) { attempts += 1 }
                         logger.warning(
                             "failure while applying records; retrying",

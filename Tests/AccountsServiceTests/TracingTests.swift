@@ -97,7 +97,7 @@ struct TracingTests {
         let relayTask = Task { try await relay.run() }
         let consumer = ProjectionConsumer(
             configuration: ProjectionConsumerConfiguration(
-                databaseURL: test.schema.url,
+                pool: test.pool,
                 kafka: KafkaConfiguration(bootstrapServers: brokers, properties: ["allow.auto.create.topics": "true", "log_level": "3"]),
                 groupID: uniqueName("traced"), topics: [topic]),
             applier: ProjectionApplier(projections: AccountProjections.all, registry: BankEvents.registry))
