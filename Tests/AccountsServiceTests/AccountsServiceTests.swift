@@ -219,14 +219,23 @@ struct AccountsServiceTests {
         // Running: the API on one port, metrics and probes on another; SIGTERM stops it with status 0.
         let test = try await TestEventStore.create()
         let (port, metricsPort) = (Int.random(in: 20_000...30_000), Int.random(in: 30_001...40_000))
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent(uniqueName("accounts-service") + ".log")
         let service = try Tools.start(
             "accounts-service", ["--port", String(port), "--metrics-port", String(metricsPort)],
-            environment: ["EVENTOUTBOX_DATABASE_URL": test.schema.url])
-        try await waitUntil("the service and its operations endpoint answer") {
-            let api = try? await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/health/ready")!)
-            let ready = try? await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(metricsPort)/health/ready")!)
-            return (api?.1 as? HTTPURLResponse)?.statusCode == 200 && (ready?.1 as? HTTPURLResponse)?.statusCode == 200
+            environment: ["EVENTOUTBOX_DATABASE_URL": test.schema.url], output: log)
+        defer { if service.isRunning { kill(service.processIdentifier, SIGKILL) } }
+        do {
+            try await waitUntil("the service and its operations endpoint answer", timeout: .seconds(60)) {
+                guard service.isRunning else { return true }
+                let api = try? await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/health/ready")!)
+                let ready = try? await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(metricsPort)/health/ready")!)
+                return (api?.1 as? HTTPURLResponse)?.statusCode == 200 && (ready?.1 as? HTTPURLResponse)?.statusCode == 200
+            }
+        } catch {
+            Issue.record("accounts-service log: \((try? String(contentsOf: log, encoding: .utf8)) ?? "")")
+            throw error
         }
+        try #require(service.isRunning, "accounts-service exited: \((try? String(contentsOf: log, encoding: .utf8)) ?? "")")
         var request = URLRequest(url: URL(string: "http://127.0.0.1:\(port)/accounts")!)
         request.httpMethod = "POST"
         request.httpBody = Data(#"{"owner": "Process"}"#.utf8)

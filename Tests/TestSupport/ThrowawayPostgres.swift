@@ -9,23 +9,32 @@ public final class ThrowawayPostgres: Sendable {
     /// `postgresql:///postgres?host=...&user=postgres`.
     public let url: String
     private let bindir: String
+    private let serverOptions: String
 
-    private init(directory: String, bindir: String) {
+    private init(directory: String, bindir: String, serverOptions: String) {
         self.directory = directory
         self.bindir = bindir
+        self.serverOptions = serverOptions
         url = "postgresql:///postgres?host=\(directory)&user=postgres"
     }
 
     /// Creates and starts the server (with `wal_level = logical`).
-    public static func start() async throws -> ThrowawayPostgres {
+    /// - Parameters:
+    ///   - serverOptions: more `-c name=value` options (for example a TCP port and TLS).
+    ///   - files: files copied into the server's folder first (by name, from a path), readable by the server only.
+    public static func start(serverOptions: String = "", files: [String: String] = [:]) async throws -> ThrowawayPostgres {
         guard let bindir = ProcessInfo.processInfo.environment["EO_PG_BINDIR"], !bindir.isEmpty else {
             throw MissingTestServer(variable: "EO_PG_BINDIR")
         }
         let directory = "/tmp/" + uniqueName("pg")
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: false)
-        let server = ThrowawayPostgres(directory: directory, bindir: bindir)
+        let server = ThrowawayPostgres(directory: directory, bindir: bindir, serverOptions: serverOptions)
+        for (name, source) in files {
+            try FileManager.default.copyItem(atPath: source, toPath: directory + "/" + name)
+            try FileManager.default.setAttributes([.posixPermissions: 0o600], ofItemAtPath: directory + "/" + name)
+        }
         if getuid() == 0 {
-            try await server.command("/bin/chown", ["postgres", directory], asPostgres: false)
+            try await server.command("/bin/chown", ["-R", "postgres", directory], asPostgres: false)
         }
         try await server.command(bindir + "/initdb", ["-D", directory + "/data", "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale"])
         try await server.startServer()
@@ -36,7 +45,8 @@ public final class ThrowawayPostgres: Sendable {
         try await command(
             bindir + "/pg_ctl",
             ["-D", directory + "/data", "-l", directory + "/server.log", "-w", "-t", "60", "-o",
-             "-k \(directory) -c listen_addresses='' -c wal_level=logical -c max_replication_slots=8 -c max_wal_senders=8", "start"])
+             "-k \(directory) -c listen_addresses='' -c wal_level=logical -c max_replication_slots=8 -c max_wal_senders=8 \(serverOptions)",
+             "start"])
     }
 
     /// Stops the server the way a crash does (`pg_ctl stop -m immediate`: no shutdown checkpoint, recovery on start).
@@ -82,4 +92,5 @@ public final class ThrowawayPostgres: Sendable {
 
 public struct ThrowawayPostgresError: Error, CustomStringConvertible {
     public var description: String
+    public init(description: String) { self.description = description }
 }
