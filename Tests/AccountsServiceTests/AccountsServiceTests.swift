@@ -20,7 +20,7 @@ struct Service {
     static func start() async throws -> Service {
         let test = try await TestEventStore.create(maxConnections: 8)
         let api = AccountsAPI(bank: Bank(store: test.store))
-        let port = Int.random(in: 20_000...40_000)
+        let port = testPort()
         let app = Application(router: api.makeRouter(), configuration: .init(address: .hostname("127.0.0.1", port: port)))
         let task = Task { try await app.run() }
         let service = Service(test: test, port: port, task: task)
@@ -218,7 +218,7 @@ struct AccountsServiceTests {
 
         // Running: the API on one port, metrics and probes on another; SIGTERM stops it with status 0.
         let test = try await TestEventStore.create()
-        let (port, metricsPort) = (Int.random(in: 20_000...30_000), Int.random(in: 30_001...40_000))
+        let (port, metricsPort) = (testPort(), testPort())
         let log = FileManager.default.temporaryDirectory.appendingPathComponent(uniqueName("accounts-service") + ".log")
         let service = try Tools.start(
             "accounts-service", ["--port", String(port), "--metrics-port", String(metricsPort)],

@@ -87,7 +87,7 @@ struct TracingTests {
         try await test.pool.withConnection { connection in
             for projection in AccountProjections.all { try await projection.createEmptyTables(on: connection) }
         }
-        let port = Int.random(in: 20_000...40_000)
+        let port = testPort()
         let app = Application(router: AccountsAPI(bank: bank).makeRouter(), configuration: .init(address: .hostname("127.0.0.1", port: port)))
         let server = Task { try await app.run() }
         var relayConfiguration = OutboxRelayConfiguration(databaseURL: test.schema.url, kafka: KafkaConfiguration(bootstrapServers: brokers))

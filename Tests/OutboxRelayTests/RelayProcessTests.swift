@@ -132,7 +132,7 @@ struct RelayProcessTests {
         let topic = uniqueName("term")
         let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
         let brokers = try TestEnvironment.kafkaBrokers()
-        let port = Int.random(in: 20_000...40_000)
+        let port = testPort()
         _ = try await test.appendTicks(streams: 30, perStream: 100, batch: 25)
         let relay = try RelayProcess.start(
             test, name: "relay-term", lockKey: Int64.random(in: 1...2_000_000_000), brokers: brokers,

@@ -33,7 +33,7 @@ struct TLSTests {
         try openssl(["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
                      "-extfile", "san.ext", "-out", "server.crt"], in: certificates)
 
-        let port = Int.random(in: 40_001...50_000)
+        let port = testPort()
         let server = try await ThrowawayPostgres.start(
             serverOptions: "-c listen_addresses=127.0.0.1 -c port=\(port) -c ssl=on -c ssl_cert_file=../server.crt -c ssl_key_file=../server.key",
             files: ["server.crt": certificates + "/server.crt", "server.key": certificates + "/server.key"])

@@ -86,7 +86,7 @@ struct ProjectorProcessTests {
         kill(first.processIdentifier, SIGKILL)
         try await waitUntil("the first projector is gone") { !first.isRunning }
 
-        let port = Int.random(in: 20_000...40_000)
+        let port = testPort()
         let second = try Tools.start("account-projector", common + ["--metrics-port", String(port)], environment: env, output: log)
         try await waitUntil("the restarted projector skipped every redelivered event", timeout: .seconds(60)) {
             guard let (body, _) = try? await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/metrics")!) else {
@@ -164,7 +164,7 @@ struct ProjectorProcessTests {
                       "--kafka-property", "session.timeout.ms=6000", "--kafka-property", "heartbeat.interval.ms=500",
                       "--commit-interval", "0.2"]
         let log = FileManager.default.temporaryDirectory.appendingPathComponent(uniqueName("projector") + ".log")
-        let ports = [Int.random(in: 20_000...30_000), Int.random(in: 30_001...40_000)]
+        let ports = [testPort(), testPort()]
         let projectors = try ports.map {
             try Tools.start("account-projector", common + ["--metrics-port", String($0)], environment: env, output: log)
         }

@@ -133,3 +133,13 @@ public struct TestEventStore: Sendable {
         try await schema.drop()
     }
 }
+
+/// Ports handed out by ``testPort()``: from a random start, one after another.
+private let nextTestPort = Atomic<Int>(Int.random(in: 10_000...20_000))
+
+/// A TCP port for a server a test starts (a service, a metrics endpoint, a throwaway PostgreSQL): below Linux's
+/// ephemeral range (32768-60999), where outgoing connections (Kafka clients among them) take their local ports,
+/// so nothing in this machine's traffic takes it first; and a different one at every call in this process.
+public func testPort() -> Int {
+    nextTestPort.add(1, ordering: .relaxed).newValue % 22_000 + 10_000
+}
