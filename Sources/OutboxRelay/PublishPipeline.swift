@@ -1,8 +1,5 @@
-import EventSourcing
 import EventStore
-import Foundation
 import KafkaClient
-import Tracing
 
 /// What a relay has handed to one Kafka producer, and the rules that keep every stream in order.
 ///
@@ -23,7 +20,7 @@ import Tracing
 ///   ``orderViolations`` (it would come from a setting such as `message.timeout.ms` > 0).
 struct PublishPipeline {
     /// Open publish spans of rows in flight that carry a trace.
-    private var spans: [Int64: any Span] = [:]
+    private var spans = PublishSpans()
     /// The highest outbox id taken; the next fetch continues above it.
     private(set) var cursor: Int64 = 0
     /// Rows handed to the producer whose reports have not arrived, by outbox id (the Kafka message id).
@@ -130,14 +127,7 @@ struct PublishPipeline {
     /// The producer accepted `row`.
     mutating func sent(_ row: OutboxRow) {
         inFlight[row.id] = row
-        if let traceparent = row.headers["traceparent"] {
-            // The row's trace goes on: a span from here to Kafka's report.
-            let span = InstrumentationSystem.tracer.startSpan(
-                "eventoutbox.publish", context: TraceContext.context(continuing: traceparent), ofKind: .producer)
-            span.attributes["eventoutbox.event_id"] = row.eventID.uuidString.lowercased()
-            span.attributes["messaging.destination.name"] = row.topic
-            spans[row.id] = span
-        }
+        spans.started(row, messageID: UInt64(row.id))
     }
 
     /// The producer refused `row` before enqueueing it: its stream sends nothing more until the rescan.
@@ -163,10 +153,7 @@ struct PublishPipeline {
 
     mutating func record(_ report: KafkaDeliveryReport) -> ReportOutcome {
         guard let row = inFlight.removeValue(forKey: Int64(report.messageID)) else { return .unknown }
-        if let span = spans.removeValue(forKey: row.id) {
-            if let error = report.error { span.recordError(error) }
-            span.end()
-        }
+        spans.finished(messageID: report.messageID, error: report.error)
         guard let error = report.error else {
             if failedStreams.contains(row.streamID) { orderViolations += 1 }
             return .delivered(.init(id: row.id, partition: report.partition, offset: report.offset ?? -1))

@@ -108,6 +108,7 @@ private struct ReplicationGeneration {
     private(set) var confirmed: PostgresLSN
     private(set) var published = 0
     private var inFlight: [UInt64: (transaction: UInt64, row: OutboxRow)] = [:]
+    private var spans = PublishSpans()
     private var transaction: UInt64?
     private var nextMessageID: UInt64 = 1
     /// Streams with a dead letter: their later rows are held behind it (recorded as dead letters too).
@@ -286,6 +287,7 @@ private struct ReplicationGeneration {
                     try producer.enqueue(message, messageID: id)
                     nextMessageID += 1
                     inFlight[id] = (transaction, row)
+                    spans.started(row, messageID: id)
                     ledger.sent(in: transaction)
                 } catch let error as KafkaError where error.code == .queueFull {
                     try await Task.sleep(for: .milliseconds(1))
@@ -333,6 +335,7 @@ private struct ReplicationGeneration {
     private mutating func settle(_ reports: [KafkaDeliveryReport]) async throws {
         for report in reports {
             guard let (transaction, row) = inFlight.removeValue(forKey: report.messageID) else { continue }
+            spans.finished(messageID: report.messageID, error: report.error)
             guard let error = report.error else {
                 ledger.settled(in: transaction)
                 published += 1
