@@ -17,6 +17,7 @@ http_bench() {
         echo "$id" >>"$accounts"
     done
     ACCOUNTS_FILE="$accounts" wrk -t2 -c16 -d15s --latency -s scripts/lib/deposit.lua "http://127.0.0.1:$port" | tail -1
+    echo "accounts-service peak RSS: $(sed -nE 's/^VmHWM:\s+([0-9]+) kB/\1/p' /proc/$pid/status) kB"
     kill $pid
     wait $pid 2>/dev/null || true
     "$bin/eventoutbox-bench" append --connections 16 --events 5000 --baseline
