@@ -53,7 +53,8 @@ struct Open: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Open an account; prints its id.")
     @OptionGroup var options: GlobalOptions
     @Option(help: "The account owner's name.") var owner: String
-    @Option(help: "Initial deposit in minor units.") var initial: Int64 = 0
+    // Unconditional: "--initial -1" is a negative deposit to refuse with its reason, not a missing value.
+    @Option(parsing: .unconditional, help: "Initial deposit in minor units.") var initial: Int64 = 0
 
     func run() async throws {
         try await reportingFailures {

@@ -1,4 +1,5 @@
 import Foundation
+import PostgresClient
 import TestSupport
 import Testing
 
@@ -71,6 +72,81 @@ struct BankCommandLineTests {
             let help = try await Tools.run(tool, ["--help"])
             #expect(help.status == 0)
             #expect(help.stdout.contains("USAGE"))
+        }
+        try await schema.drop()
+    }
+
+    @Test("bad input of every kind a user can type: non-zero exit, the reason first on stderr, nothing written, no secret printed")
+    func badInput() async throws {
+        let schema = try await TestSchema.create("cli")
+        let env = ["EVENTOUTBOX_DATABASE_URL": schema.url]
+        #expect(try await Tools.run("eventoutbox", ["migrate"], environment: env).status == 0)
+        let id = try await Tools.run("bank", ["open", "--owner", "Sweep", "--initial", "100"], environment: env)
+            .stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        func events() async throws -> Int {
+            let connection = try await PostgresConnection.connect(to: schema.url)
+            let count = try await connection.query("SELECT count(*) FROM events").first!.decode(Int.self, at: 0)
+            await connection.close()
+            return count
+        }
+        let cases: [(tool: String, arguments: [String], reason: String)] = [
+            ("bank", ["deposit", id, "0"], "must be positive"),
+            // A leading "-" reads as an option: the reason is the missing amount ("--" passes it as a value).
+            ("bank", ["deposit", id, "-5"], "Missing expected argument '<amount>'"),
+            ("bank", ["deposit", id, "--", "-5"], "must be positive"),
+            ("bank", ["deposit", id, "ten"], "ten"),
+            ("bank", ["deposit", id, "1.5"], "1.5"),
+            ("bank", ["deposit", id, "99999999999999999999"], "99999999999999999999"),
+            ("bank", ["withdraw", id, "0"], "must be positive"),
+            ("bank", ["deposit", "no-such-account", "5"], "no account"),
+            ("bank", ["deposit", "'; DROP TABLE events; --", "5"], "no account"),
+            ("bank", ["deposit", String(repeating: "x", count: 50_000), "5"], "no account"),
+            ("bank", ["open", "--owner", "   "], "owner must not be empty"),
+            ("bank", ["open", "--owner", "X", "--initial", "-1"], "must not be negative"),
+            ("bank", ["open"], "--owner"),
+            ("bank", ["balance", id, "--version", "0"], "must be 1 or more"),
+            ("bank", ["balance", id, "--version", "x"], "x"),
+            ("bank", ["balance", id, "--at", "2026-13-45"], "2026-13-45"),
+            ("bank", ["history", "nope"], "no account"),
+            ("bank", ["frobnicate"], "frobnicate"),
+            ("eventoutbox", ["dead-letters", "retry", "abc"], "abc"),
+            ("eventoutbox", ["dead-letters", "retry", "424242"], "no dead letter"),
+            ("eventoutbox", ["stream", "show"], "stream"),
+            ("account-projector", ["--rebuild", "nope"], "unknown projection"),
+            ("account-projector", ["--retry-dead-letter", "x"], "x"),
+            ("outbox-relay", ["--source", "kafka"], "source"),
+            ("accounts-service", ["--port", "70000"], "--port"),
+        ]
+        for (tool, arguments, reason) in cases {
+            let run = try await Tools.run(tool, arguments, environment: env)
+            let shown = "\(tool) \(arguments.joined(separator: " ").prefix(80))"
+            #expect(run.status != 0, "\(shown) exited 0")
+            let first = run.stderr.split(separator: "\n").first.map(String.init) ?? ""
+            #expect(first.lowercased().hasPrefix("error"), "\(shown): first line of stderr is '\(first.prefix(200))'")
+            #expect(run.stderr.contains(reason), "\(shown): '\(reason)' not in \(run.stderr.prefix(300))")
+        }
+        #expect(try await events() == 1, "nothing written by the refused commands")
+
+        // Hostile and huge text is stored literally.
+        let hostile = "Robert'); DROP TABLE events; -- \\ \" 🙂"
+        let opened = try await Tools.run("bank", ["open", "--owner", hostile], environment: env)
+        #expect(opened.status == 0, "\(opened.stderr)")
+        let hostileID = opened.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let history = try await Tools.run("bank", ["history", hostileID, "--json"], environment: env)
+        let owner = (try JSONSerialization.jsonObject(with: Data(history.stdout.utf8)) as? [[String: Any]])?.first
+            .flatMap { $0["payload"] as? [String: Any] }?["owner"] as? String
+        #expect(owner == hostile)
+        let long = String(repeating: "é", count: 60_000)
+        #expect(try await Tools.run("bank", ["open", "--owner", long], environment: env).status == 0)
+
+        // An unreachable database: the reason, never the password.
+        let secret = "s3cr3t-Pa55"
+        let unreachable = ["EVENTOUTBOX_DATABASE_URL": "postgresql://app:\(secret)@127.0.0.1:1/app?connect_timeout=2"]
+        for (tool, arguments) in [("bank", ["balance", id]), ("eventoutbox", ["migrate"]), ("eventoutbox", ["outbox", "status"])] {
+            let run = try await Tools.run(tool, arguments, environment: unreachable)
+            #expect(run.status != 0)
+            #expect(run.stderr.lowercased().hasPrefix("error"), "\(tool): \(run.stderr.prefix(200))")
+            #expect(!run.stderr.contains(secret) && !run.stdout.contains(secret), "\(tool) printed the password")
         }
         try await schema.drop()
     }
