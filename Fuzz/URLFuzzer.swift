@@ -1,0 +1,19 @@
+// libFuzzer target: PostgresURL.redacted, which every connection error message goes through. Property: a
+// password placed in any of the forms libpq reads never survives into the message, whatever surrounds it.
+@_cdecl("LLVMFuzzerTestOneInput")
+public func fuzzURL(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
+    let text = String(decoding: UnsafeBufferPointer(start: data, count: size), as: UTF8.self)
+    let parts = text.split(separator: "\u{1}", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
+    let (head, tail) = (parts[0], parts.count > 1 ? parts[1] : "")
+    let secret = "Zq7Secret" + String(size)
+    for url in [
+        "postgresql://user:\(secret)@host/db?\(tail)",
+        "postgres://\(head):\(secret)@host:5432/db",
+        "postgresql:///db?\(head)&password=\(secret)&\(tail)",
+        "host=h \(head) password=\(secret) \(tail)",
+        "host=h \(head) PASSWORD=\(secret)",
+    ] {
+        precondition(!PostgresURL.redacted(url).contains(secret), "the password survives redaction in: \(url)")
+    }
+    return 0
+}
