@@ -12,6 +12,7 @@ public func fuzzURL(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         "postgresql:///db?\(head)&password=\(secret)&\(tail)",
         "host=h \(head) password=\(secret) \(tail)",
         "host=h \(head) PASSWORD=\(secret)",
+        "host=h password='\(head) \(secret)' \(tail)",
     ] {
         precondition(!PostgresURL.redacted(url).contains(secret), "the password survives redaction in: \(url)")
     }

@@ -34,7 +34,15 @@ enum PostgresURL {
         var from = 0
         while let key = find("password=", from: from, caseInsensitive: true) {
             let valueStart = key + 9
-            let end = bytes[valueStart...].firstIndex { $0 == UInt8(ascii: " ") || $0 == UInt8(ascii: "&") } ?? bytes.count
+            var end = bytes[valueStart...].firstIndex { $0 == UInt8(ascii: " ") || $0 == UInt8(ascii: "&") } ?? bytes.count
+            if valueStart < bytes.count, bytes[valueStart] == UInt8(ascii: "'") {
+                // A quoted key/value password ('a b', 'it\'s') runs to the closing quote, spaces and all.
+                var index = valueStart + 1
+                while index < bytes.count, bytes[index] != UInt8(ascii: "'") {
+                    index += bytes[index] == UInt8(ascii: "\\") ? 2 : 1
+                }
+                end = min(index + 1, bytes.count)
+            }
             bytes.replaceSubrange(valueStart..<end, with: stars)
             from = valueStart + stars.count
         }
