@@ -229,7 +229,11 @@ let package = Package(
         // Tests. Those that touch servers need `scripts/test` (EVENTOUTBOX_DATABASE_URL, KAFKA_BROKERS).
         .target(
             name: "TestSupport",
-            dependencies: ["PostgresClient", "KafkaClient", "EventStore", "EventSourcing", "BlockingIO"],
+            dependencies: [
+                "PostgresClient", "KafkaClient", "EventStore", "EventSourcing", "BlockingIO",
+                .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+            ],
             path: "Tests/TestSupport",
             swiftSettings: strictSettings
         ),
@@ -255,6 +259,8 @@ let package = Package(
             name: "OutboxRelayTests",
             dependencies: [
                 "OutboxRelay", "EventStore", "BankAccount", "KafkaClient", "KafkaMock", "TestSupport", "Observability",
+                .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ],

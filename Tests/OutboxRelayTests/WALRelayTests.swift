@@ -1,12 +1,14 @@
 import EventSourcing
 import EventStore
 import Foundation
+import InMemoryTracing
 import KafkaClient
 import KafkaMock
 import OutboxRelay
 import PostgresClient
 import TestSupport
 import Testing
+import Tracing
 
 /// The slot's confirmed position and the server's current WAL position.
 private func positions(_ test: TestEventStore, _ wal: OutboxWAL) async throws -> (confirmed: PostgresLSN, current: PostgresLSN) {
@@ -158,5 +160,28 @@ struct WALRelayTests {
         expectComplete(reader, ids)
         await reader.close()
         try await source.drop(test)
+    }
+
+    @Test("the WAL relay continues each row's trace: a publish span, child of the span its traceparent names")
+    func publishSpan() async throws {
+        let tracer = WatchingTracer.shared
+        let (traceID, parent) = (WatchingTracer.hex(16), WatchingTracer.hex(8))
+        tracer.watch(traceID)
+        let test = try await TestEventStore.create(databaseURL: try await TestEnvironment.walDatabaseURL())
+        let wal = try OutboxWAL(publication: "p_" + test.schema.name, slot: "s_" + test.schema.name)
+        _ = try await test.pool.withConnection { try await wal.setUp(on: $0) }
+        let event = NewEvent(Tick(n: 1), metadata: EventMetadata(traceparent: "00-\(traceID)-\(parent)-01"))
+        try await test.store.append([event], to: "traced", category: "tick", expectedVersion: .noStream)
+        try await withRelay(test, brokers: try TestEnvironment.kafkaBrokers(), configure: { $0.source = .wal(wal) }) { _ in
+            try await waitUntil("the row's publish span ended") {
+                tracer.spans(of: traceID).contains { $0.operationName == "eventoutbox.publish" }
+            }
+        }
+        let span = try #require(tracer.spans(of: traceID).first { $0.operationName == "eventoutbox.publish" })
+        #expect(span.parentSpanID == parent)
+        #expect(span.kind == .producer)
+        _ = try await test.pool.withConnection { try await wal.dropSlot(on: $0) }
+        try await test.pool.withConnection { try await wal.dropPublication(on: $0) }
+        try await test.drop()
     }
 }
