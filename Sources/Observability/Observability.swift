@@ -51,21 +51,23 @@ public struct OperationsEndpoint: Service {
         }
         router.get("health/live") { _, _ in "live\n" }
         router.get("health/ready") { [databaseURL] _, _ -> Response in
-            guard let databaseURL else { return Response(status: .ok, body: ResponseBody(byteBuffer: ByteBuffer(string: "ready\n"))) }
-            do {
-                let connection = try await PostgresConnection.connect(to: databaseURL)
-                let answered = (try? await connection.query("SELECT 1", statement: "readiness")) != nil
-                await connection.close()
-                guard answered else { throw PostgresError(code: .server, message: "SELECT 1 failed") }
-                return Response(status: .ok, body: ResponseBody(byteBuffer: ByteBuffer(string: "ready\n")))
-            } catch {
-                return Response(
-                    status: .serviceUnavailable, body: ResponseBody(byteBuffer: ByteBuffer(string: "not ready: the database does not answer\n")))
-            }
+            let ready = await Self.databaseAnswers(databaseURL)
+            return Response(
+                status: ready ? .ok : .serviceUnavailable,
+                body: ResponseBody(byteBuffer: ByteBuffer(string: ready ? "ready\n" : "not ready: the database does not answer\n")))
         }
         let app = Application(
             router: router, configuration: .init(address: .hostname(host, port: port), serverName: "operations"),
             logger: Logger(label: "eventoutbox.operations"))
         try await app.run()
+    }
+
+    /// `true` if a new connection to `url` answers `SELECT 1` (and when there is no database to ask).
+    private static func databaseAnswers(_ url: String?) async -> Bool {
+        guard let url else { return true }
+        guard let connection = try? await PostgresConnection.connect(to: url) else { return false }
+        let answered = (try? await connection.query("SELECT 1", statement: "readiness")) != nil
+        await connection.close()
+        return answered
     }
 }

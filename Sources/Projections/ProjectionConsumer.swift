@@ -123,10 +123,16 @@ public final class ProjectionConsumer: Service, Sendable {
     /// - Throws: a fatal Kafka error (the consumer can no longer consume; after committing what was applied), so
     ///   that a process ends with the reason instead of looking finished.
     public func run() async throws {
-        try await prepare()
-        let consumer = try KafkaConsumer(configuration: configuration.kafka, groupID: configuration.groupID, logger: logger)
+        let consumer: KafkaConsumer
+        do {
+            try await prepare()
+            consumer = try KafkaConsumer(configuration: configuration.kafka, groupID: configuration.groupID, logger: logger)
+            try consumer.subscribe(topics: configuration.topics)
+        } catch {
+            if ownsPool { await pool.close() }
+            throw error
+        }
         current.withLock { $0 = consumer }
-        try consumer.subscribe(topics: configuration.topics)
         let (fatal, last) = await withGracefulShutdownHandler {
             await withTaskCancellationHandler {
                 await self.consume(consumer)
