@@ -156,13 +156,16 @@ public struct AccountsAPI: Sendable {
                         .unprocessableContent, "Idempotency-Key reused",
                         detail: "the Idempotency-Key '\(key)' was first used for another request; use a new key for a new request")
                 }
-                let location = stored.status == 201 ? Self.location(inAnswer: stored.body) : nil
-                return Answer(status: HTTPResponse.Status(code: stored.status), body: stored.body, location: location).response(replayed: true)
+                return Answer(status: HTTPResponse.Status(code: stored.status), body: stored.body, location: stored.location)
+                    .response(replayed: true)
             }
             do {
                 let result = try await run { result in
                     let answer = try answer(result)
-                    return [IdempotencyKeys.record(key: key, request: canonical, status: answer.status.code, body: answer.body)]
+                    return [
+                        IdempotencyKeys.record(
+                            key: key, request: canonical, status: answer.status.code, body: answer.body, location: answer.location)
+                    ]
                 }
                 return try answer(result).response()
             } catch where IdempotencyKeys.isTaken(error) {
@@ -170,15 +173,6 @@ public struct AccountsAPI: Sendable {
             }
         }
         throw Problem(.conflict, "Idempotency-Key in use", detail: "another request with the Idempotency-Key '\(key)' is being processed; retry")
-    }
-
-    private static func location(inAnswer body: String) -> String? {
-        var body = body
-        return body.withUTF8 { bytes in
-            guard let id = JSONText.members(of: bytes)?.first(where: { $0.key == "id" }) else { return nil }
-            let text = String(decoding: UnsafeBufferPointer(rebasing: bytes[id.value]), as: UTF8.self)
-            return JSONText.stringObject("{\"id\":" + text + "}")?["id"].map { "/accounts/\($0)" }
-        }
     }
 
     private func metadata(_ request: Request) -> EventMetadata {

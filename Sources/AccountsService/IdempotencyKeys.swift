@@ -16,6 +16,7 @@ struct IdempotencyKeys: Sendable {
         var request: String
         var status: Int
         var body: String
+        var location: String?
     }
 
     static let maxKeyLength = 200
@@ -23,18 +24,20 @@ struct IdempotencyKeys: Sendable {
     func find(_ key: String) async throws -> Answer? {
         try await pool.withConnection { connection in
             try await connection.query(
-                "SELECT request, status, body FROM idempotency_keys WHERE key = $1", [.text(key)], statement: "idempotency: find"
+                "SELECT request, status, body, location FROM idempotency_keys WHERE key = $1", [.text(key)], statement: "idempotency: find"
             ).first.map {
-                Answer(request: try $0.decode(String.self, "request"), status: try $0.decode(Int.self, "status"), body: try $0.decode(String.self, "body"))
+                Answer(
+                    request: try $0.decode(String.self, "request"), status: try $0.decode(Int.self, "status"),
+                    body: try $0.decode(String.self, "body"), location: try $0.decodeIfPresent(String.self, "location"))
             }
         }
     }
 
     /// The statement that stores an answer, to run with the request's events.
-    static func record(key: String, request: String, status: Int, body: String) -> TransactionalWrite {
+    static func record(key: String, request: String, status: Int, body: String, location: String?) -> TransactionalWrite {
         TransactionalWrite(
-            "INSERT INTO idempotency_keys (key, request, status, body) VALUES ($1, $2, $3, $4)",
-            [.text(key), .text(request), .int(status), .text(body)], statement: "idempotency: record")
+            "INSERT INTO idempotency_keys (key, request, status, body, location) VALUES ($1, $2, $3, $4, $5)",
+            [.text(key), .text(request), .int(status), .text(body), .text(location)], statement: "idempotency: record")
     }
 
     /// `true` if `error` is the insert of a key another request recorded first.

@@ -48,19 +48,26 @@ struct RelaySource: Sendable {
     /// Drops the slot (waiting until no relay streams it) and the publication, then the schema.
     func drop(_ test: TestEventStore) async throws {
         if let wal {
-            let connection = try await PostgresConnection.connect(to: test.schema.url)
-            try await waitUntil("the slot is free to drop") {
-                do {
-                    _ = try await wal.dropSlot(on: connection)
-                    return true
-                } catch let error as PostgresError where error.sqlState == "55006" {
-                    return false
-                }
-            }
-            try await wal.dropPublication(on: connection)
+            try await dropWhenFree(wal, test)
         }
         try await test.drop()
     }
+}
+
+/// Drops a WAL setup's slot, once the relay that streamed it is gone (PostgreSQL refuses while its walsender
+/// lingers: 55006), and its publication.
+func dropWhenFree(_ wal: OutboxWAL, _ test: TestEventStore) async throws {
+    let connection = try await PostgresConnection.connect(to: test.schema.url)
+    try await waitUntil("the slot is free to drop") {
+        do {
+            _ = try await wal.dropSlot(on: connection)
+            return true
+        } catch let error as PostgresError where error.sqlState == "55006" {
+            return false
+        }
+    }
+    try await wal.dropPublication(on: connection)
+    await connection.close()
 }
 
 /// Inserts an event and its outbox row by hand inside an open transaction (to commit later, or roll back).

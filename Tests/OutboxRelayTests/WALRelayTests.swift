@@ -180,8 +180,7 @@ struct WALRelayTests {
         let span = try #require(tracer.spans(of: traceID).first { $0.operationName == "eventoutbox.publish" })
         #expect(span.parentSpanID == parent)
         #expect(span.kind == .producer)
-        _ = try await test.pool.withConnection { try await wal.dropSlot(on: $0) }
-        try await test.pool.withConnection { try await wal.dropPublication(on: $0) }
+        try await dropWhenFree(wal, test)
         try await test.drop()
     }
 }
