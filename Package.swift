@@ -239,7 +239,7 @@ let package = Package(
         ),
         .testTarget(
             name: "PostgresClientTests",
-            dependencies: ["PostgresClient", "TestSupport"],
+            dependencies: ["PostgresClient", "BlockingIO", "TestSupport"],
             swiftSettings: strictSettings
         ),
         .testTarget(
