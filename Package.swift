@@ -285,6 +285,12 @@ let package = Package(
             ],
             swiftSettings: strictSettings
         ),
+        // The fault suite: the real executables under crashes and outages, with figures for RELIABILITY.md.
+        .testTarget(
+            name: "ReliabilityTests",
+            dependencies: ["BankAccount", "EventSourcing", "EventStore", "KafkaClient", "PostgresClient", "TestSupport"],
+            swiftSettings: strictSettings
+        ),
         .testTarget(
             name: "KafkaClientTests",
             dependencies: ["KafkaClient", "KafkaMock", "TestSupport"],

@@ -71,6 +71,9 @@ public struct OutboxRelayConfiguration: Sendable {
         "message.timeout.ms": "0",
         "linger.ms": "2",
         "batch.num.messages": "10000",
+        // librdkafka refuses records above 1,000,000 bytes before the broker sees them; a 1 MB event would be
+        // dead-lettered for a client-side limit. The topic's max.message.bytes (broker default ~1 MiB) decides.
+        "message.max.bytes": "16777216",
     ]
 
     public init(databaseURL: String, kafka: KafkaConfiguration) {

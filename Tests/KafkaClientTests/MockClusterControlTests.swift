@@ -27,45 +27,26 @@ struct MockClusterControlTests {
 
     @Test("a running kafka-mock-cluster process takes commands from its pipe, answers each, and the faults are real")
     func process() async throws {
-        let folder = FileManager.default.temporaryDirectory.appendingPathComponent(uniqueName("control")).path
-        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: folder) }
-        let log = URL(fileURLWithPath: folder + "/out.log")
-        let cluster = try Tools.start(
-            "kafka-mock-cluster",
-            ["--brokers", "1", "--topic", "t:1", "--bootstrap-file", folder + "/bootstrap", "--control", folder + "/control"], output: log)
-        defer {
-            cluster.terminate()
-            cluster.waitUntilExit()
-        }
-        try await waitUntil("the cluster is up") { FileManager.default.fileExists(atPath: folder + "/bootstrap") }
-        let brokers = try String(contentsOfFile: folder + "/bootstrap", encoding: .utf8)
-        func command(_ line: String) async throws {
-            let pipe = try FileHandle(forWritingTo: URL(fileURLWithPath: folder + "/control"))
-            pipe.write(Data((line + "\n").utf8))
-            try pipe.close()
-            try await waitUntil("the cluster answers '\(line)'") {
-                let output = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
-                return output.contains("ok: \(line)") || output.contains("cannot run '\(line)'")
-            }
-        }
+        let cluster = try await MockClusterProcess.start(brokers: 1, topics: [("t", 1)])
         let producer = try KafkaProducer(
-            configuration: KafkaConfiguration(bootstrapServers: brokers, properties: ["message.timeout.ms": "1500"]))
+            configuration: KafkaConfiguration(bootstrapServers: cluster.bootstrapServers, properties: ["message.timeout.ms": "1500"]))
         #expect(try await producer.send(KafkaOutgoingMessage(topic: "t", key: "k", value: "before")).isDelivered)
 
-        try await command("errors Produce 1 MSG_SIZE_TOO_LARGE")
+        try await cluster.command("errors Produce 1 MSG_SIZE_TOO_LARGE")
         #expect(try await producer.send(KafkaOutgoingMessage(topic: "t", key: "k", value: "refused")).error?.code == .messageSizeTooLarge)
-        try await command("all down")
+        try await cluster.command("all down")
         #expect(try await producer.send(KafkaOutgoingMessage(topic: "t", key: "k", value: "while down")).error?.code == .messageTimedOut)
-        try await command("all up")
+        try await cluster.command("all up")
         // The client reconnects with its own backoff: sends fail (time out) until it has.
         try await waitUntil("a send succeeds once the brokers are up") {
             try await producer.send(KafkaOutgoingMessage(topic: "t", key: "k", value: "after")).isDelivered
         }
-        try await command("broker 9 down")
-        #expect(try String(contentsOf: log, encoding: .utf8).contains("error: "))
-        try await command("reboot everything")
-        #expect(try String(contentsOf: log, encoding: .utf8).contains("cannot run 'reboot everything': not a command"))
+        let noSuchBroker = await #expect(throws: TestSetupError.self) { try await cluster.command("broker 9 down") }
+        #expect(noSuchBroker?.description.contains("error: cannot run 'broker 9 down'") == true, "\(String(describing: noSuchBroker))")
+        let notACommand = await #expect(throws: TestSetupError.self) { try await cluster.command("reboot everything") }
+        #expect(notACommand?.description.contains("not a command") == true, "\(String(describing: notACommand))")
+        #expect(cluster.answers().count == 5)
         await producer.close()
+        await cluster.stop()
     }
 }

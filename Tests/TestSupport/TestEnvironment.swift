@@ -143,3 +143,9 @@ private let nextTestPort = Atomic<Int>(Int.random(in: 10_000...20_000))
 public func testPort() -> Int {
     nextTestPort.add(1, ordering: .relaxed).newValue % 22_000 + 10_000
 }
+
+/// Something a test starts (a server, a process) did not come up or misbehaved; says what and shows its output.
+public struct TestSetupError: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
