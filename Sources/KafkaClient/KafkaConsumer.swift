@@ -33,6 +33,9 @@ public final class KafkaConsumer: Sendable {
         "enable.auto.commit": "false",
         "auto.offset.reset": "earliest",
         "enable.partition.eof": "false",
+        // librdkafka backs off up to 10 s between reconnects; after an outage that is up to 10 s more of
+        // nothing once the brokers are back. 1 s is the Java client's ceiling too.
+        "reconnect.backoff.max.ms": "1000",
     ]
 
     public let groupID: String

@@ -21,6 +21,8 @@ public final class KafkaProducer: Sendable {
         "enable.idempotence": "true",
         "acks": "all",
         "linger.ms": "5",
+        // See KafkaConsumer.defaultProperties: back within a second of the brokers, not ten.
+        "reconnect.backoff.max.ms": "1000",
     ]
 
     private let handle: RDKafkaHandle
