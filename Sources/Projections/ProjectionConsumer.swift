@@ -159,8 +159,8 @@ public final class ProjectionConsumer: Service, Sendable {
         current.withLock { $0 }?.raiseFatalErrorForTesting(reason)
     }
 
-    /// Offset commits refused this many times in a row because the group moved on without this member
-    /// (ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID) make the consumer rejoin as a new member.
+    /// Offset commits refused this many times in a row with ILLEGAL_GENERATION (the group moved on without this
+    /// member) make the consumer rejoin as a new member; one refusal with UNKNOWN_MEMBER_ID does.
     static let rejoinAfterFencedCommits = 3
 
     /// Consumes until asked to stop; returns the fatal Kafka error that ended it, if one did, and the consumer in
@@ -187,8 +187,12 @@ public final class ProjectionConsumer: Service, Sendable {
             } catch {
                 // Not fatal: the records are applied; at worst they are delivered again and skipped.
                 logger.warning("offset commit failed; will retry", metadata: ["kafka.error": "\(error)"])
-                if let code = (error as? KafkaError)?.code, code == .illegalGeneration || code == .unknownMemberID {
-                    fencedCommits += 1
+                // ILLEGAL_GENERATION also comes in passing, right after an ordinary rebalance; UNKNOWN_MEMBER_ID
+                // means the coordinator has dropped this member (its session timed out, as in a full outage).
+                switch (error as? KafkaError)?.code {
+                case .illegalGeneration?: fencedCommits += 1
+                case .unknownMemberID?: fencedCommits = Self.rejoinAfterFencedCommits
+                default: break
                 }
             }
             lastCommit = .now
@@ -207,6 +211,7 @@ public final class ProjectionConsumer: Service, Sendable {
                 try fresh.subscribe(topics: configuration.topics)
                 consumer = fresh
                 current.withLock { $0 = fresh }
+                logger.info("rejoined the group as a new member; its partitions follow the group's rebalance", metadata: ["group": "\(configuration.groupID)"])
             } catch {
                 fatal = error
                 return false

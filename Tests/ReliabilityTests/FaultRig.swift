@@ -33,6 +33,9 @@ final class LongRunningTool {
 
     var isRunning: Bool { process.isRunning }
 
+    // A scenario that fails midway leaves no process behind.
+    deinit { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+
     /// The last lines it wrote, for failure messages.
     var recentOutput: String { String(((try? String(contentsOf: log, encoding: .utf8)) ?? "").suffix(3000)) }
 

@@ -35,6 +35,9 @@ public final class MockClusterProcess {
         self.process = process
     }
 
+    // A test that fails before stop() leaves no cluster behind.
+    deinit { if process.isRunning { process.terminate() } }
+
     /// Sends one control command and waits for its answer; throws unless the answer is `ok: <command>`.
     public func command(_ line: String) async throws {
         let answersBefore = answers().count
