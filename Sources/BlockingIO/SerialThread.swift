@@ -14,10 +14,17 @@ public final class SerialThread: Sendable {
 
     public init(name: String) {
         // The thread holds the queue only, never `self`: dropping the last reference ends it (deinit).
-        // The name is set from inside: on Linux, Foundation does not pass a name set before start() on to the
-        // system thread (what `top -H`, gdb and /proc show); Linux keeps its first 15 bytes.
+        // Named from inside, through /proc (proc(5); Swift does not import pthread_setname_np): on Linux,
+        // Foundation did not reliably pass a `Thread`'s name on to the system thread that `top -H`, gdb and
+        // /proc show. Linux keeps 15 bytes.
+        let systemName = String(decoding: Array(name.utf8.prefix(15)), as: UTF8.self)
         let thread = Thread { [queue] in
-            Thread.current.name = name
+            #if os(Linux)
+            if let comm = fopen("/proc/thread-self/comm", "w") {
+                fputs(systemName, comm)
+                fclose(comm)
+            }
+            #endif
             while let job = queue.next() { job() }
         }
         thread.start()

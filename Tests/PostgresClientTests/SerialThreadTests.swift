@@ -19,7 +19,9 @@ struct SerialThreadTests {
         let thread = SerialThread(name: name)
         let seen = Locked<[Int]>([])
         for n in 0..<100 { thread.submit { seen.withLock { $0.append(n) } } }
-        let runsOnIt = await thread.run { Thread.current.name }
+        let runsOnIt = await thread.run {
+            (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
         #expect(runsOnIt == name)
         #expect(seen.value == Array(0..<100))
         #expect(Self.threadNames().contains(name))

@@ -233,6 +233,33 @@ struct ProjectionTests {
         try await pipeline.test.drop()
     }
 
+    @Test("a read model whose sum would pass bigint: that event is dead-lettered with the reason at once, never retried forever; the rest goes on")
+    func readModelOverflow() async throws {
+        let pipeline = try await Pipeline.make()
+        // Each balance fits in Int64; their sum in daily_volume.deposits_total (bigint) does not. Opened once
+        // the projector runs, so that they come from Kafka (a back-fill or rebuild stops at such an event instead,
+        // with the same error).
+        let (rich, richer) = try await pipeline.running { consumer in
+            let rich = try await pipeline.bank.open(owner: "Rich", initialDeposit: Int64.max - 1)
+            let richer = try await pipeline.bank.open(owner: "Richer", initialDeposit: Int64.max - 1)
+            try await waitUntil("the overflowing event is dead-lettered") { consumer.deadLetterCount == 1 }
+            // Whichever of the two opens came second is the one that did not fit.
+            let applied = try #require(try await pipeline.balances().keys.first)
+            #expect([rich, richer].contains(applied))
+            _ = try await pipeline.bank.withdraw(applied, amount: 5)
+            try await waitUntil("a later event is applied") { try await pipeline.balances()[applied] == Int64.max - 6 }
+            return (rich, richer)
+        }
+        let reasons = try await pipeline.test.pool.withConnection {
+            try await $0.query("SELECT reason FROM projection_dead_letters").map { try $0.decode(String.self, "reason") }
+        }
+        #expect(reasons.count == 1)
+        #expect(reasons.first?.contains("22003") == true, "\(reasons)")
+        // The event stays in the store, whole: the read model is what lost it, and says so.
+        for account in [rich, richer] { #expect(try await pipeline.bank.history(account).first?.event is AccountOpened) }
+        try await pipeline.test.drop()
+    }
+
     @Test("a handler that keeps failing (its own error, SQL class 42) is dead-lettered after maxHandlerAttempts; the partition goes on")
     func failingHandlers() async throws {
         struct Refused: Error, CustomStringConvertible { var description: String { "the handler refuses 13" } }
