@@ -23,12 +23,13 @@ final class LongRunningTool {
     private(set) var starts = 1
     private var earlierRuns: [String: Double] = [:]
 
-    init(_ tool: String, _ arguments: [String]) throws {
+    /// Starts `tool` with `arguments`, and `firstRun` for this run only.
+    init(_ tool: String, _ arguments: [String], firstRun: [String] = []) throws {
         self.tool = tool
         self.arguments = arguments
         log = FileManager.default.temporaryDirectory.appendingPathComponent(uniqueName(tool) + ".log")
         port = testPort()
-        process = try Tools.start(tool, arguments + ["--metrics-port", String(port)], output: log)
+        process = try Tools.start(tool, arguments + firstRun + ["--metrics-port", String(port)], output: log)
     }
 
     var isRunning: Bool { process.isRunning }
@@ -48,19 +49,11 @@ final class LongRunningTool {
         return process.terminationStatus
     }
 
-    /// Starts it again, with `extra` arguments instead of the last run's, appending to the same log.
+    /// Starts it again, with `extra` arguments for this run, adding to the same log.
     func restart(extra: [String] = []) throws {
         precondition(!process.isRunning, "restart() after stop()")
         port = testPort()
-        let handle = try FileHandle(forWritingTo: log)
-        handle.seekToEndOfFile()
-        let next = Process()
-        next.executableURL = URL(fileURLWithPath: try Tools.path(tool))
-        next.arguments = arguments + extra + ["--metrics-port", String(port)]
-        next.standardOutput = handle
-        next.standardError = handle
-        try next.run()
-        process = next
+        process = try Tools.start(tool, arguments + extra + ["--metrics-port", String(port)], output: log, appending: true)
         starts += 1
     }
 
@@ -178,11 +171,8 @@ final class FaultRig {
     /// Sets everything up and opens `accounts` accounts (their events flow through before this returns).
     /// - Parameters:
     ///   - crashable: a PostgreSQL server of the scenario's own, which it may crash and restart.
-    ///   - projectorArguments: more `account-projector` options for its first run.
-    init(
-        _ scenario: String, crashable: Bool = false, accounts count: Int = 20, projectorArguments: [String] = [],
-        relayArguments: [String] = []
-    ) async throws {
+    ///   - projectorFirstRun: more `account-projector` options for its first run only.
+    init(_ scenario: String, crashable: Bool = false, accounts count: Int = 20, projectorFirstRun: [String] = []) async throws {
         figures = ScenarioFigures(scenario: scenario)
         if crashable {
             let server = try await ThrowawayPostgres.start()
@@ -202,12 +192,12 @@ final class FaultRig {
         relay = try LongRunningTool(
             "outbox-relay",
             ["--database-url", databaseURL, "--brokers", cluster.bootstrapServers, "--poll-interval", "0.2",
-             "--standby-interval", "0.2", "--lock-key", String(Int64.random(in: 1...2_000_000_000))] + relayArguments)
+             "--standby-interval", "0.2", "--lock-key", String(Int64.random(in: 1...2_000_000_000))])
         projector = try LongRunningTool(
             "account-projector",
             ["--database-url", databaseURL, "--brokers", cluster.bootstrapServers, "--group", group, "--topic", topic,
-             "--kafka-property", "session.timeout.ms=6000", "--kafka-property", "heartbeat.interval.ms=500"]
-                + projectorArguments)
+             "--kafka-property", "session.timeout.ms=6000", "--kafka-property", "heartbeat.interval.ms=500"],
+            firstRun: projectorFirstRun)
         for n in 0..<count { accounts.append(try await bank.open(owner: "Owner \(n) \"quoted\" 'x'", initialDeposit: 1000)) }
         try await waitUntilProjected(timeout: .seconds(90))
     }
@@ -274,6 +264,16 @@ final class FaultRig {
         let start = (try await projectedVersions()).values.reduce(0, +)
         try await waitUntil("\(events) more events flow through to the read model", timeout: .seconds(90)) {
             ((try? await projectedVersions()) ?? [:]).values.reduce(0, +) >= start + Int64(events)
+        }
+    }
+
+    /// Waits until the relay has marked at least `rows` more outbox rows published than now (Kafka
+    /// acknowledged them).
+    func waitForPublished(rows: Int) async throws {
+        let published = "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL"
+        let start = try await count(published)
+        try await waitUntil("\(rows) more rows published (relay: \(relay.recentOutput.suffix(800)))", timeout: .seconds(60)) {
+            (try? await count(published)) ?? 0 >= start + rows
         }
     }
 

@@ -18,17 +18,21 @@ public enum Tools {
         return dir + "/" + name
     }
 
-    /// Starts an executable with extra environment; the caller waits for or kills it.
+    /// Starts an executable with extra environment; the caller waits for or kills it. Its output goes to
+    /// `output`, replaced, or added to the end with `appending`.
     public static func start(
-        _ name: String, _ arguments: [String], environment: [String: String] = [:], output: URL? = nil
+        _ name: String, _ arguments: [String], environment: [String: String] = [:], output: URL? = nil, appending: Bool = false
     ) throws -> Process {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: try path(name))
         process.arguments = arguments
         process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         if let output {
-            FileManager.default.createFile(atPath: output.path, contents: nil)
+            if !appending || !FileManager.default.fileExists(atPath: output.path) {
+                FileManager.default.createFile(atPath: output.path, contents: nil)
+            }
             let handle = try FileHandle(forWritingTo: output)
+            handle.seekToEndOfFile()
             process.standardOutput = handle
             process.standardError = handle
         }
