@@ -240,12 +240,32 @@ public struct OutboxTable: Sendable {
             statement: "outbox: mark published")
     }
 
+    /// Marks rows that Kafka holds but whose partition and offset are not known here (an exactly-once relay
+    /// recovering its last transaction from the progress topic). Rows already marked keep their marks; ids no
+    /// longer in the outbox are skipped. Returns how many rows were marked.
+    @discardableResult
+    public func markPublished(ids: [Int64], on connection: PostgresConnection) async throws -> Int {
+        guard !ids.isEmpty else { return 0 }
+        return try await connection.execute(
+            "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1::bigint[]) AND published_at IS NULL",
+            [.int64Array(ids)], statement: "outbox: mark recovered as published")
+    }
+
     /// Deletes published rows at once instead of marking them (for relays run with no retention).
     public func deletePublished(_ deliveries: [Delivery], on connection: PostgresConnection) async throws {
         guard !deliveries.isEmpty else { return }
         try await connection.execute(
             "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [.int64Array(deliveries.map(\.id))],
             statement: "outbox: delete published")
+    }
+
+    /// Deletes rows by id (an exactly-once relay with `--delete-published` recovering its last transaction).
+    /// Returns how many were deleted.
+    @discardableResult
+    public func deletePublishedIDs(_ ids: [Int64], on connection: PostgresConnection) async throws -> Int {
+        guard !ids.isEmpty else { return 0 }
+        return try await connection.execute(
+            "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [.int64Array(ids)], statement: "outbox: delete recovered")
     }
 
     /// Moves a row to the dead-letter table with the reason. Returns `false` if the row is not in the outbox.

@@ -39,6 +39,12 @@ public struct KafkaError: Error, CustomStringConvertible, Sendable {
         public static let invalidRecord = Code(RD_KAFKA_RESP_ERR_INVALID_RECORD)
         public static let invalidTopic = Code(RD_KAFKA_RESP_ERR_TOPIC_EXCEPTION)
         public static let topicAuthorizationFailed = Code(RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED)
+        /// A newer producer with the same `transactional.id` has initialized: this one can commit nothing more.
+        public static let fenced = Code(RD_KAFKA_RESP_ERR__FENCED)
+        public static let producerFenced = Code(RD_KAFKA_RESP_ERR_PRODUCER_FENCED)
+        public static let invalidProducerEpoch = Code(RD_KAFKA_RESP_ERR_INVALID_PRODUCER_EPOCH)
+        /// Reading a partition reached its end (``KafkaPartitionReader``).
+        public static let partitionEOF = Code(RD_KAFKA_RESP_ERR__PARTITION_EOF)
         /// Not a librdkafka code: a property name or value that librdkafka rejected, or a malformed
         /// `key=value`. Distinct from ``invalidArgument`` (a call librdkafka refused).
         public static let invalidConfiguration = Code(rawValue: -10_001)
@@ -53,13 +59,19 @@ public struct KafkaError: Error, CustomStringConvertible, Sendable {
     public var isFatal: Bool
     /// librdkafka says the operation may succeed if retried.
     public var isRetriable: Bool
+    /// librdkafka says the current transaction must be aborted (the producer itself can go on).
+    public var requiresAbort: Bool
 
-    public init(code: Code, message: String, isFatal: Bool = false, isRetriable: Bool = false) {
+    public init(code: Code, message: String, isFatal: Bool = false, isRetriable: Bool = false, requiresAbort: Bool = false) {
         self.code = code
         self.message = message
         self.isFatal = isFatal
         self.isRetriable = isRetriable
+        self.requiresAbort = requiresAbort
     }
+
+    /// A newer producer with this producer's `transactional.id` took over: it must never commit again.
+    public var isFenced: Bool { [.fenced, .producerFenced, .invalidProducerEpoch].contains(code) }
 
     package init(_ error: rd_kafka_resp_err_t, context: String) {
         self.init(
@@ -76,7 +88,8 @@ public struct KafkaError: Error, CustomStringConvertible, Sendable {
             code: Code(rd_kafka_error_code(error)),
             message: "\(context): \(String(cString: rd_kafka_error_string(error)))",
             isFatal: rd_kafka_error_is_fatal(error) != 0,
-            isRetriable: rd_kafka_error_is_retriable(error) != 0
+            isRetriable: rd_kafka_error_is_retriable(error) != 0,
+            requiresAbort: rd_kafka_error_txn_requires_abort(error) != 0
         )
     }
 

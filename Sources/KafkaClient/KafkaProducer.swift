@@ -28,7 +28,8 @@ public final class KafkaProducer: Sendable {
     private let handle: RDKafkaHandle
     private let router: KafkaDeliveryRouter
     private let pollLoop = PollLoopState()
-    /// Topics ``prepare(topics:)`` has looked up; its blocking metadata requests run on their own thread.
+    /// Topics ``prepare(topics:)`` has looked up; its blocking metadata requests (and transactional calls)
+    /// run on their own thread.
     private let knownTopics = Mutex<Set<String>>([])
     private let metadataThread = SerialThread(name: "eventoutbox-kafka-metadata")
     private let logger: Logger
@@ -138,6 +139,49 @@ public final class KafkaProducer: Sendable {
                 rd_kafka_topic_destroy(topicHandle)
             }
         }
+    }
+
+    // MARK: Transactions (a producer created with `transactional.id`)
+
+    /// Registers this producer's `transactional.id` with its coordinator: completes or aborts whatever an
+    /// earlier producer with the same id left open, and fences that producer (it can commit nothing more).
+    /// Call once, before the first ``beginTransaction()``.
+    /// - Throws: ``KafkaError``; fatal or timed out, the producer must be replaced.
+    public func initTransactions(timeout: Duration) async throws {
+        try await transactionCall("init transactions", timeout) { rd_kafka_init_transactions($0, $1) }
+    }
+
+    /// Starts a transaction: records enqueued from now on are committed or aborted together.
+    public func beginTransaction() throws {
+        if let error = rd_kafka_begin_transaction(handle.pointer) {
+            throw KafkaError(consuming: error, context: "begin transaction")
+        }
+    }
+
+    /// Flushes the transaction's records and commits them. Only after this returns are they visible to
+    /// `read_committed` consumers.
+    /// - Throws: ``KafkaError``: with ``KafkaError/requiresAbort`` call ``abortTransaction(timeout:)``; fatal
+    ///   (``KafkaError/isFenced`` among them), replace the producer; retriable (timed out), the outcome is
+    ///   unknown until a retried commit or abort says.
+    public func commitTransaction(timeout: Duration) async throws {
+        try await transactionCall("commit transaction", timeout) { rd_kafka_commit_transaction($0, $1) }
+    }
+
+    /// Aborts the current transaction: its records are never visible to `read_committed` consumers.
+    public func abortTransaction(timeout: Duration) async throws {
+        try await transactionCall("abort transaction", timeout) { rd_kafka_abort_transaction($0, $1) }
+    }
+
+    /// Runs a blocking transactional call on the producer's own thread.
+    private func transactionCall(
+        _ what: String, _ timeout: Duration, _ call: @escaping @Sendable (OpaquePointer, Int32) -> OpaquePointer?
+    ) async throws {
+        let milliseconds = Int32(clamping: timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+        let handle = self.handle
+        let error: KafkaError? = await metadataThread.run {
+            call(handle.pointer, milliseconds).map { KafkaError(consuming: $0, context: what) }
+        }
+        if let error { throw error }
     }
 
     /// The fatal error this producer hit, if any: it can send nothing more and must be replaced.

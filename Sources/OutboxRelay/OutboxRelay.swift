@@ -31,6 +31,8 @@ public final class OutboxRelay: Service, Sendable {
     let counters = RelayCounters()
     let metrics = RelayMetrics()
     let latestStatus = Mutex<OutboxStatus?>(nil)
+    /// The wakeups of exactly-once partition engines, by partition (each engine waits on its own).
+    let partitionWakeups = Mutex<[Int: Wakeup]>([:])
 
     public init(configuration: OutboxRelayConfiguration, logger: Logger = Logger(label: "eventoutbox.relay")) {
         self.configuration = configuration
@@ -45,6 +47,10 @@ public final class OutboxRelay: Service, Sendable {
     public var producerRestartCount: Int { counters.producerRestarts.load(ordering: .relaxed) }
     /// Client-level Kafka errors reported by librdkafka (brokers unreachable, fatal errors).
     public var kafkaErrorCount: Int { counters.kafkaErrors.load(ordering: .relaxed) }
+    /// Kafka transactions this relay has committed (exactly-once delivery).
+    public var committedTransactionCount: Int { counters.transactions.load(ordering: .relaxed) }
+    /// Kafka transactions this relay has aborted (exactly-once delivery); their rows went out again.
+    public var abortedTransactionCount: Int { counters.aborted.load(ordering: .relaxed) }
     /// Whether this relay is currently the active one.
     public var isActive: Bool { counters.active.load(ordering: .relaxed) }
     /// The outbox as the last housekeeping saw it (`nil` before the first).
@@ -54,7 +60,7 @@ public final class OutboxRelay: Service, Sendable {
     /// takes no new rows, waits up to ``OutboxRelayConfiguration/shutdownTimeout`` for in-flight deliveries,
     /// marks them, and returns. Rows not acknowledged by then stay waiting.
     public func run() async throws {
-        if let timeout = configuration.kafka.properties["message.timeout.ms"], timeout != "0" {
+        if configuration.delivery == .atLeastOnce, let timeout = configuration.kafka.properties["message.timeout.ms"], timeout != "0" {
             logger.warning(
                 "message.timeout.ms is not 0: a message that times out while later ones of its partition get through leaves a gap; the relay counts such order violations but cannot undo them",
                 metadata: ["kafka.message.timeout.ms": "\(timeout)"])
@@ -78,7 +84,13 @@ public final class OutboxRelay: Service, Sendable {
     /// Asks the relay to finish: no new rows, in-flight deliveries are awaited (bounded) and marked.
     public func stop() {
         stopping.store(true, ordering: .releasing)
+        signalAll()
+    }
+
+    /// Wakes the publishing loops: the relay's own and those of exactly-once partitions.
+    func signalAll() {
         wakeup.signal()
+        for extra in partitionWakeups.withLock({ Array($0.values) }) { extra.signal() }
     }
 
     var isStopping: Bool { stopping.load(ordering: .acquiring) }
@@ -88,6 +100,11 @@ public final class OutboxRelay: Service, Sendable {
         while !isStopping {
             do {
                 let connection = try await PostgresConnection.connect(to: configuration.databaseURL)
+                if configuration.delivery == .exactlyOnce {
+                    try await leadExactlyOnce(connection, backoff: &backoff)
+                    setActive(false)
+                    continue
+                }
                 var ownership: PartitionOwnership?
                 if configuration.partitions > 1 {
                     let partitioned = PartitionOwnership(count: configuration.partitions, baseKey: configuration.leaderLockKey)
@@ -118,7 +135,7 @@ public final class OutboxRelay: Service, Sendable {
     }
 
     /// Waits for the advisory lock. Returns `false` if asked to stop first.
-    private func becomeActive(_ connection: PostgresConnection) async throws -> Bool {
+    func becomeActive(_ connection: PostgresConnection) async throws -> Bool {
         var announced = false
         while !isStopping {
             let acquired = try await connection.query(
@@ -173,11 +190,18 @@ public final class OutboxRelay: Service, Sendable {
     }
 
     /// A producer with the relay's defaults under the configured properties, reporting into `inbox`.
-    func makeProducer(_ inbox: ProducerInbox) throws -> KafkaProducer {
-        try KafkaProducer(
+    /// With a `transactionalID`, a transactional producer (exactly-once delivery).
+    func makeProducer(_ inbox: ProducerInbox, transactionalID: String? = nil) throws -> KafkaProducer {
+        var properties = transactionalID == nil
+            ? OutboxRelayConfiguration.producerDefaults : OutboxRelayConfiguration.transactionalProducerDefaults
+        if let transactionalID {
+            properties["transactional.id"] = transactionalID
+            properties["transaction.timeout.ms"] = "\(configuration.transactionTimeout.components.seconds * 1000)"
+        }
+        return try KafkaProducer(
             configuration: KafkaConfiguration(
                 bootstrapServers: configuration.kafka.bootstrapServers,
-                properties: OutboxRelayConfiguration.producerDefaults.merging(configuration.kafka.properties) { $1 }),
+                properties: properties.merging(configuration.kafka.properties) { $1 }),
             logger: logger, deliveryReports: inbox.add, errors: { [counters, metrics] error in
                 counters.kafkaErrors.add(1, ordering: .relaxed)
                 metrics.kafkaErrors.increment()
@@ -337,9 +361,7 @@ public final class OutboxRelay: Service, Sendable {
     ) async throws {
         await producer.prepare(topics: Array(Set(rows.map(\.topic))))
         for row in rows where pipeline.mayEnqueue(row) {
-            let message = KafkaOutgoingMessage(
-                topic: row.topic, key: Array(row.key.utf8), value: Array(row.envelope.utf8),
-                headers: row.headers.sorted { $0.key < $1.key }.map { KafkaHeader(name: $0.key, value: $0.value) })
+            let message = row.kafkaMessage()
             while true {
                 do {
                     try producer.enqueue(message, messageID: UInt64(row.id))
@@ -407,7 +429,7 @@ public final class OutboxRelay: Service, Sendable {
         return retriable
     }
 
-    private func deadLetter(_ row: OutboxRow, _ error: KafkaError, _ connection: PostgresConnection) async throws {
+    func deadLetter(_ row: OutboxRow, _ error: KafkaError, _ connection: PostgresConnection) async throws {
         try await table.moveToDeadLetters(row.id, error: "\(error)", on: connection)
         metrics.deadLettered.increment()
         logger.error(
@@ -420,7 +442,7 @@ public final class OutboxRelay: Service, Sendable {
 
     /// Gauges of the outbox and retention of published rows (a bounded amount per run, so a backlog keeps
     /// draining meanwhile).
-    private func housekeeping(_ connection: PostgresConnection) async throws {
+    func housekeeping(_ connection: PostgresConnection) async throws {
         let status = try await table.status(on: connection)
         latestStatus.withLock { $0 = status }
         metrics.waiting.record(status.waiting)
@@ -435,13 +457,13 @@ public final class OutboxRelay: Service, Sendable {
 
     /// Signals the publish loop on every NOTIFY of the outbox channel, from a connection of its own. Polling
     /// covers the gaps (a failed listener reconnects after a second).
-    private func listenForAppends() async {
+    func listenForAppends() async {
         while !Task.isCancelled && !isStopping {
             do {
                 let listener = try await PostgresConnection.connect(to: configuration.databaseURL)
                 try await listener.listen(EventStoreSchema.outboxChannel)
                 while !Task.isCancelled && !isStopping {
-                    if try await !listener.notifications(timeout: .milliseconds(250)).isEmpty { wakeup.signal() }
+                    if try await !listener.notifications(timeout: .milliseconds(250)).isEmpty { signalAll() }
                 }
             } catch {
                 logger.debug("NOTIFY listener failed; the relay polls meanwhile", metadata: ["error": "\(error)"])
@@ -559,6 +581,8 @@ final class RelayCounters: Sendable {
     let failed = Atomic<Int>(0)
     let producerRestarts = Atomic<Int>(0)
     let kafkaErrors = Atomic<Int>(0)
+    let transactions = Atomic<Int>(0)
+    let aborted = Atomic<Int>(0)
     let active = Atomic<Bool>(false)
 }
 
@@ -570,6 +594,9 @@ struct RelayMetrics: Sendable {
     let producerRestarts = Counter(label: "eventoutbox_relay_producer_restarts_total")
     let kafkaErrors = Counter(label: "eventoutbox_relay_kafka_errors_total")
     let orderViolations = Counter(label: "eventoutbox_relay_order_violations_total")
+    let transactionsCommitted = Counter(label: "eventoutbox_relay_transactions_committed_total")
+    let transactionsAborted = Counter(label: "eventoutbox_relay_transactions_aborted_total")
+    let fenced = Counter(label: "eventoutbox_relay_producer_fenced_total")
     let waiting = Gauge(label: "eventoutbox_relay_rows_waiting")
     let oldestAge = Gauge(label: "eventoutbox_relay_oldest_waiting_age_seconds")
     let deadLetters = Gauge(label: "eventoutbox_relay_dead_letters")

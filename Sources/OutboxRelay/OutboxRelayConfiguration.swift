@@ -37,6 +37,22 @@ public struct OutboxRelayConfiguration: Sendable {
     public var partitions: Int = 1 {
         didSet { precondition(partitions >= 1, "partitions must be at least 1") }
     }
+    /// What a consumer sees after a crash or a Kafka failure. Default: ``DeliveryGuarantee/atLeastOnce``.
+    public var delivery: DeliveryGuarantee = .atLeastOnce
+    /// Exactly-once: the prefix of the relay's `transactional.id`s (one per unit of ownership: `PREFIX` for a
+    /// single active relay, `PREFIX.pN` for partition N, `PREFIX.wal` for a slot). Every deployment that
+    /// publishes a different outbox to the same Kafka cluster needs its own. `nil`: derived from the database
+    /// (`eventoutbox-relay.DATABASE.SCHEMA`).
+    public var transactionalID: String?
+    /// Exactly-once: the compacted topic of the relay's progress records. `nil`: `TRANSACTIONAL_ID.progress`.
+    public var progressTopic: String?
+    /// Exactly-once: replication factor of the progress topic when the relay creates it (-1: the brokers'
+    /// `default.replication.factor`). Default: -1.
+    public var progressTopicReplicationFactor: Int32 = -1
+    /// Exactly-once: the longest a transaction may stay open (`transaction.timeout.ms`), and the longest wait for
+    /// a transactional call (init, commit, abort) or for the progress topic. Default: 60 s.
+    public var transactionTimeout: Duration = .seconds(60)
+
     /// What happens to a row once Kafka has it: marked (and deleted after ``retention``) or deleted at once.
     /// Default: ``PublishedRows/mark``.
     public var publishedRows: PublishedRows = .mark
@@ -76,10 +92,28 @@ public struct OutboxRelayConfiguration: Sendable {
         "message.max.bytes": "16777216",
     ]
 
+    /// librdkafka defaults of the exactly-once relay: the transactional producer checks sequences itself and
+    /// a transaction is all or nothing, so neither the gapless guarantee nor an infinite message timeout (which
+    /// librdkafka refuses with transactions) is needed; messages time out with the transaction.
+    static let transactionalProducerDefaults: [String: String] = producerDefaults.filter {
+        $0.key != "enable.gapless.guarantee" && $0.key != "message.timeout.ms"
+    }
+
     public init(databaseURL: String, kafka: KafkaConfiguration) {
         self.databaseURL = databaseURL
         self.kafka = kafka
     }
+}
+
+/// What consumers see after a crash of the relay or a failure in Kafka.
+public enum DeliveryGuarantee: String, Sendable, Hashable, CaseIterable {
+    /// Every committed event reaches Kafka; after a crash or a producer restart, a suffix of some streams is
+    /// published again (consumers dedupe by event id). An idempotent producer, pipelined.
+    case atLeastOnce = "at-least-once"
+    /// Every committed event reaches Kafka exactly once for `read_committed` consumers: rows go out in Kafka
+    /// transactions that also carry the relay's progress, which a restarted relay reads back before publishing.
+    /// A relay that lost its lock or slot is fenced and can commit nothing more.
+    case exactlyOnce = "exactly-once"
 }
 
 /// Where a relay finds the rows to publish.

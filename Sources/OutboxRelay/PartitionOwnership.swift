@@ -30,6 +30,18 @@ struct PartitionOwnership {
         try await connection.query("SELECT pg_advisory_lock_shared($1)", [.int64(memberKey)], statement: "relay: join partitioned relays")
     }
 
+    /// How many relays hold the member lock (this one included).
+    func members(on connection: PostgresConnection) async throws -> Int {
+        try await connection.query(
+            """
+            SELECT count(*) AS members FROM pg_locks
+            WHERE locktype = 'advisory' AND mode = 'ShareLock' AND granted AND objsubid = 1
+              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+              AND classid = ($1::bigint >> 32)::oid AND objid = ($1::bigint & 4294967295)::oid
+            """, [.int64(memberKey)], statement: "relay: count partitioned relays"
+        ).first!.decode(Int.self, "members")
+    }
+
     /// How many partitions a relay should hold, given the relays holding the member lock.
     static func target(partitions: Int, members: Int) -> Int {
         let members = max(members, 1)
@@ -47,14 +59,7 @@ struct PartitionOwnership {
     /// Takes free partitions up to the target and, when `mayRelease`, gives back those above it (only allowed
     /// with nothing in flight, so that a partition changes hands with every delivered row marked).
     mutating func rebalance(mayRelease: Bool, on connection: PostgresConnection) async throws -> Change {
-        let members = try await connection.query(
-            """
-            SELECT count(*) AS members FROM pg_locks
-            WHERE locktype = 'advisory' AND mode = 'ShareLock' AND granted AND objsubid = 1
-              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-              AND classid = ($1::bigint >> 32)::oid AND objid = ($1::bigint & 4294967295)::oid
-            """, [.int64(memberKey)], statement: "relay: count partitioned relays"
-        ).first!.decode(Int.self, "members")
+        let members = try await members(on: connection)
         let target = Self.target(partitions: count, members: members)
         let before = owned
         guard mayRelease || owned.count <= target else { return Change(mustRelease: true) }

@@ -51,6 +51,24 @@ struct OutboxRelayCommand: AsyncParsableCommand {
         valueName: "table|wal"))
     var source: String = "table"
 
+    @Option(help: ArgumentHelp(
+        "What consumers see after a crash or a Kafka failure. 'exactly-once': rows go out in Kafka transactions that also carry the relay's progress; read_committed consumers see every event once (Java consumers: set isolation.level=read_committed). 'at-least-once': an idempotent producer, pipelined; after a crash a few events go out again (consumers dedupe by event id).",
+        valueName: "exactly-once|at-least-once"))
+    var delivery: String = DeliveryGuarantee.atLeastOnce.rawValue
+
+    @Option(help: ArgumentHelp(
+        "With --delivery exactly-once: the prefix of the relay's transactional.id (one per outbox and Kafka cluster; replicas of one relay share it). Default: eventoutbox-relay.DATABASE.SCHEMA.",
+        valueName: "id"))
+    var transactionalId: String?
+
+    @Option(help: ArgumentHelp(
+        "With --delivery exactly-once: the compacted topic of the relay's progress records, created if missing. Default: TRANSACTIONAL_ID.progress.",
+        valueName: "topic"))
+    var progressTopic: String?
+
+    @Option(help: "With --delivery exactly-once: seconds a Kafka transaction may stay open (transaction.timeout.ms).")
+    var transactionTimeout: Double = 60
+
     @Option(help: "With --source wal: the publication of the outbox's inserts.")
     var publication: String = OutboxWAL.defaultName
 
@@ -113,6 +131,23 @@ struct OutboxRelayCommand: AsyncParsableCommand {
             throw ValidationError("--poll-interval, --standby-interval and --housekeeping-interval must be positive")
         }
         guard shutdownTimeout >= 0 else { throw ValidationError("--shutdown-timeout cannot be negative") }
+        guard let guarantee = DeliveryGuarantee(rawValue: delivery) else {
+            throw ValidationError("--delivery is 'exactly-once' or 'at-least-once', not '\(delivery)'")
+        }
+        if guarantee == .exactlyOnce {
+            guard transactionTimeout.isFinite, (1...900).contains(transactionTimeout) else {
+                throw ValidationError("--transaction-timeout must be between 1 and 900 seconds (the broker's transaction.max.timeout.ms is 900 s by default)")
+            }
+            if let transactionalId, transactionalId.isEmpty || transactionalId.count > 200 {
+                throw ValidationError("--transactional-id must be 1 to 200 characters")
+            }
+            if let progressTopic, progressTopic.isEmpty || progressTopic.count > 249
+                || !progressTopic.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "._-".contains($0)) }) {
+                throw ValidationError("--progress-topic must be 1 to 249 characters of a-z, A-Z, 0-9, '.', '_' and '-'")
+            }
+        } else if transactionalId != nil || progressTopic != nil {
+            throw ValidationError("--transactional-id and --progress-topic apply to --delivery exactly-once")
+        }
         guard source == "table" || source == "wal" else { throw ValidationError("--source is 'table' or 'wal', not '\(source)'") }
         if source == "wal" {
             guard partitions == 1 else {
@@ -138,6 +173,10 @@ struct OutboxRelayCommand: AsyncParsableCommand {
             databaseURL: url,
             kafka: KafkaConfiguration(bootstrapServers: brokers, properties: try KafkaConfiguration.parseProperties(kafkaProperties)))
         if source == "wal" { configuration.source = .wal(try OutboxWAL(publication: publication, slot: slot)) }
+        configuration.delivery = DeliveryGuarantee(rawValue: delivery) ?? .atLeastOnce
+        configuration.transactionalID = transactionalId
+        configuration.progressTopic = progressTopic
+        configuration.transactionTimeout = .milliseconds(Int(transactionTimeout * 1000))
         configuration.batchSize = batchSize
         configuration.maxInFlight = maxInFlight
         configuration.partitions = partitions

@@ -278,9 +278,7 @@ private struct ReplicationGeneration {
         await producer.prepare(topics: Array(Set(rows.map(\.row.topic))))
         for (transaction, row) in rows {
             if heldStreams.contains(row.streamID), try await holdBack(row) { continue }
-            let message = KafkaOutgoingMessage(
-                topic: row.topic, key: Array(row.key.utf8), value: Array(row.envelope.utf8),
-                headers: row.headers.sorted { $0.key < $1.key }.map { KafkaHeader(name: $0.key, value: $0.value) })
+            let message = row.kafkaMessage()
             let id = nextMessageID
             while true {
                 do {
