@@ -70,6 +70,8 @@ public final class OutboxRelay: Service, Sendable {
             await withTaskCancellationHandler {
                 switch configuration.source {
                 case .table: await self.superviseLeadership()
+                case .wal(let wal) where self.configuration.delivery == .exactlyOnce:
+                    await self.superviseReplicationExactlyOnce(wal)
                 case .wal(let wal): await self.superviseReplication(wal)
                 }
             } onCancel: {

@@ -1,0 +1,259 @@
+import EventStore
+import Foundation
+import KafkaClient
+import Logging
+import Metrics
+import PostgresClient
+
+/// `--source wal` for the exactly-once engine: whole PostgreSQL transactions read from the replication slot, as
+/// many as fit a batch, one Kafka transaction per batch; its progress record holds the commit end of the last
+/// one, and the slot is confirmed there once Kafka committed.
+///
+/// On (re)start the newest progress record and the slot's confirmed position are compared: transactions ending
+/// at or before the later of the two are in Kafka already and are skipped.
+struct WALTransactionalSource: TransactionalSource {
+    let relay: OutboxRelay
+    let wal: OutboxWAL
+    let stream: PostgresReplicationStream
+    /// For dead letters and housekeeping.
+    let connection: PostgresConnection
+    private var decoder: OutboxChangeDecoder
+    /// Transactions ending at or before this are in Kafka (and confirmed, or about to be).
+    private(set) var published: PostgresLSN
+    /// Whole transactions read and not yet handed out, oldest first.
+    private var complete: [(rows: [OutboxRow], endLSN: PostgresLSN)] = []
+    /// The rows of the transaction being read (between `begin` and `commit`).
+    private var open: [OutboxRow]?
+    /// The batch handed out and not yet committed: handed out again after an abort unless the progress covers it.
+    private var handedOut: SourceBatch?
+    /// Streams with a dead letter: their later rows are held behind it (recorded as dead letters too).
+    private var heldStreams: Set<String> = []
+    private var replyRequested = false
+    /// The server's position from its last keepalive: with nothing pending, the slot may be confirmed there.
+    private var serverEnd = PostgresLSN.zero
+    private var lastConfirm = ContinuousClock.now
+
+    init(relay: OutboxRelay, wal: OutboxWAL, schema: String, stream: PostgresReplicationStream, connection: PostgresConnection, confirmed: PostgresLSN) {
+        self.relay = relay
+        self.wal = wal
+        self.stream = stream
+        self.connection = connection
+        self.decoder = OutboxChangeDecoder(schema: schema)
+        self.published = confirmed
+    }
+
+    private var logger: Logger { relay.logger }
+
+    mutating func recover(from progress: RelayProgress?) async throws {
+        if let lsn = progress?.walLSN, lsn > published {
+            logger.info(
+                "Kafka had committed WAL transactions the slot did not know of; confirming the slot there",
+                metadata: ["wal.slot": "\(wal.slot)", "wal.from": "\(published)", "wal.to": "\(lsn)"])
+            published = lsn
+        }
+        if let batch = handedOut, case .walPosition(let end) = batch.covers, end <= published { handedOut = nil }
+        complete.removeAll { $0.endLSN <= published }
+        heldStreams = try await relay.table.streamsWithDeadLetters(on: connection)
+        try await confirm()
+    }
+
+    mutating func nextBatch(limit: Int) async throws -> SourceBatch? {
+        if var batch = handedOut {
+            batch.rows = try await withoutHeld(batch.rows)
+            handedOut = batch
+            return batch
+        }
+        let deadline = ContinuousClock.now + relay.configuration.pollInterval
+        while complete.isEmpty || (open != nil && complete.map(\.rows.count).reduce(0, +) < limit) {
+            let messages = try await stream.receive(limit: limit, timeout: complete.isEmpty ? .milliseconds(100) : .milliseconds(5))
+            try await read(decoder.decode(messages))
+            if replyRequested || ContinuousClock.now - lastConfirm >= .seconds(1) { try await confirm() }
+            if messages.isEmpty && (!complete.isEmpty || ContinuousClock.now >= deadline || relay.isStopping) { break }
+        }
+        guard !complete.isEmpty else { return nil }
+        var rows: [OutboxRow] = []
+        var end = published
+        while let first = complete.first, rows.isEmpty || rows.count + first.rows.count <= limit {
+            rows += first.rows
+            end = first.endLSN
+            complete.removeFirst()
+        }
+        rows = try await withoutHeld(rows)
+        guard !rows.isEmpty else {
+            // Transactions of other tables, or only rows held behind dead letters: nothing for Kafka.
+            published = end
+            try await confirm()
+            return nil
+        }
+        let batch = SourceBatch(rows: rows, covers: .walPosition(end))
+        handedOut = batch
+        return batch
+    }
+
+    private mutating func read(_ changes: [WALChange]) async throws {
+        for change in changes {
+            switch change {
+            case .keepalive(let walEnd, let reply):
+                serverEnd = max(serverEnd, walEnd)
+                replyRequested = replyRequested || reply
+            case .begin:
+                open = []
+            case .row(let row):
+                guard open != nil else {
+                    throw PostgresError(code: .decoding, message: "pgoutput sent outbox row \(row.id) outside a transaction")
+                }
+                open!.append(row)
+            case .unreadable(let outboxID, let reason):
+                let moved = try await relay.table.moveToDeadLetters(outboxID, error: reason, on: connection)
+                relay.metrics.deadLettered.increment()
+                logger.error(
+                    moved
+                        ? "outbox row from the WAL cannot be read; moved to dead letters"
+                        : "outbox row from the WAL cannot be read and is no longer in the outbox; it is not published",
+                    metadata: ["outbox.id": "\(outboxID)", "error": "\(reason)"])
+            case .commit(let endLSN):
+                if let rows = open, endLSN > published { complete.append((rows, endLSN)) }
+                open = nil
+            case .other:
+                break
+            }
+        }
+    }
+
+    /// Drops rows of streams held behind a dead letter (recording each as held); a dead letter retried since
+    /// (`eventoutbox dead-letters retry`) releases its stream.
+    private mutating func withoutHeld(_ rows: [OutboxRow]) async throws -> [OutboxRow] {
+        guard !heldStreams.isEmpty else { return rows }
+        var kept: [OutboxRow] = []
+        for row in rows {
+            guard heldStreams.contains(row.streamID) else {
+                kept.append(row)
+                continue
+            }
+            guard let first = try await relay.table.firstDeadLetter(ofStream: row.streamID, on: connection) else {
+                heldStreams.remove(row.streamID)
+                kept.append(row)
+                continue
+            }
+            guard first.streamVersion <= row.streamVersion else {
+                kept.append(row)
+                continue
+            }
+            if first.outboxID != row.id {
+                try await relay.table.deadLetter(
+                    row, error: "held back behind dead letter \(first.outboxID) of its stream", heldBehind: first.outboxID,
+                    on: connection)
+                logger.warning(
+                    "outbox row held back behind a dead letter of its stream",
+                    metadata: ["outbox.id": "\(row.id)", "stream.id": "\(row.streamID)", "dead_letter": "\(first.outboxID)"])
+            }
+        }
+        return kept
+    }
+
+    mutating func committed(_ batch: SourceBatch, deliveries: [OutboxTable.Delivery]) async throws {
+        handedOut = nil
+        if case .walPosition(let end) = batch.covers { published = max(published, end) }
+        try await confirm()
+    }
+
+    mutating func deadLetter(_ row: OutboxRow, error: KafkaError) async throws {
+        try await relay.table.deadLetter(row, error: "\(error)", on: connection)
+        heldStreams.insert(row.streamID)
+        relay.metrics.deadLettered.increment()
+        logger.error(
+            "outbox row moved to dead letters; later events of its stream are held back until it is retried",
+            metadata: ["outbox.id": "\(row.id)", "event.id": "\(row.eventID)", "stream.id": "\(row.streamID)", "kafka.error": "\(error)"])
+    }
+
+    /// Confirms the slot to what Kafka holds; with nothing read and pending, to the server's position (so an idle
+    /// relay does not make the slot keep the WAL of other tables' changes).
+    private mutating func confirm() async throws {
+        if handedOut == nil && complete.isEmpty && open == nil && serverEnd > published { published = serverEnd }
+        try await stream.confirm(published, received: max(decoder.received, published), requestingReply: false)
+        replyRequested = false
+        lastConfirm = .now
+    }
+
+    mutating func stillOwned() async -> Bool {
+        // While this stream lives, the slot streams to nobody else.
+        (try? await confirm()) != nil
+    }
+
+    mutating func housekeeping() async throws {
+        let status = try await wal.status(on: connection)
+        relay.metrics.walRetainedBytes.record(status.slot?.retainedBytes ?? 0)
+        heldStreams = try await relay.table.streamsWithDeadLetters(on: connection)
+        relay.metrics.deadLetters.record(try await relay.table.deadLetters(on: connection).count)
+        for _ in 0..<10 {
+            let deleted = try await relay.table.deleteRows(
+                olderThan: relay.configuration.retention, limit: relay.configuration.retentionBatchSize, on: connection)
+            if deleted < relay.configuration.retentionBatchSize || relay.isStopping { break }
+        }
+    }
+}
+
+extension OutboxRelay {
+    /// `--source wal --delivery exactly-once`: the unit is the slot; streaming it is owning it.
+    func superviseReplicationExactlyOnce(_ wal: OutboxWAL) async {
+        var backoff = Backoff(max: configuration.maxBackoff)
+        var confirmed = PostgresLSN.zero
+        var standingBy = false
+        while !isStopping {
+            let stream: PostgresReplicationStream
+            let connection: PostgresConnection
+            let status: OutboxWAL.Status
+            do {
+                connection = try await PostgresConnection.connect(to: configuration.databaseURL)
+                status = try await wal.status(on: connection)
+                let problems = wal.problems(in: status)
+                guard problems.isEmpty else { throw WALSetupError(problems: problems) }
+                stream = try await PostgresReplicationStream.start(
+                    url: configuration.databaseURL, slot: wal.slot, publications: [wal.publication], startLSN: confirmed)
+            } catch let error as PostgresError where error.sqlState == "55006" {
+                if !standingBy {
+                    logger.info("another relay is streaming the replication slot; standing by", metadata: ["wal.slot": "\(wal.slot)"])
+                    standingBy = true
+                }
+                await sleepUnlessStopping(configuration.standbyRetryInterval)
+                continue
+            } catch {
+                let delay = backoff.next()
+                logger.error(
+                    "cannot stream the outbox from the WAL; retrying",
+                    metadata: ["error": "\(error)", "wal.slot": "\(wal.slot)", "retry.in": "\(delay)"])
+                await sleepUnlessStopping(delay)
+                continue
+            }
+            standingBy = false
+            setActive(true)
+            let slotConfirmed = status.slot?.confirmedFlushLSN.flatMap(PostgresLSN.init) ?? .zero
+            var source = WALTransactionalSource(
+                relay: self, wal: wal, schema: status.schema, stream: stream, connection: connection,
+                confirmed: max(confirmed, slotConfirmed))
+            do {
+                let names = try await exactlyOnceNames(connection)
+                logger.info(
+                    "this relay is streaming the outbox from the WAL (exactly-once)",
+                    metadata: ["wal.slot": "\(wal.slot)", "kafka.transactional_id": "\(names.prefix).wal.\(wal.slot)",
+                               "relay.progress_topic": "\(names.topic)"])
+                let engine = TransactionalPublisher(
+                    relay: self,
+                    unit: PublishingUnit(name: "wal.\(wal.slot)", transactionalID: "\(names.prefix).wal.\(wal.slot)", progressPartition: 0),
+                    progressLog: progressLog(topic: names.topic, partitions: 1), wakeup: wakeup)
+                backoff.reset()
+                try await engine.run(&source)
+            } catch {
+                let delay = backoff.next()
+                logger.warning(
+                    "WAL relay restarts from the last committed position",
+                    metadata: ["error": "\(error)", "wal.confirmed": "\(source.published)", "retry.in": "\(delay)"])
+                await sleepUnlessStopping(delay)
+            }
+            confirmed = source.published
+            await stream.close()
+            await connection.close()
+            setActive(false)
+        }
+    }
+}
