@@ -290,3 +290,38 @@ struct ExactlyOnceUnitTests {
         #expect(TransactionFailureResponse(KafkaError(code: .purgedQueue, message: "")) == .abortAndResume)
     }
 }
+
+@Suite("exactly-once relay restarts")
+struct ExactlyOnceRestartTests {
+    @Test("a relay stopped and started again publishes what came meanwhile, once", arguments: SourceKind.allCases)
+    func restart(_ kind: SourceKind) async throws {
+        let setup = try await ExactlyOnceSetup.make(kind)
+        var ids = try await setup.test.appendTicks(streams: 10, perStream: 10)
+        for round in 0..<3 {
+            try await withRelay(setup.test, brokers: setup.brokers, batchSize: 50, configure: setup.configure) { _ in
+                try await setup.waitUntilPublished(timeout: .seconds(30))
+            }
+            ids += try await setup.test.appendTicks(streams: 10, perStream: 10, prefix: "round\(round)")
+        }
+        try await withRelay(setup.test, brokers: setup.brokers, batchSize: 50, configure: setup.configure) { _ in
+            try await setup.waitUntilPublished(timeout: .seconds(30))
+        }
+        try await setup.expectExactlyOnce(ids)
+        try await setup.drop()
+    }
+
+    @Test("a relay started on an empty outbox publishes what comes while it runs", arguments: SourceKind.allCases)
+    func startEmpty(_ kind: SourceKind) async throws {
+        let setup = try await ExactlyOnceSetup.make(kind)
+        var ids: [UUID] = []
+        try await withRelay(setup.test, brokers: setup.brokers, batchSize: 50, configure: setup.configure) { relay in
+            try await waitUntil("the relay is active") { relay.isActive }
+            for round in 0..<3 {
+                ids += try await setup.test.appendTicks(streams: 10, perStream: 5, prefix: "round\(round)")
+                try await setup.waitUntilPublished(timeout: .seconds(30))
+            }
+        }
+        try await setup.expectExactlyOnce(ids)
+        try await setup.drop()
+    }
+}

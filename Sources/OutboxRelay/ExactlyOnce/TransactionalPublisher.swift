@@ -90,6 +90,7 @@ struct TransactionalPublisher {
             let producer = try relay.makeProducer(inbox, transactionalID: unit.transactionalID)
             do {
                 if generation == 1 { try await progressLog.ensureTopic(logger: logger) }
+                logger.debug("initializing transactions", metadata: ["kafka.transactional_id": "\(unit.transactionalID)"])
                 try await producer.initTransactions(timeout: configuration.transactionTimeout)
                 var rounds = Rounds(label: "\(unit.transactionalID)/\(instance)-\(generation)")
                 try await resume(&source)
@@ -123,6 +124,7 @@ struct TransactionalPublisher {
     /// Reads the unit's newest committed progress and has the source apply it.
     private func resume<Source: TransactionalSource>(_ source: inout Source) async throws {
         let progress = try await progressLog.latest(unit: unit.name, partition: unit.progressPartition, logger: logger)
+        logger.debug("read the newest committed progress", metadata: ["relay.progress": "\(progress.map { "\($0)" } ?? "none")"])
         try await source.recover(from: progress)
     }
 
