@@ -171,9 +171,16 @@ struct Drain: AsyncParsableCommand {
     @Option(help: "The outbox-relay executable (default: beside this one).") var relay: String?
     @Option(help: "table, or wal: the relay reads the backlog from a replication slot; the PostgreSQL baseline is then pg_recvlogical streaming the same inserts.")
     var source = "table"
+    @Option(help: "The relay's --delivery: at-least-once or exactly-once (its progress topic, --progress-topic, must exist on the mock cluster: scripts/bench creates it).")
+    var delivery = "at-least-once"
+    @Option(help: "With --delivery exactly-once: the relay's progress topic (with at least --partitions partitions).")
+    var progressTopic = "eventoutbox-bench.progress"
 
     func validate() throws {
         guard source == "table" || source == "wal" else { throw ValidationError("--source is 'table' or 'wal'") }
+        guard delivery == "at-least-once" || delivery == "exactly-once" else {
+            throw ValidationError("--delivery is 'at-least-once' or 'exactly-once'")
+        }
         guard source == "table" || (relays == 1 && partitions == 1 && !deletePublished) else {
             throw ValidationError("--relays, --partitions and --delete-published apply to --source table")
         }
@@ -236,10 +243,13 @@ struct Drain: AsyncParsableCommand {
             let processes = try (0..<relays).map { _ in
                 let process = Process()
                 process.executableURL = URL(fileURLWithPath: relayPath)
-                process.arguments = ["--database-url", url, "--brokers", env.brokers, "--batch-size", String(batchSize),
-                                     "--lock-key", String(lockKey), "--log-level", "error", "--partitions", String(partitions)]
-                    + (deletePublished ? ["--delete-published"] : [])
-                    + (wal.map { ["--source", "wal", "--slot", $0.slot, "--publication", $0.publication] } ?? [])
+                var arguments = ["--database-url", url, "--brokers", env.brokers, "--batch-size", String(batchSize),
+                                 "--lock-key", String(lockKey), "--log-level", "error", "--partitions", String(partitions),
+                                 "--delivery", delivery]
+                if deletePublished { arguments.append("--delete-published") }
+                if delivery == "exactly-once" { arguments += ["--transactional-id", topic, "--progress-topic", progressTopic] }
+                if let wal { arguments += ["--source", "wal", "--slot", wal.slot, "--publication", wal.publication] }
+                process.arguments = arguments
                 try process.run()
                 return process
             }
@@ -268,7 +278,7 @@ struct Drain: AsyncParsableCommand {
           }
         }
         print(String(format: "  librdkafka alone (kcat -P, idempotent, acks=all): %.0f msgs/s", kafka))
-        let shape = (source == "wal" ? " --source wal" : "") + (deletePublished ? " --delete-published" : "") + (relays > 1 || partitions > 1 ? " ×\(relays), --partitions \(partitions)" : "")
+        let shape = " --delivery \(delivery)" + (source == "wal" ? " --source wal" : "") + (deletePublished ? " --delete-published" : "") + (relays > 1 || partitions > 1 ? " ×\(relays), --partitions \(partitions)" : "")
         print(String(format: "  outbox-relay%@: %.0f events/s = %.2f x the slower baseline; peak RSS %.1f MB (largest relay)",
                      shape, relayRate, relayRate / min(postgres, kafka), Double(rss) / 1024))
     }

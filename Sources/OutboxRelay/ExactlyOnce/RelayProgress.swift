@@ -8,7 +8,8 @@ import PostgresClient
 /// Kafka holds beyond what the database may know: a relay (re)starting reads it back and brings the database in
 /// line (marks those rows, or confirms its slot to that position) before it publishes anything.
 struct RelayProgress: Sendable, Hashable, Codable {
-    /// The unit of ownership: one per `transactional.id` (the relay's lock, one partition, or one slot).
+    /// The unit of ownership, named by its `transactional.id` (the relay's lock, one partition, or one slot); the
+    /// record's key.
     var unit: String
     /// Names the Kafka transaction: every record of it carries this in the ``transactionHeader`` header.
     var transaction: String

@@ -153,7 +153,7 @@ extension OutboxRelay {
             var source = TableTransactionalSource(
                 relay: self, connection: connection, lockKey: configuration.leaderLockKey, partitions: .all, wakeup: wakeup)
             let engine = TransactionalPublisher(
-                relay: self, unit: PublishingUnit(name: "table", transactionalID: names.prefix, progressPartition: 0),
+                relay: self, unit: PublishingUnit(transactionalID: names.prefix, progressPartition: 0),
                 progressLog: log, wakeup: wakeup)
             try await engine.run(&source)
         }
@@ -223,7 +223,7 @@ extension OutboxRelay {
             partitions: OutboxPartitions(count: configuration.partitions, owned: [partition]), wakeup: wakeup)
         let engine = TransactionalPublisher(
             relay: self,
-            unit: PublishingUnit(name: "p\(partition)", transactionalID: "\(prefix).p\(partition)", progressPartition: Int32(partition)),
+            unit: PublishingUnit(transactionalID: "\(prefix).p\(partition)", progressPartition: Int32(partition)),
             progressLog: log, wakeup: wakeup)
         do {
             try await engine.run(&source) { stop.isSet }

@@ -40,12 +40,12 @@ struct SourceBatch {
     }
 }
 
-/// One unit of ownership of an exactly-once relay: its `transactional.id` and the progress partition only it
-/// writes.
+/// One unit of ownership of an exactly-once relay: its `transactional.id` (also the key of its progress
+/// records) and the progress partition only it writes.
 struct PublishingUnit: Sendable {
-    var name: String
     var transactionalID: String
     var progressPartition: Int32
+    var name: String { transactionalID }
 }
 
 /// The exactly-once engine, shared by both sources: producer generations (init, which fences an earlier

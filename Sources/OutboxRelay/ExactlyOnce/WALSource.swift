@@ -239,7 +239,7 @@ extension OutboxRelay {
                                "relay.progress_topic": "\(names.topic)"])
                 let engine = TransactionalPublisher(
                     relay: self,
-                    unit: PublishingUnit(name: "wal.\(wal.slot)", transactionalID: "\(names.prefix).wal.\(wal.slot)", progressPartition: 0),
+                    unit: PublishingUnit(transactionalID: "\(names.prefix).wal.\(wal.slot)", progressPartition: 0),
                     progressLog: progressLog(topic: names.topic, partitions: 1), wakeup: wakeup)
                 backoff.reset()
                 try await engine.run(&source)
