@@ -33,6 +33,9 @@ public final class KafkaConsumer: Sendable {
         "enable.auto.commit": "false",
         "auto.offset.reset": "earliest",
         "enable.partition.eof": "false",
+        // librdkafka's default too, stated because it matters: records of aborted transactions (an exactly-once
+        // relay's, after a crash or a fault) are never delivered. Java's default is read_uncommitted.
+        "isolation.level": "read_committed",
         // librdkafka backs off up to 10 s between reconnects; after an outage that is up to 10 s more of
         // nothing once the brokers are back. 1 s is the Java client's ceiling too.
         "reconnect.backoff.max.ms": "1000",

@@ -281,6 +281,12 @@ struct ExactlyOnceUnitTests {
         #expect(outcome([.purgedInFlight, .messageSizeTooLarge, nil]) == "abort MSG_SIZE_TOO_LARGE dead letters [2]")
     }
 
+    @Test("the toolkit's consumers read read_committed: records of aborted transactions never reach a projection")
+    func consumersReadCommitted() {
+        #expect(KafkaConsumer.defaultProperties["isolation.level"] == "read_committed")
+        #expect(KafkaPartitionReader.defaultProperties["isolation.level"] == "read_committed")
+    }
+
     @Test("after a failed call: abort and resume, or a new producer (fenced, fatal, unknown outcome)")
     func failureResponse() {
         #expect(TransactionFailureResponse(KafkaError(code: .requestTimedOut, message: "", requiresAbort: true)) == .abortAndResume)
