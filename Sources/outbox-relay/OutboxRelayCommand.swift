@@ -28,6 +28,13 @@ struct OutboxRelayCommand: AsyncParsableCommand {
             means waiting; nothing is dropped. A row Kafka can never accept goes to the dead-letter table (see \
             `eventoutbox dead-letters`) and holds back its stream.
 
+            With --delivery exactly-once, each batch is one Kafka transaction that also carries a progress record \
+            of the relay (a compacted topic, --progress-topic); on start and after any failure the relay reads it \
+            back and brings the database in line before publishing, so read_committed consumers see every event \
+            exactly once, whatever crashes (Java consumers: isolation.level=read_committed). A relay that lost its \
+            lock or slot is fenced by the new owner's transactional.id and commits nothing more. Slower than \
+            at-least-once today (README, "Measurements").
+
             With --source wal, the relay reads the outbox's inserts from the write-ahead log through a logical \
             replication slot instead: no UPDATE per row, no NOTIFY needed by appends, transactions in commit \
             order. The slot is confirmed only past transactions Kafka fully acknowledged. Set it up once with \

@@ -173,6 +173,9 @@ extension OutboxRelay {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { await self.listenForAppends() }
             defer { group.cancelAll() }
+            // Tries partition locks; once one is won, this connection goes to its engine and a new one is made.
+            var spare: PostgresConnection?
+            defer { if let spare { Task { await spare.close() } } }
             while !isStopping {
                 let members = try await ownership.members(on: connection)
                 let target = PartitionOwnership.target(partitions: configuration.partitions, members: members)
@@ -188,11 +191,13 @@ extension OutboxRelay {
                         let partition = (start + offset) % configuration.partitions
                         guard !owned.contains(partition) else { continue }
                         let key = configuration.leaderLockKey &+ Int64(partition)
-                        let unitConnection = try await PostgresConnection.connect(to: configuration.databaseURL)
-                        guard try await AdvisoryLocks.tryLock(key, on: unitConnection) else {
-                            await unitConnection.close()
-                            continue
+                        let unitConnection: PostgresConnection
+                        if let spare { unitConnection = spare } else {
+                            unitConnection = try await PostgresConnection.connect(to: configuration.databaseURL)
                         }
+                        spare = unitConnection
+                        guard try await AdvisoryLocks.tryLock(key, on: unitConnection) else { continue }
+                        spare = nil
                         taken += 1
                         let flag = StopFlag()
                         running.withLock { $0[partition] = flag }

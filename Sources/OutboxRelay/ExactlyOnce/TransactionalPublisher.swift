@@ -78,6 +78,7 @@ struct TransactionalPublisher {
     func run<Source: TransactionalSource>(_ source: inout Source, shouldStop: @Sendable () -> Bool = { false }) async throws {
         var backoff = Backoff(max: configuration.maxBackoff)
         var generation = 0
+        var topicReady = false
         while !relay.isStopping && !shouldStop() {
             generation += 1
             if generation > 1 {
@@ -89,7 +90,10 @@ struct TransactionalPublisher {
             let inbox = ProducerInbox(wakeup: wakeup)
             let producer = try relay.makeProducer(inbox, transactionalID: unit.transactionalID)
             do {
-                if generation == 1 { try await progressLog.ensureTopic(logger: logger) }
+                if !topicReady {
+                    try await progressLog.ensureTopic(logger: logger)
+                    topicReady = true
+                }
                 logger.debug("initializing transactions", metadata: ["kafka.transactional_id": "\(unit.transactionalID)"])
                 try await producer.initTransactions(timeout: configuration.transactionTimeout)
                 var rounds = Rounds(label: "\(unit.transactionalID)/\(instance)-\(generation)")
@@ -172,23 +176,22 @@ struct TransactionalPublisher {
                 }
                 if case .abort = round.next { break }
             }
-            let outcome = try await settle(&round, &spans, inbox)
-            switch outcome {
-            case .stopped:
+            switch try await settle(&round, &spans, inbox) {
+            case nil, .wait?:
                 try? await producer.abortTransaction(timeout: configuration.shutdownTimeout)
                 return
-            case .abort(let deadLetters, let reason):
+            case .abort(let deadLetters, let reason)?:
                 try await abort(producer, reason, deadLetters: deadLetters, &source)
-            case .sendProgress(let deliveries):
+            case .sendProgress(let deliveries)?:
                 try await commit(producer, batch, deliveries, round.label, &source)
-            case .wait:
-                preconditionFailure("settle returns only a decision")
             }
         }
     }
 
-    /// Waits for every report of the round (or a failure, or the shutdown deadline). `.wait` means stopped.
-    private func settle(_ round: inout TransactionRound, _ spans: inout PublishSpans, _ inbox: ProducerInbox) async throws -> Settled {
+    /// Waits for every report of the round, or a failure; `nil` once the shutdown deadline passed.
+    private func settle(
+        _ round: inout TransactionRound, _ spans: inout PublishSpans, _ inbox: ProducerInbox
+    ) async throws -> TransactionRound.Next? {
         var shutdownDeadline: ContinuousClock.Instant?
         while true {
             for report in inbox.take() {
@@ -197,29 +200,16 @@ struct TransactionalPublisher {
             }
             if let fatal = inbox.fatalError { throw fatal }
             let next = round.next
-            if !next.isWait { return Settled(next) }
+            if !next.isWait { return next }
             if relay.isStopping {
                 let deadline = shutdownDeadline ?? .now + configuration.shutdownTimeout
                 shutdownDeadline = deadline
                 if ContinuousClock.now >= deadline {
                     logger.warning("shutdown timeout: the open transaction is aborted; its rows stay waiting")
-                    return .stopped
+                    return nil
                 }
             }
             await wakeup.wait(timeout: .milliseconds(50))
-        }
-    }
-
-    private enum Settled {
-        case wait, stopped
-        case sendProgress([OutboxTable.Delivery])
-        case abort(deadLetters: [OutboxRow], reason: KafkaError)
-        init(_ next: TransactionRound.Next) {
-            switch next {
-            case .wait: self = .wait
-            case .sendProgress(let deliveries): self = .sendProgress(deliveries)
-            case .abort(let deadLetters, let reason): self = .abort(deadLetters: deadLetters, reason: reason)
-            }
         }
     }
 
