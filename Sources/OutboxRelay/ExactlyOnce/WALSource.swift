@@ -120,34 +120,11 @@ struct WALTransactionalSource: TransactionalSource {
         }
     }
 
-    /// Drops rows of streams held behind a dead letter (recording each as held); a dead letter retried since
-    /// (`eventoutbox dead-letters retry`) releases its stream.
+    /// Drops rows of streams held behind a dead letter (recording each as held).
     private mutating func withoutHeld(_ rows: [OutboxRow]) async throws -> [OutboxRow] {
         guard !heldStreams.isEmpty else { return rows }
         var kept: [OutboxRow] = []
-        for row in rows {
-            guard heldStreams.contains(row.streamID) else {
-                kept.append(row)
-                continue
-            }
-            guard let first = try await relay.table.firstDeadLetter(ofStream: row.streamID, on: connection) else {
-                heldStreams.remove(row.streamID)
-                kept.append(row)
-                continue
-            }
-            guard first.streamVersion <= row.streamVersion else {
-                kept.append(row)
-                continue
-            }
-            if first.outboxID != row.id {
-                try await relay.table.deadLetter(
-                    row, error: "held back behind dead letter \(first.outboxID) of its stream", heldBehind: first.outboxID,
-                    on: connection)
-                logger.warning(
-                    "outbox row held back behind a dead letter of its stream",
-                    metadata: ["outbox.id": "\(row.id)", "stream.id": "\(row.streamID)", "dead_letter": "\(first.outboxID)"])
-            }
-        }
+        for row in rows where try await !relay.holdsBack(row, &heldStreams, on: connection) { kept.append(row) }
         return kept
     }
 
@@ -200,32 +177,7 @@ extension OutboxRelay {
         var confirmed = PostgresLSN.zero
         var standingBy = false
         while !isStopping {
-            let stream: PostgresReplicationStream
-            let connection: PostgresConnection
-            let status: OutboxWAL.Status
-            do {
-                connection = try await PostgresConnection.connect(to: configuration.databaseURL)
-                status = try await wal.status(on: connection)
-                let problems = wal.problems(in: status)
-                guard problems.isEmpty else { throw WALSetupError(problems: problems) }
-                stream = try await PostgresReplicationStream.start(
-                    url: configuration.databaseURL, slot: wal.slot, publications: [wal.publication], startLSN: confirmed)
-            } catch let error as PostgresError where error.sqlState == "55006" {
-                if !standingBy {
-                    logger.info("another relay is streaming the replication slot; standing by", metadata: ["wal.slot": "\(wal.slot)"])
-                    standingBy = true
-                }
-                await sleepUnlessStopping(configuration.standbyRetryInterval)
-                continue
-            } catch {
-                let delay = backoff.next()
-                logger.error(
-                    "cannot stream the outbox from the WAL; retrying",
-                    metadata: ["error": "\(error)", "wal.slot": "\(wal.slot)", "retry.in": "\(delay)"])
-                await sleepUnlessStopping(delay)
-                continue
-            }
-            standingBy = false
+            guard let (stream, connection, status) = await awaitReplication(wal, from: confirmed, &backoff, &standingBy) else { return }
             setActive(true)
             let slotConfirmed = status.slot?.confirmedFlushLSN.flatMap(PostgresLSN.init) ?? .zero
             var source = WALTransactionalSource(

@@ -23,40 +23,51 @@ extension OutboxRelay {
         guard problems.isEmpty else { throw WALSetupError(problems: problems) }
     }
 
+    /// Starts streaming the slot from `lsn` (or the slot's position, if later), with a connection for the relay's
+    /// other statements: retries with backoff after failures, stands by while another relay streams it (55006).
+    /// `nil` once the relay stops.
+    func awaitReplication(
+        _ wal: OutboxWAL, from lsn: PostgresLSN, _ backoff: inout Backoff, _ standingBy: inout Bool
+    ) async -> (PostgresReplicationStream, PostgresConnection, OutboxWAL.Status)? {
+        while !isStopping {
+            var connection: PostgresConnection?
+            do {
+                let opened = try await PostgresConnection.connect(to: configuration.databaseURL)
+                connection = opened
+                let status = try await wal.status(on: opened)
+                let problems = wal.problems(in: status)
+                guard problems.isEmpty else { throw WALSetupError(problems: problems) }
+                let stream = try await PostgresReplicationStream.start(
+                    url: configuration.databaseURL, slot: wal.slot, publications: [wal.publication], startLSN: lsn)
+                standingBy = false
+                return (stream, opened, status)
+            } catch let error as PostgresError where error.sqlState == "55006" {
+                await connection?.close()
+                if !standingBy {
+                    logger.info("another relay is streaming the replication slot; standing by", metadata: ["wal.slot": "\(wal.slot)"])
+                    standingBy = true
+                }
+                await sleepUnlessStopping(configuration.standbyRetryInterval)
+            } catch {
+                await connection?.close()
+                let delay = backoff.next()
+                logger.error(
+                    "cannot stream the outbox from the WAL; retrying",
+                    metadata: ["error": "\(error)", "wal.slot": "\(wal.slot)", "retry.in": "\(delay)"])
+                await sleepUnlessStopping(delay)
+            }
+        }
+        return nil
+    }
+
     func superviseReplication(_ wal: OutboxWAL) async {
         var backoff = Backoff(max: configuration.maxBackoff)
         // What this process has confirmed; a new stream resumes there (or at the slot's position, if later).
         var confirmed = PostgresLSN.zero
         var standingBy = false
         while !isStopping {
-            let stream: PostgresReplicationStream
-            let connection: PostgresConnection
-            let schema: String
-            do {
-                connection = try await PostgresConnection.connect(to: configuration.databaseURL)
-                let status = try await wal.status(on: connection)
-                let problems = wal.problems(in: status)
-                guard problems.isEmpty else { throw WALSetupError(problems: problems) }
-                schema = status.schema
-                stream = try await PostgresReplicationStream.start(
-                    url: configuration.databaseURL, slot: wal.slot, publications: [wal.publication], startLSN: confirmed)
-            } catch let error as PostgresError where error.sqlState == "55006" {
-                if !standingBy {
-                    logger.info("another relay is streaming the replication slot; standing by", metadata: ["wal.slot": "\(wal.slot)"])
-                    standingBy = true
-                }
-                await sleepUnlessStopping(configuration.standbyRetryInterval)
-                continue
-            } catch {
-                let delay = backoff.next()
-                logger.error(
-                    "cannot stream the outbox from the WAL; retrying",
-                    metadata: ["error": "\(error)", "wal.slot": "\(wal.slot)", "retry.in": "\(delay)"])
-                await sleepUnlessStopping(delay)
-                continue
-            }
-            standingBy = false
-            setActive(true)
+            guard let (stream, connection, status) = await awaitReplication(wal, from: confirmed, &backoff, &standingBy) else { return }
+            let schema = status.schema
             logger.info("this relay is streaming the outbox from the WAL", metadata: ["wal.slot": "\(wal.slot)", "wal.from": "\(confirmed)"])
             let inbox = ProducerInbox(wakeup: wakeup)
             var generation = ReplicationGeneration(
@@ -83,6 +94,27 @@ extension OutboxRelay {
                 metadata: ["error": "\(error)", "wal.confirmed": "\(confirmed)", "retry.in": "\(delay)"])
             await sleepUnlessStopping(delay)
         }
+    }
+}
+
+extension OutboxRelay {
+    /// For a row read from the WAL: whether it must wait behind a dead letter of its stream (then it is recorded
+    /// as held behind it). A dead letter retried since (`eventoutbox dead-letters retry`) releases the stream.
+    func holdsBack(_ row: OutboxRow, _ heldStreams: inout Set<String>, on connection: PostgresConnection) async throws -> Bool {
+        guard heldStreams.contains(row.streamID) else { return false }
+        guard let first = try await table.firstDeadLetter(ofStream: row.streamID, on: connection) else {
+            heldStreams.remove(row.streamID)
+            return false
+        }
+        guard first.streamVersion <= row.streamVersion else { return false }
+        if first.outboxID != row.id {
+            try await table.deadLetter(
+                row, error: "held back behind dead letter \(first.outboxID) of its stream", heldBehind: first.outboxID, on: connection)
+            logger.warning(
+                "outbox row held back behind a dead letter of its stream",
+                metadata: ["outbox.id": "\(row.id)", "stream.id": "\(row.streamID)", "dead_letter": "\(first.outboxID)"])
+        }
+        return true
     }
 }
 
@@ -277,7 +309,7 @@ private struct ReplicationGeneration {
         guard !rows.isEmpty else { return }
         await producer.prepare(topics: Array(Set(rows.map(\.row.topic))))
         for (transaction, row) in rows {
-            if heldStreams.contains(row.streamID), try await holdBack(row) { continue }
+            if try await relay.holdsBack(row, &heldStreams, on: connection) { continue }
             let message = row.kafkaMessage()
             let id = nextMessageID
             while true {
@@ -296,24 +328,6 @@ private struct ReplicationGeneration {
                 break
             }
         }
-    }
-
-    /// For a row of a stream with a dead letter: whether it must wait (then it is recorded as held behind the
-    /// dead letter). A dead letter retried since (`eventoutbox dead-letters retry`) releases the stream.
-    private mutating func holdBack(_ row: OutboxRow) async throws -> Bool {
-        guard let first = try await relay.table.firstDeadLetter(ofStream: row.streamID, on: connection) else {
-            heldStreams.remove(row.streamID)
-            return false
-        }
-        guard first.streamVersion <= row.streamVersion else { return false }
-        if first.outboxID != row.id {
-            try await relay.table.deadLetter(
-                row, error: "held back behind dead letter \(first.outboxID) of its stream", heldBehind: first.outboxID, on: connection)
-            logger.warning(
-                "outbox row held back behind a dead letter of its stream",
-                metadata: ["outbox.id": "\(row.id)", "stream.id": "\(row.streamID)", "dead_letter": "\(first.outboxID)"])
-        }
-        return true
     }
 
     private mutating func deadLetter(_ row: OutboxRow, _ error: KafkaError) async throws {
