@@ -175,6 +175,9 @@ struct Drain: AsyncParsableCommand {
     var delivery = "at-least-once"
     @Option(help: "With --delivery exactly-once: the relay's progress topic (with at least --partitions partitions).")
     var progressTopic = "eventoutbox-bench.progress"
+    @Option(name: .customLong("relay-arg"), parsing: .unconditionalSingleValue,
+            help: "An extra argument for outbox-relay (repeatable), e.g. --relay-arg=--kafka-property --relay-arg=linger.ms=0.")
+    var relayArguments: [String] = []
 
     func validate() throws {
         guard source == "table" || source == "wal" else { throw ValidationError("--source is 'table' or 'wal'") }
@@ -249,7 +252,7 @@ struct Drain: AsyncParsableCommand {
                 if deletePublished { arguments.append("--delete-published") }
                 if delivery == "exactly-once" { arguments += ["--transactional-id", topic, "--progress-topic", progressTopic] }
                 if let wal { arguments += ["--source", "wal", "--slot", wal.slot, "--publication", wal.publication] }
-                process.arguments = arguments
+                process.arguments = arguments + relayArguments
                 try process.run()
                 return process
             }

@@ -115,6 +115,11 @@ struct BankCommandLineTests {
             ("account-projector", ["--rebuild", "nope"], "unknown projection"),
             ("account-projector", ["--retry-dead-letter", "x"], "x"),
             ("outbox-relay", ["--source", "kafka"], "source"),
+            ("outbox-relay", ["--delivery", "twice"], "'exactly-once' or 'at-least-once'"),
+            ("outbox-relay", ["--transactional-id", "x"], "apply to --delivery exactly-once"),
+            ("outbox-relay", ["--delivery", "exactly-once", "--transaction-timeout", "0"], "--transaction-timeout"),
+            ("outbox-relay", ["--delivery", "exactly-once", "--transaction-timeout", "nan"], "--transaction-timeout"),
+            ("outbox-relay", ["--delivery", "exactly-once", "--progress-topic", "bad topic"], "--progress-topic"),
             ("accounts-service", ["--port", "70000"], "--port"),
         ]
         for (tool, arguments, reason) in cases {
