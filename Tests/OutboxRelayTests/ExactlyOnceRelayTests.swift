@@ -257,6 +257,32 @@ struct ExactlyOnceUnitTests {
         }
     }
 
+    @Test("the newest progress record counts unless a newer producer had claimed the unit before it was stored")
+    func claims() {
+        func record(_ label: String, claim: Bool = false, ids: [Int64] = []) -> (key: String?, progress: RelayProgress) {
+            var progress = RelayProgress(unit: "u", transaction: label)
+            if claim { progress.claim = true } else { progress.outboxIDs = IDRanges(ids) }
+            return (claim ? RelayProgress.claimKey("u") : "u", progress)
+        }
+        let a = "u/aaaa-1", b = "u/bbbb-1"
+        #expect(RelayProgress.validLatest([], unit: "u") == nil)
+        #expect(RelayProgress.validLatest([record("\(a).claim", claim: true)], unit: "u") == nil)
+        // A committed, then B claimed: B resumes from A's last record.
+        #expect(RelayProgress.validLatest(
+            [record("\(a).claim", claim: true), record("\(a).1", ids: [1]), record("\(a).2", ids: [2]), record("\(b).claim", claim: true)],
+            unit: "u")?.transaction == "\(a).2")
+        // A's record stored after B's claim (a fenced producer on a broker that does not check epochs) never counts.
+        #expect(RelayProgress.validLatest(
+            [record("\(a).claim", claim: true), record("\(a).1", ids: [1]), record("\(b).claim", claim: true), record("\(a).2", ids: [2])],
+            unit: "u")?.transaction == "\(a).1")
+        #expect(RelayProgress.validLatest(
+            [record("\(a).1", ids: [1]), record("\(b).claim", claim: true), record("\(a).2", ids: [2]), record("\(b).1", ids: [3])],
+            unit: "u")?.transaction == "\(b).1")
+        // Another unit's records are not this unit's.
+        #expect(RelayProgress.validLatest([(key: "other", progress: record("x/y-1.1", ids: [9]).progress)], unit: "u") == nil)
+        #expect(RelayProgress(unit: "u", transaction: "eventoutbox-relay.db.public/ab12-3.17").generation == "eventoutbox-relay.db.public/ab12-3")
+    }
+
     private func outcome(_ reports: [KafkaError.Code?], sent: Int? = nil) -> String {
         var round = TransactionRound(label: "t")
         for index in 0..<(sent ?? reports.count) { round.sent(row(Int64(index + 1)), messageID: UInt64(index + 1)) }

@@ -4,12 +4,12 @@ import KafkaClient
 /// What a `read_committed` consumer sees of a topic written by the exactly-once relay.
 ///
 /// librdkafka's mock cluster writes no transaction markers: its Fetch answers with the log end as last stable
-/// offset and no aborted transactions, and its EndTxn ignores commit or abort (rdkafka_mock_handlers.c). So on
-/// the mock every consumer also sees records of aborted transactions. This view rebuilds what a real broker
-/// would show: a record counts only if its transaction (header `eventoutbox-transaction`) ended with a progress
-/// record in the relay's progress topic. That is also the rule the relay itself applies on restart (it trusts
-/// the newest progress record it can read), so the view and the relay agree on the mock as a real broker and
-/// the relay agree on a real cluster.
+/// offset and no aborted transactions, and its EndTxn ignores commit or abort (rdkafka_mock_handlers.c); nor does
+/// it refuse a fenced producer's Produce requests. So on the mock every consumer also sees records of aborted
+/// transactions. This view rebuilds what a real broker would show: a record counts only if its transaction
+/// (header `eventoutbox-transaction`) ended with a progress record in the relay's progress topic, stored before
+/// any newer producer of the same unit claimed it. That is the rule the relay itself applies on restart, so on
+/// the mock the view and the relay agree as a real broker and the relay agree on a real cluster.
 public struct CommittedView {
     /// Records counted as committed, in the order read.
     public let messages: [KafkaMessage]
@@ -41,10 +41,21 @@ public struct CommittedView {
         let reader = try await KafkaTopicReader.readAll(ids, brokers: brokers, topic: topic, timeout: timeout)
         let progress = try KafkaPartitionReader(
             configuration: KafkaConfiguration(bootstrapServers: brokers, properties: ["log_level": "3"]))
+        // A transaction counts if its progress record is stored before any newer producer generation of its unit
+        // claimed the unit (a real broker refuses an older producer's records after that; the mock does not).
         var committed: Set<String> = []
         for partition in 0..<progressPartitions {
+            var claimedBy: [String: Substring] = [:]
             for record in try await progress.readToEnd(topic: progressTopic, partition: partition, timeout: timeout) {
-                if let label = record.header("eventoutbox-transaction")?.stringValue { committed.insert(label) }
+                guard let label = record.header("eventoutbox-transaction")?.stringValue, let key = record.keyString,
+                    let dot = label.lastIndex(of: ".")
+                else { continue }
+                let generation = label[..<dot]
+                if key.hasSuffix("#claim") {
+                    claimedBy[String(key.dropLast("#claim".count))] = generation
+                } else if claimedBy[key].map({ $0 == generation }) ?? true {
+                    committed.insert(label)
+                }
             }
         }
         var kept: [KafkaMessage] = []

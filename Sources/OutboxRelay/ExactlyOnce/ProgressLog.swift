@@ -39,19 +39,23 @@ struct ProgressLog: Sendable {
         }
     }
 
-    /// The record that ends a transaction of `unit`.
+    /// The record that ends a transaction of `unit`, or claims the unit for a new producer.
     func record(_ progress: RelayProgress, partition: Int32) -> KafkaOutgoingMessage {
         KafkaOutgoingMessage(
-            topic: topic, key: Array(progress.unit.utf8), value: progress.encoded(),
+            topic: topic, key: Array((progress.claim == true ? RelayProgress.claimKey(progress.unit) : progress.unit).utf8),
+            value: progress.encoded(),
             headers: [KafkaHeader(name: RelayProgress.transactionHeader, value: progress.transaction)], partition: partition)
     }
 
-    /// The newest committed progress of `unit` (`nil` if it never committed one). Read `read_committed`;
-    /// call it only after the unit's producer has initialized its transactions.
+    /// The newest committed progress of `unit` that counts (`nil` if none), read `read_committed`; call it only
+    /// after the unit's producer has initialized its transactions and committed its claim.
     func latest(unit: String, partition: Int32, logger: Logger) async throws -> RelayProgress? {
         let reader = try KafkaPartitionReader(configuration: kafka, logger: logger)
         let messages = try await reader.readToEnd(topic: topic, partition: partition, timeout: readTimeout)
-        guard let last = messages.last(where: { $0.keyString == unit }) else { return nil }
-        return try RelayProgress.decode(last.value, at: "\(topic) [\(partition)] offset \(last.offset)")
+        let ours = try messages.compactMap { message -> (key: String?, progress: RelayProgress)? in
+            guard message.keyString == unit || message.keyString == RelayProgress.claimKey(unit) else { return nil }
+            return (message.keyString, try RelayProgress.decode(message.value, at: "\(topic) [\(partition)] offset \(message.offset)"))
+        }
+        return RelayProgress.validLatest(ours, unit: unit)
     }
 }

@@ -17,6 +17,9 @@ struct RelayProgress: Sendable, Hashable, Codable {
     var outboxIDs: IDRanges?
     /// WAL source: the commit end of the last PostgreSQL transaction it published, whole.
     var walPosition: String?
+    /// A claim: written by a new producer right after its init, before it reads the progress back. It covers
+    /// nothing; it marks where that producer's ownership begins (see ``validLatest(_:unit:)``).
+    var claim: Bool?
 
     /// The header naming the Kafka transaction a record was published in.
     static let transactionHeader = "eventoutbox-transaction"
@@ -27,6 +30,32 @@ struct RelayProgress: Sendable, Hashable, Codable {
         case unit, transaction
         case outboxIDs = "outbox_ids"
         case walPosition = "wal_position"
+        case claim
+    }
+
+    /// The producer generation that wrote this record: the transaction label without its last part.
+    var generation: Substring {
+        transaction.lastIndex(of: ".").map { transaction[..<$0] } ?? transaction[...]
+    }
+
+    /// The key of a unit's claims, apart from its progress records so that compaction keeps the newest of each.
+    static func claimKey(_ unit: String) -> String { unit + "#claim" }
+
+    /// The newest progress record of `unit` that counts, from its partition's records in order: a record
+    /// counts unless a newer producer generation had claimed the unit before it was stored. A real broker
+    /// never stores such a record (the older producer is fenced), but a test broker that does not check
+    /// producer epochs on Produce (librdkafka's mock) does: this keeps the relay right there too.
+    static func validLatest(_ records: [(key: String?, progress: RelayProgress)], unit: String) -> RelayProgress? {
+        var claimedBy: Substring?
+        var latest: RelayProgress?
+        for (key, progress) in records {
+            if key == claimKey(unit), progress.claim == true {
+                claimedBy = progress.generation
+            } else if key == unit, claimedBy == nil || progress.generation == claimedBy {
+                latest = progress
+            }
+        }
+        return latest
     }
 
     func encoded() -> [UInt8] {

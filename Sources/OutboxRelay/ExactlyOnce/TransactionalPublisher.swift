@@ -97,6 +97,7 @@ struct TransactionalPublisher {
                 logger.debug("initializing transactions", metadata: ["kafka.transactional_id": "\(unit.transactionalID)"])
                 try await producer.initTransactions(timeout: configuration.transactionTimeout)
                 var rounds = Rounds(label: "\(unit.transactionalID)/\(instance)-\(generation)")
+                try await claim(producer, generation: rounds.label)
                 try await resume(&source)
                 backoff.reset()
                 try await publish(producer, inbox, &source, &rounds, shouldStop)
@@ -123,6 +124,16 @@ struct TransactionalPublisher {
                 throw error
             }
         }
+    }
+
+    /// Commits a claim record: where this producer's ownership of the unit begins in the progress partition.
+    private func claim(_ producer: KafkaProducer, generation: String) async throws {
+        var claim = RelayProgress(unit: unit.name, transaction: "\(generation).claim")
+        claim.claim = true
+        try producer.beginTransaction()
+        let report = try await producer.enqueue(progressLog.record(claim, partition: unit.progressPartition)).report()
+        if let error = report.error { throw error }
+        try await producer.commitTransaction(timeout: configuration.transactionTimeout)
     }
 
     /// Reads the unit's newest committed progress and has the source apply it.
