@@ -68,7 +68,9 @@ struct WALTransactionalSource: TransactionalSource {
             let messages = try await stream.receive(limit: limit, timeout: complete.isEmpty ? .milliseconds(100) : .milliseconds(5))
             try await read(decoder.decode(messages))
             if replyRequested || ContinuousClock.now - lastConfirm >= .seconds(1) { try await confirm() }
-            if messages.isEmpty && (!complete.isEmpty || ContinuousClock.now >= deadline || relay.isStopping) { break }
+            // The server may send something (keepalives, other tables' transactions) every round: a stop or the poll
+            // interval must end the wait all the same. A transaction half read stays in `open` for the next call.
+            if (messages.isEmpty && !complete.isEmpty) || ContinuousClock.now >= deadline || relay.isStopping { break }
         }
         guard !complete.isEmpty else { return nil }
         var rows: [OutboxRow] = []
