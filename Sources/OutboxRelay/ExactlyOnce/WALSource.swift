@@ -106,13 +106,7 @@ struct WALTransactionalSource: TransactionalSource {
                 }
                 open!.append(row)
             case .unreadable(let outboxID, let reason):
-                let moved = try await relay.table.moveToDeadLetters(outboxID, error: reason, on: connection)
-                relay.metrics.deadLettered.increment()
-                logger.error(
-                    moved
-                        ? "outbox row from the WAL cannot be read; moved to dead letters"
-                        : "outbox row from the WAL cannot be read and is no longer in the outbox; it is not published",
-                    metadata: ["outbox.id": "\(outboxID)", "error": "\(reason)"])
+                try await relay.deadLetterUnreadable(outboxID, reason, on: connection)
             case .commit(let endLSN):
                 if let rows = open, endLSN > published { complete.append((rows, endLSN)) }
                 open = nil

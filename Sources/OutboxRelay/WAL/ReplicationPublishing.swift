@@ -98,6 +98,18 @@ extension OutboxRelay {
 }
 
 extension OutboxRelay {
+    /// An insert read from the WAL that cannot be read as an outbox row goes to dead letters, if the row is still
+    /// in the outbox.
+    func deadLetterUnreadable(_ id: Int64, _ reason: String, on connection: PostgresConnection) async throws {
+        let moved = try await table.moveToDeadLetters(id, error: reason, on: connection)
+        metrics.deadLettered.increment()
+        logger.error(
+            moved
+                ? "outbox row from the WAL cannot be read; moved to dead letters"
+                : "outbox row from the WAL cannot be read and is no longer in the outbox; it is not published",
+            metadata: ["outbox.id": "\(id)", "error": "\(reason)"])
+    }
+
     /// For a row read from the WAL: whether it must wait behind a dead letter of its stream (then it is recorded
     /// as held behind it). A dead letter retried since (`eventoutbox dead-letters retry`) releases the stream.
     func holdsBack(_ row: OutboxRow, _ heldStreams: inout Set<String>, on connection: PostgresConnection) async throws -> Bool {
@@ -280,7 +292,7 @@ private struct ReplicationGeneration {
                 }
                 batch.append((transaction, row))
             case .unreadable(let outboxID, let reason):
-                try await deadLetterUnreadable(outboxID, reason)
+                try await relay.deadLetterUnreadable(outboxID, reason, on: connection)
             case .commit(let endLSN):
                 // Rows are handed to the producer before their transaction counts as committed.
                 try await enqueue(batch, producer)
@@ -295,16 +307,6 @@ private struct ReplicationGeneration {
     }
 
     /// An insert that cannot be read as an outbox row goes to dead letters if the row is still in the outbox.
-    private func deadLetterUnreadable(_ id: Int64, _ reason: String) async throws {
-        let moved = try await relay.table.moveToDeadLetters(id, error: reason, on: connection)
-        relay.metrics.deadLettered.increment()
-        logger.error(
-            moved
-                ? "outbox row from the WAL cannot be read; moved to dead letters"
-                : "outbox row from the WAL cannot be read and is no longer in the outbox; it is not published",
-            metadata: ["outbox.id": "\(id)", "error": "\(reason)"])
-    }
-
     private mutating func enqueue(_ rows: [(transaction: UInt64, row: OutboxRow)], _ producer: KafkaProducer) async throws {
         guard !rows.isEmpty else { return }
         await producer.prepare(topics: Array(Set(rows.map(\.row.topic))))
