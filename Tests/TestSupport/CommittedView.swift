@@ -11,7 +11,7 @@ import KafkaClient
 /// any newer producer of the same unit claimed it. That is the rule the relay itself applies on restart, so on
 /// the mock the view and the relay agree as a real broker and the relay agree on a real cluster.
 public struct CommittedView {
-    /// Records counted as committed, in the order read.
+    /// Records counted as committed, partition by partition, each in offset order.
     public let messages: [KafkaMessage]
     /// Records of transactions without a progress record: what a real broker hides from read_committed readers.
     public let aborted: Int
@@ -33,20 +33,47 @@ public struct CommittedView {
         return versions.filter { _, list in list != Array(1...Int64(list.count)) }.keys.sorted()
     }
 
-    /// Reads `topic` until every id in `ids` arrived, then the whole progress topic, and keeps what committed.
+    /// Reads the progress topic, then every partition of `topic` to its end, and keeps what committed; repeats
+    /// until every id in `ids` is among the committed records (a relay may still be writing) or `timeout` passes,
+    /// then returns what it has for the caller's assertions.
+    ///
+    /// Reading every partition to its end matters: an id's first copy can sit in an aborted transaction (the
+    /// mock keeps it) while its committed copy lies further on in another partition; a reader that stops once
+    /// every id has appeared somewhere would miss that copy.
     public static func read(
         _ ids: [UUID], brokers: String, topic: String, progressTopic: String, progressPartitions: Int32 = 1,
         timeout: Duration = .seconds(120)
     ) async throws -> CommittedView {
-        let reader = try await KafkaTopicReader.readAll(ids, brokers: brokers, topic: topic, timeout: timeout)
-        let progress = try KafkaPartitionReader(
-            configuration: KafkaConfiguration(bootstrapServers: brokers, properties: ["log_level": "3"]))
-        // A transaction counts if its progress record is stored before any newer producer generation of its unit
-        // claimed the unit (a real broker refuses an older producer's records after that; the mock does not).
+        let configuration = KafkaConfiguration(bootstrapServers: brokers, properties: ["log_level": "3"])
+        let reader = try KafkaPartitionReader(configuration: configuration)
+        guard let partitions = try await KafkaAdmin(configuration: configuration).partitionCount(of: topic) else {
+            throw KafkaError(code: .unknownTopicOrPartition, message: "topic \(topic) does not exist")
+        }
+        let wanted = Set(ids.map { $0.uuidString.lowercased() })
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            let committed = try await committedTransactions(
+                reader, progressTopic: progressTopic, partitions: progressPartitions, timeout: timeout)
+            var records: [KafkaMessage] = []
+            for partition in 0..<partitions {
+                records += try await reader.readToEnd(topic: topic, partition: partition, timeout: timeout)
+            }
+            let view = CommittedView(records, committed: committed)
+            if Set(view.counts.keys).isSuperset(of: wanted) || ContinuousClock.now >= deadline { return view }
+            try await Task.sleep(for: .milliseconds(200))
+        }
+    }
+
+    /// Labels of the transactions that count: their progress record is stored before any newer producer
+    /// generation of their unit claimed the unit (a real broker refuses an older producer's records after
+    /// that; the mock does not).
+    private static func committedTransactions(
+        _ reader: KafkaPartitionReader, progressTopic: String, partitions: Int32, timeout: Duration
+    ) async throws -> Set<String> {
         var committed: Set<String> = []
-        for partition in 0..<progressPartitions {
+        for partition in 0..<partitions {
             var claimedBy: [String: Substring] = [:]
-            for record in try await progress.readToEnd(topic: progressTopic, partition: partition, timeout: timeout) {
+            for record in try await reader.readToEnd(topic: progressTopic, partition: partition, timeout: timeout) {
                 guard let label = record.header("eventoutbox-transaction")?.stringValue, let key = record.keyString,
                     let dot = label.lastIndex(of: ".")
                 else { continue }
@@ -58,9 +85,13 @@ public struct CommittedView {
                 }
             }
         }
+        return committed
+    }
+
+    private init(_ records: [KafkaMessage], committed: Set<String>) {
         var kept: [KafkaMessage] = []
         var aborted = 0
-        for message in reader.messages {
+        for message in records {
             if let label = message.header("eventoutbox-transaction")?.stringValue, committed.contains(label) {
                 kept.append(message)
             } else {
@@ -71,7 +102,13 @@ public struct CommittedView {
         for message in kept {
             if let id = message.header("event-id")?.stringValue { counts[id, default: 0] += 1 }
         }
-        return CommittedView(messages: kept, aborted: aborted, counts: counts)
+        self.init(messages: kept, aborted: aborted, counts: counts)
+    }
+
+    private init(messages: [KafkaMessage], aborted: Int, counts: [String: Int]) {
+        self.messages = messages
+        self.aborted = aborted
+        self.counts = counts
     }
 
     /// Every id exactly once, nothing else.
