@@ -48,7 +48,8 @@ public enum AccountProjections {
             }
         })
 
-    /// `daily_volume`: per UTC day, deposits and withdrawals (totals and counts) and rejected withdrawals.
+    /// `daily_volume`: per UTC day, deposits and withdrawals (totals and counts) and rejected withdrawals. The
+    /// totals are `numeric`: a day's sum of Int64 amounts can pass Int64.
     public static let dailyVolume = Projection(
         name: "daily_volume",
         tables: [
@@ -56,13 +57,25 @@ public enum AccountProjections {
                 name: "daily_volume",
                 createSQL: """
                     CREATE TABLE {table} (
-                        day                 date   PRIMARY KEY,
-                        deposits_total      bigint NOT NULL DEFAULT 0,
-                        deposits_count      int    NOT NULL DEFAULT 0,
-                        withdrawals_total   bigint NOT NULL DEFAULT 0,
-                        withdrawals_count   int    NOT NULL DEFAULT 0,
-                        rejected_count      int    NOT NULL DEFAULT 0
+                        day                 date    PRIMARY KEY,
+                        deposits_total      numeric NOT NULL DEFAULT 0,
+                        deposits_count      bigint  NOT NULL DEFAULT 0,
+                        withdrawals_total   numeric NOT NULL DEFAULT 0,
+                        withdrawals_count   bigint  NOT NULL DEFAULT 0,
+                        rejected_count      bigint  NOT NULL DEFAULT 0
                     )
+                    """,
+                // Totals were bigint at first: one account opened with Int64.max made every later deposit of
+                // that day overflow them. numeric sums cannot overflow.
+                upgradeSQL: """
+                    DO $$ BEGIN
+                        IF (SELECT data_type FROM information_schema.columns WHERE table_schema = current_schema()
+                                AND table_name = '{table}' AND column_name = 'deposits_total') <> 'numeric' THEN
+                            ALTER TABLE {table} ALTER COLUMN deposits_total TYPE numeric,
+                                ALTER COLUMN withdrawals_total TYPE numeric, ALTER COLUMN deposits_count TYPE bigint,
+                                ALTER COLUMN withdrawals_count TYPE bigint, ALTER COLUMN rejected_count TYPE bigint;
+                        END IF;
+                    END $$
                     """)
         ],
         applyBatch: { events, context in
@@ -90,7 +103,7 @@ public enum AccountProjections {
             let table = context.table("daily_volume")
             try await context.connection.execute(
                 "INSERT INTO \(table) AS t (day, deposits_total, deposits_count, withdrawals_total, withdrawals_count, rejected_count) "
-                    + "SELECT (at AT TIME ZONE 'UTC')::date, sum(dt)::bigint, sum(dc)::int, sum(wt)::bigint, sum(wc)::int, sum(rc)::int "
+                    + "SELECT (at AT TIME ZONE 'UTC')::date, sum(dt::numeric), sum(dc), sum(wt::numeric), sum(wc), sum(rc) "
                     + "FROM unnest($1::timestamptz[], $2::bigint[], $3::int[], $4::bigint[], $5::int[], $6::int[]) AS u(at, dt, dc, wt, wc, rc) "
                     + "GROUP BY 1 ON CONFLICT (day) DO UPDATE SET "
                     + "deposits_total = t.deposits_total + EXCLUDED.deposits_total, deposits_count = t.deposits_count + EXCLUDED.deposits_count, "

@@ -25,11 +25,17 @@ public struct Projection: Sendable {
     public struct Table: Sendable {
         public var name: String
         public var createSQL: String
+        /// Brings a table made by an earlier `createSQL` to the current shape (`{table}` where the name goes);
+        /// run by ``ProjectionConsumer/prepare()`` on every start when the table exists, so it must be
+        /// idempotent (for example `ALTER TABLE {table} ALTER COLUMN total TYPE numeric`). A rebuild makes the
+        /// table from `createSQL` instead.
+        public var upgradeSQL: String?
         /// - Precondition: `name` is a plain identifier (``SQLIdentifier/isPlain(_:)``): handlers splice it into SQL.
-        public init(name: String, createSQL: String) {
+        public init(name: String, createSQL: String, upgradeSQL: String? = nil) {
             precondition(SQLIdentifier.isPlain(name), "projection table '\(name)' must be a plain identifier: a-z, 0-9, _ (at most 63)")
             self.name = name
             self.createSQL = createSQL
+            self.upgradeSQL = upgradeSQL
         }
     }
 
@@ -102,6 +108,7 @@ enum ProjectionSchema {
         CREATE TABLE IF NOT EXISTS projection_dead_letters (
             id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
             consumer    text        NOT NULL,
+            projection  text,
             topic       text        NOT NULL,
             partition   int         NOT NULL,
             "offset"    bigint      NOT NULL,
@@ -109,7 +116,8 @@ enum ProjectionSchema {
             value       bytea,
             reason      text        NOT NULL,
             received_at timestamptz NOT NULL DEFAULT now()
-        )
+        );
+        ALTER TABLE projection_dead_letters ADD COLUMN IF NOT EXISTS projection text
         """
 
     /// `true` if the live tables of `projection` exist.
@@ -118,6 +126,15 @@ enum ProjectionSchema {
             "SELECT to_regclass($1) IS NOT NULL AS present", [.text(projection.progressTable.name)],
             statement: "projection: exists"
         ).first!.decode(Bool.self, "present")
+    }
+
+    /// Runs each table's ``Projection/Table/upgradeSQL`` on the live tables.
+    static func upgrade(_ projection: Projection, on connection: PostgresConnection) async throws {
+        for table in projection.tables {
+            guard let sql = table.upgradeSQL else { continue }
+            try await connection.executeScript(
+                sql.replacingOccurrences(of: "{table}", with: table.name), statement: "projection: upgrade \(table.name)")
+        }
     }
 
     static func create(_ projection: Projection, suffix: String, on connection: PostgresConnection) async throws {

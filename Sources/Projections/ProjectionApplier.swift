@@ -19,6 +19,12 @@ public struct ProjectionApplier: Sendable {
         self.registry = registry
     }
 
+    /// The same applier with only `projection`: for applying an event to each projection on its own, so that
+    /// one projection refusing it does not keep it from the others.
+    public func only(_ projection: Projection) -> ProjectionApplier {
+        ProjectionApplier(projections: [projection], registry: registry)
+    }
+
     /// What happened to a batch, summed over projections: one event applied to two projections counts 2.
     public struct Outcome: Sendable, Equatable {
         public var applied = 0

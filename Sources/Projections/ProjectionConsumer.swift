@@ -55,7 +55,8 @@ public struct ProjectionConsumerConfiguration: Sendable {
 /// reached are recorded (see ``ProjectionApplier``); a second delivery of an event is skipped and counted.
 /// Offsets are committed to Kafka only after that transaction committed. A record that
 /// cannot be decoded or has an unknown type goes to `projection_dead_letters` with its raw bytes and the
-/// reason, and the consumer goes on. Database failures are retried (with backoff) on the same record.
+/// reason, and the consumer goes on; so does a record a projection's handler refuses for good, for that
+/// projection only (the consumer's other projections apply it). Database failures are retried (with backoff) on the same record.
 ///
 /// On first start, projections whose tables do not exist are back-filled from the event store
 /// (see ``ProjectionRebuilder``) before consuming.
@@ -107,7 +108,9 @@ public final class ProjectionConsumer: Service, Sendable {
             try await pool.withConnection { try await $0.executeScript(ProjectionSchema.deadLettersSQL) }
             for projection in applier.projections {
                 let exists = try await pool.withConnection { try await ProjectionSchema.exists(projection, on: $0) }
-                if !exists {
+                if exists {
+                    try await pool.withConnection { try await ProjectionSchema.upgrade(projection, on: $0) }
+                } else {
                     logger.info("back-filling a new projection from the event store", metadata: ["projection": "\(projection.name)"])
                     try await ProjectionRebuilder(pool: pool, registry: applier.registry, logger: logger).rebuild(projection)
                 }
@@ -310,37 +313,50 @@ public final class ProjectionConsumer: Service, Sendable {
         (error as? PostgresError)?.isRetriable ?? (error is ConcurrentProjectionUpdate)
     }
 
-    /// Applies one record, or dead-letters it. Throws for failures worth retrying: transient ones, and
-    /// (until `giveUp`) those of the handler that a fix (a migration, a restart) might cure.
+    /// Applies one record to each projection in its own transaction, so that one projection refusing it does
+    /// not keep it from the others; dead-letters it for a projection that refuses it for good (or for all, when
+    /// it does not decode). Throws for failures worth retrying: transient ones, and (until `giveUp`) those of a
+    /// handler that a fix (a migration, a restart) might cure. Projections that applied it before a retry skip
+    /// it then as a duplicate.
     private func handle(_ message: KafkaMessage, giveUp: Bool, on connection: PostgresConnection) async throws {
         var logger = self.logger
         if let traceparent = message.header("traceparent")?.stringValue { logger[metadataKey: "traceparent"] = "\(traceparent)" }
-        let recorded: RecordedEvent
+        let event: ProjectedEvent
         do {
             guard let value = message.value else { throw EnvelopeError("the record has no value") }
-            recorded = try OutboxEnvelope.recordedEvent(from: value)
+            let recorded: RecordedEvent
+            do {
+                recorded = try OutboxEnvelope.recordedEvent(from: value)
+            } catch {
+                throw EnvelopeError("not an EventOutbox envelope: \(error)")
+            }
+            event = ProjectedEvent(event: try applier.registry.decode(recorded), recorded: recorded, topic: message.topic)
         } catch {
-            try await deadLetter(message, reason: "not an EventOutbox envelope: \(error)", on: connection, logger: logger)
+            try await deadLetter(message, projection: nil, reason: "\(error)", on: connection, logger: logger)
             return
         }
         let started = ContinuousClock.now
         let traceStart = DefaultTracerClock.now
-        do {
-            let outcome = try await connection.withTransaction { tx in
-                try await self.applier.apply(recorded, topic: message.topic, on: tx)
+        var outcome = ProjectionApplier.Outcome()
+        for projection in applier.projections {
+            do {
+                let applied = try await connection.withTransaction { tx in
+                    try await self.applier.only(projection).apply([event], on: tx)
+                }
+                outcome.applied += applied.applied
+                outcome.duplicates += applied.duplicates
+            } catch let error as PostgresError where !error.isRetriable && error.code == .server && error.sqlState?.hasPrefix("42") != true {
+                // A deterministic failure of the handler's SQL (constraint, bad value): retrying cannot help.
+                try await deadLetter(message, projection: projection.name, reason: "handler failed: \(error)", on: connection, logger: logger)
+            } catch where giveUp && !Self.isTransient(error) {
+                try await deadLetter(
+                    message, projection: projection.name,
+                    reason: "handler failed \(configuration.maxHandlerAttempts) times: \(error)", on: connection, logger: logger)
             }
-            count(outcome, events: 1, since: started)
-            Self.trace([recorded], since: traceStart)
-            logger.trace("applied", metadata: ["event.id": "\(recorded.eventID)", "duplicates": "\(outcome.duplicates)"])
-        } catch let error as EventDecodingError {
-            try await deadLetter(message, reason: error.description, on: connection, logger: logger)
-        } catch let error as PostgresError where !error.isRetriable && error.code == .server && error.sqlState?.hasPrefix("42") != true {
-            // A deterministic failure of the handler's SQL (constraint, bad value): retrying cannot help.
-            try await deadLetter(message, reason: "handler failed: \(error)", on: connection, logger: logger)
-        } catch where giveUp && !Self.isTransient(error) {
-            try await deadLetter(
-                message, reason: "handler failed \(configuration.maxHandlerAttempts) times: \(error)", on: connection, logger: logger)
         }
+        count(outcome, events: 1, since: started)
+        Self.trace([event.recorded], since: traceStart)
+        logger.trace("applied", metadata: ["event.id": "\(event.recorded.eventID)", "duplicates": "\(outcome.duplicates)"])
     }
 
     private func count(_ outcome: ProjectionApplier.Outcome, events: Int, since started: ContinuousClock.Instant) {
@@ -367,17 +383,20 @@ public final class ProjectionConsumer: Service, Sendable {
         }
     }
 
-    private func deadLetter(_ message: KafkaMessage, reason: String, on connection: PostgresConnection, logger: Logger) async throws {
-        try await connection.execute(
-            "INSERT INTO projection_dead_letters (consumer, topic, partition, \"offset\", key, value, reason) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            [.text(configuration.groupID), .text(message.topic), .int32(message.partition), .int64(message.offset),
-             message.key.map(PostgresBind.bytea) ?? .null, message.value.map(PostgresBind.bytea) ?? .null, .text(reason)],
-            statement: "projection: dead-letter")
+    private func deadLetter(
+        _ message: KafkaMessage, projection: String?, reason: String, on connection: PostgresConnection, logger: Logger
+    ) async throws {
+        try await ProjectionDeadLetters.record(
+            consumer: configuration.groupID, projection: projection, topic: message.topic, partition: message.partition,
+            offset: message.offset, key: message.key, value: message.value, reason: reason, on: connection)
         counts.deadLettered.add(1, ordering: .relaxed)
         metrics.deadLettered.increment()
         logger.error(
             "record moved to projection_dead_letters; consuming goes on",
-            metadata: ["kafka.topic": "\(message.topic)", "kafka.partition": "\(message.partition)", "kafka.offset": "\(message.offset)", "reason": "\(reason)"])
+            metadata: [
+                "kafka.topic": "\(message.topic)", "kafka.partition": "\(message.partition)", "kafka.offset": "\(message.offset)",
+                "projection": "\(projection ?? "all")", "reason": "\(reason)",
+            ])
     }
 }
 

@@ -22,6 +22,11 @@ public struct RebuildProgress: Sendable {
 /// `_progress` table says, per stream, up to which version the fresh tables hold every event's effect; the
 /// consumer skips those and applies any later event when Kafka delivers it. So nothing is counted twice and
 /// nothing is lost, whatever the Kafka offsets are.
+///
+/// An event the projection cannot take (it does not decode, or the handler refuses it for good) does not stop
+/// the rebuild: it goes to `projection_dead_letters` (consumer `rebuild`, partition -1, offset = its position in
+/// the store), exactly as the live consumer would set it aside, and the replay goes on. The swap removes the
+/// projection's older dead letters: the rebuild has met every stored event again.
 public struct ProjectionRebuilder: Sendable {
     public let pool: PostgresPool
     public let registry: EventRegistry
@@ -35,12 +40,15 @@ public struct ProjectionRebuilder: Sendable {
         self.logger = logger
     }
 
-    /// Rebuilds `projection`; calls `progress` after every batch. Returns the number of events replayed.
+    /// The `consumer` of the dead letters a rebuild or back-fill writes.
+    public static let deadLetterConsumer = "rebuild"
+
+    /// Rebuilds `projection`; calls `progress` after every batch. Returns the number of events replayed
+    /// (dead-lettered ones included).
     @discardableResult
     public func rebuild(
         _ projection: Projection, progress: @escaping @Sendable (RebuildProgress) -> Void = { _ in }
     ) async throws -> Int {
-        let applier = ProjectionApplier(projections: [projection], registry: registry)
         let suffix = "_rebuild"
         let store = EventStore(pool: pool)
         // One rebuild of a projection at a time, across processes.
@@ -48,7 +56,13 @@ public struct ProjectionRebuilder: Sendable {
         try await lockConnection.query(
             "SELECT pg_advisory_lock(hashtext($1))", [.text("eventoutbox.rebuild." + projection.name)],
             statement: "rebuild: lock")
-        try await pool.withConnection { try await ProjectionSchema.create(projection, suffix: suffix, on: $0) }
+        let olderDeadLetters = try await pool.withConnection { connection in
+            try await ProjectionSchema.create(projection, suffix: suffix, on: connection)
+            try await connection.executeScript(ProjectionSchema.deadLettersSQL)
+            return try await connection.query(
+                "SELECT coalesce(max(id), 0) AS last FROM projection_dead_letters", statement: "rebuild: dead letters so far"
+            ).first!.decode(Int64.self, "last")
+        }
 
         let total = try await pool.withConnection {
             try await $0.query("SELECT count(*) AS n FROM events", statement: "rebuild: count").first!.decode(Int.self, "n")
@@ -56,22 +70,19 @@ public struct ProjectionRebuilder: Sendable {
         let started = ContinuousClock.now
         var done = 0
         var last: Int64 = 0
-        // The next batch is read and decoded while the current one is written: the two overlap on the server.
-        let registry = self.registry
+        // The next batch is read while the current one is written: the two overlap on the server.
         let batchSize = self.batchSize
-        @Sendable func read(after position: Int64) async throws -> [ProjectedEvent] {
-            try await store.readBatch(after: position, limit: batchSize).map {
-                ProjectedEvent(event: try registry.decode($0), recorded: $0, topic: nil)
-            }
+        @Sendable func read(after position: Int64) async throws -> [RecordedEvent] {
+            try await store.readBatch(after: position, limit: batchSize)
         }
-        var next: Task<[ProjectedEvent], any Error>? = Task { try await read(after: 0) }
+        var next: Task<[RecordedEvent], any Error>? = Task { try await read(after: 0) }
         while let reading = next {
             let events = try await reading.value
-            guard let end = events.last?.recorded.position else { break }
+            guard let end = events.last?.position else { break }
             next = events.count < batchSize ? nil : Task { try await read(after: end) }
             do {
                 try await pool.withTransaction { connection in
-                    _ = try await applier.apply(events, suffix: suffix, on: connection)
+                    try await self.apply(events, to: projection, suffix: suffix, on: connection)
                 }
             } catch {
                 next?.cancel()
@@ -84,7 +95,7 @@ public struct ProjectionRebuilder: Sendable {
             progress(RebuildProgress(projection: projection.name, done: done, total: max(total, done), eventsPerSecond: Double(done) / max(seconds, 0.001)))
         }
 
-        let caughtUp = try await swapIn(projection, after: last, applier: applier, suffix: suffix)
+        let caughtUp = try await swapIn(projection, after: last, olderDeadLetters: olderDeadLetters, suffix: suffix)
         try await lockConnection.query("SELECT pg_advisory_unlock(hashtext($1))", [.text("eventoutbox.rebuild." + projection.name)])
         logger.info(
             "projection rebuilt and swapped in",
@@ -94,19 +105,19 @@ public struct ProjectionRebuilder: Sendable {
 
     /// Catches up and swaps the fresh tables in, in one transaction; retried if PostgreSQL picks it as a
     /// deadlock victim.
-    private func swapIn(_ projection: Projection, after last: Int64, applier: ProjectionApplier, suffix: String) async throws -> Int {
+    private func swapIn(_ projection: Projection, after last: Int64, olderDeadLetters: Int64, suffix: String) async throws -> Int {
         var attempt = 0
         while true {
             attempt += 1
             do {
-                return try await swapInOnce(projection, after: last, applier: applier, suffix: suffix)
+                return try await swapInOnce(projection, after: last, olderDeadLetters: olderDeadLetters, suffix: suffix)
             } catch let error as PostgresError where error.isRetriable && attempt < 5 {
                 logger.warning("swap failed, retrying", metadata: ["projection": "\(projection.name)", "error": "\(error)"])
             }
         }
     }
 
-    private func swapInOnce(_ projection: Projection, after last: Int64, applier: ProjectionApplier, suffix: String) async throws -> Int {
+    private func swapInOnce(_ projection: Projection, after last: Int64, olderDeadLetters: Int64, suffix: String) async throws -> Int {
         try await pool.withTransaction { connection -> Int in
             let live = try await ProjectionSchema.exists(projection, on: connection)
             let columns = "e.position, e.event_id, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.payload, e.metadata, e.occurred_at"
@@ -129,10 +140,11 @@ public struct ProjectionRebuilder: Sendable {
                 "SELECT \(columns) FROM events e WHERE e.position > $1\(behindLive) ORDER BY 1",
                 [.int64(last)], statement: "rebuild: catch up"
             ).map(RecordedEvent.init(row:))
-            if !tail.isEmpty {
-                let projected = try tail.map { ProjectedEvent(event: try registry.decode($0), recorded: $0, topic: nil) }
-                _ = try await applier.apply(projected, suffix: suffix, on: connection)
-            }
+            try await apply(tail, to: projection, suffix: suffix, on: connection)
+            // Every stored event met the projection again: what it refused before is refused again above, or taken.
+            try await connection.execute(
+                "DELETE FROM projection_dead_letters WHERE projection = $1 AND id <= $2",
+                [.text(projection.name), .int64(olderDeadLetters)], statement: "rebuild: drop older dead letters")
             try await connection.executeScript("DROP TABLE IF EXISTS \(SQLIdentifier.quoted(projection.legacyAppliedTable))")
             for table in projection.allTables {
                 try await connection.executeScript("DROP TABLE IF EXISTS \(SQLIdentifier.quoted(table.name))")
@@ -151,5 +163,52 @@ public struct ProjectionRebuilder: Sendable {
             }
             return tail.count
         }
+    }
+
+    /// Applies `events` to the fresh tables inside the caller's transaction. An event that does not decode, or
+    /// that the handler refuses for good, is dead-lettered and the rest applied (each try behind a savepoint);
+    /// transient database failures are thrown.
+    private func apply(_ events: [RecordedEvent], to projection: Projection, suffix: String, on connection: PostgresConnection) async throws {
+        guard !events.isEmpty else { return }
+        let applier = ProjectionApplier(projections: [projection], registry: registry)
+        var decoded: [ProjectedEvent] = []
+        decoded.reserveCapacity(events.count)
+        for event in events {
+            do {
+                decoded.append(ProjectedEvent(event: try registry.decode(event), recorded: event, topic: nil))
+            } catch {
+                try await deadLetter(event, projection: projection, reason: "\(error)", on: connection)
+            }
+        }
+        if try await attempt(on: connection, { try await applier.apply(decoded, suffix: suffix, on: connection) }) == nil { return }
+        for event in decoded {
+            if let error = try await attempt(on: connection, { try await applier.apply([event], suffix: suffix, on: connection) }) {
+                try await deadLetter(event.recorded, projection: projection, reason: "handler failed: \(error)", on: connection)
+            }
+        }
+    }
+
+    /// Runs `body` behind a savepoint: `nil` if it succeeded; its error, rolled back to the savepoint, if the
+    /// error is not transient. Transient errors are thrown.
+    private func attempt(on connection: PostgresConnection, _ body: () async throws -> ProjectionApplier.Outcome) async throws -> (any Error)? {
+        try await connection.executeScript("SAVEPOINT eventoutbox_rebuild", statement: "rebuild: savepoint")
+        do {
+            _ = try await body()
+            try await connection.executeScript("RELEASE SAVEPOINT eventoutbox_rebuild", statement: "rebuild: release savepoint")
+            return nil
+        } catch where !ProjectionConsumer.isTransient(error) {
+            try await connection.executeScript("ROLLBACK TO SAVEPOINT eventoutbox_rebuild", statement: "rebuild: roll back to savepoint")
+            return error
+        }
+    }
+
+    private func deadLetter(_ event: RecordedEvent, projection: Projection, reason: String, on connection: PostgresConnection) async throws {
+        let value = (try? OutboxEnvelope(event).encoded()) ?? Array(event.payload.utf8)
+        try await ProjectionDeadLetters.record(
+            consumer: Self.deadLetterConsumer, projection: projection.name, topic: "", partition: -1, offset: event.position,
+            key: Array(event.streamID.utf8), value: value, reason: reason, on: connection)
+        logger.error(
+            "event set aside in projection_dead_letters; the rebuild goes on",
+            metadata: ["projection": "\(projection.name)", "event.position": "\(event.position)", "event.id": "\(event.eventID)", "reason": "\(reason)"])
     }
 }

@@ -26,8 +26,11 @@ struct AccountProjectorCommand: AsyncParsableCommand {
             atomically, and exits; a running projector goes on without double counting.
 
             Records it could not apply (undecodable, an unknown type, a handler that keeps failing) are kept in \
-            projection_dead_letters: --dead-letters lists them, --show-dead-letter ID prints one with its raw \
-            bytes, --retry-dead-letter ID applies it (once the cause is fixed) and deletes it, in one transaction.
+            projection_dead_letters, per projection: one projection refusing an event does not keep it from \
+            the others, and a back-fill or rebuild sets such events aside the same way and goes on. \
+            --dead-letters lists them, --show-dead-letter ID prints one with its raw \
+            bytes, --retry-dead-letter ID applies it to the projection that refused it (once the cause is fixed) \
+            and deletes it, in one transaction.
 
             Examples:
               account-projector --metrics-port 9465
@@ -138,7 +141,7 @@ struct AccountProjectorCommand: AsyncParsableCommand {
             let letters = try await ProjectionDeadLetters.list(consumer: group, on: connection)
             if letters.isEmpty { print("no dead letters for group '\(group)'") }
             for letter in letters {
-                print("\(letter.id)\t\(letter.topic)/\(letter.partition)@\(letter.offset)\t\(letter.value?.count ?? 0) bytes\t"
+                print("\(letter.id)\t\(letter.origin)\t\(letter.projection ?? "all projections")\t\(letter.value?.count ?? 0) bytes\t"
                     + "\(ISOTimestamp.format(letter.receivedAt))\t\(letter.reason)")
             }
         } else if let id = showDeadLetter {
@@ -150,9 +153,10 @@ struct AccountProjectorCommand: AsyncParsableCommand {
                 if let text = String(validating: value, as: UTF8.self) { return text }
                 return "hex " + value.map { String(format: "%02x", $0) }.joined()
             }
-            print("id:       \(letter.id)\ngroup:    \(letter.consumer)\nrecord:   \(letter.topic)/\(letter.partition)@\(letter.offset)")
-            print("received: \(ISOTimestamp.format(letter.receivedAt))\nreason:   \(letter.reason)")
-            print("key:      \(bytes(letter.key))\nvalue:    \(bytes(letter.value))")
+            print("id:         \(letter.id)\ngroup:      \(letter.consumer)\nprojection: \(letter.projection ?? "all projections")")
+            print("record:     \(letter.origin)")
+            print("received:   \(ISOTimestamp.format(letter.receivedAt))\nreason:     \(letter.reason)")
+            print("key:        \(bytes(letter.key))\nvalue:      \(bytes(letter.value))")
         } else if let id = retryDeadLetter {
             let applier = ProjectionApplier(projections: AccountProjections.all, registry: BankEvents.registry)
             guard let outcome = try await ProjectionDeadLetters.retry(id, with: applier, on: connection) else {
