@@ -258,7 +258,7 @@ let package = Package(
         .testTarget(
             name: "OutboxRelayTests",
             dependencies: [
-                "OutboxRelay", "EventStore", "BankAccount", "KafkaClient", "KafkaMock", "TestSupport", "Observability",
+                "OutboxRelay", "EventStore", "BankAccount", "Projections", "KafkaClient", "KafkaMock", "TestSupport", "Observability",
                 .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

@@ -122,8 +122,10 @@ public enum EventStoreSchema {
     @discardableResult
     public static func migrate(_ pool: PostgresPool) async throws -> [Int] {
         try await pool.withTransaction { connection in
-            // One migrator at a time, across processes.
-            try await connection.query("SELECT pg_advisory_xact_lock(7240511001)", statement: "migrate: lock")
+            // One migrator per schema at a time, across processes (a lock class of its own: see AdvisoryLockClass).
+            try await connection.query(
+                "SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))", [.int32(AdvisoryLockClass.migrate.rawValue)],
+                statement: "migrate: lock")
             try await connection.executeScript(
                 """
                 CREATE TABLE IF NOT EXISTS eventoutbox_migrations (

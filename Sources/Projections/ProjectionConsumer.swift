@@ -1,4 +1,5 @@
 import EventSourcing
+import EventStore
 import Foundation
 @_spi(Testing) import KafkaClient
 import Logging
@@ -85,8 +86,6 @@ public final class ProjectionConsumer: Service, Sendable {
 
     public func stop() { stopping.store(true, ordering: .releasing) }
     private var isStopping: Bool { stopping.load(ordering: .acquiring) }
-    /// The advisory lock class that serializes ``prepare()`` across projector processes of a schema.
-    static let prepareLockClass: Int32 = 72_405_113
     /// The running Kafka consumer, for the test hook.
     private let current = Mutex<KafkaConsumer?>(nil)
 
@@ -98,7 +97,7 @@ public final class ProjectionConsumer: Service, Sendable {
         let lock = try await PostgresConnection.connect(to: pool.configuration.url)
         do {
             try await lock.query(
-                "SELECT pg_advisory_lock($1, hashtext(current_schema()))", [.int32(Self.prepareLockClass)],
+                "SELECT pg_advisory_lock($1, hashtext(current_schema()))", [.int32(AdvisoryLockClass.projectorPrepare.rawValue)],
                 statement: "projections: prepare lock")
         } catch {
             await lock.close()

@@ -54,7 +54,8 @@ public struct ProjectionRebuilder: Sendable {
         // One rebuild of a projection at a time, across processes.
         let lockConnection = try await PostgresConnection.connect(to: pool.configuration.url)
         try await lockConnection.query(
-            "SELECT pg_advisory_lock(hashtext($1))", [.text("eventoutbox.rebuild." + projection.name)],
+            "SELECT pg_advisory_lock($1, hashtext(current_schema() || '.' || $2))",
+            [.int32(AdvisoryLockClass.rebuild.rawValue), .text(projection.name)],
             statement: "rebuild: lock")
         let olderDeadLetters = try await pool.withConnection { connection in
             try await ProjectionSchema.create(projection, suffix: suffix, on: connection)
@@ -96,7 +97,9 @@ public struct ProjectionRebuilder: Sendable {
         }
 
         let caughtUp = try await swapIn(projection, after: last, olderDeadLetters: olderDeadLetters, suffix: suffix)
-        try await lockConnection.query("SELECT pg_advisory_unlock(hashtext($1))", [.text("eventoutbox.rebuild." + projection.name)])
+        try await lockConnection.query(
+            "SELECT pg_advisory_unlock($1, hashtext(current_schema() || '.' || $2))",
+            [.int32(AdvisoryLockClass.rebuild.rawValue), .text(projection.name)], statement: "rebuild: unlock")
         logger.info(
             "projection rebuilt and swapped in",
             metadata: ["projection": "\(projection.name)", "events": "\(done + caughtUp)", "caught.up": "\(caughtUp)"])
