@@ -53,3 +53,32 @@ public func reportingFailures(_ body: () async throws -> Void) async throws {
         throw ExitCode.failure
     }
 }
+
+/// Checks of numeric options, so that a bad value ends the command at once with exit status 64 and a message
+/// naming the option, the range and the value, instead of trapping later (a non-finite number of seconds
+/// turned into a `Duration`) or running on with a value no one meant (a port above 65535, a negative retention).
+public enum OptionCheck {
+    /// A number of seconds: finite and within `range`.
+    public static func seconds(_ value: Double, _ option: String, in range: ClosedRange<Double>) throws {
+        guard value.isFinite, range.contains(value) else {
+            throw ValidationError("\(option) must be a number of seconds from \(number(range.lowerBound)) to \(number(range.upperBound)), not \(value)")
+        }
+    }
+
+    /// A whole number within `range`.
+    public static func integer<T: BinaryInteger>(_ value: T, _ option: String, in range: ClosedRange<T>) throws {
+        guard range.contains(value) else { throw ValidationError("\(option) must be from \(range.lowerBound) to \(range.upperBound), not \(value)") }
+    }
+
+    /// A TCP port (0: any free port, which the process then logs).
+    public static func port(_ value: Int?, _ option: String) throws {
+        if let value { try integer(value, option, in: 0...65_535) }
+    }
+
+    /// `Duration` from seconds already checked by ``seconds(_:_:in:)``.
+    public static func duration(_ seconds: Double) -> Duration { .nanoseconds(Int64((seconds * 1e9).rounded())) }
+
+    private static func number(_ value: Double) -> String {
+        value == value.rounded() && abs(value) < 1e15 ? String(Int64(value)) : String(value)
+    }
+}

@@ -65,6 +65,7 @@ public final class OutboxRelay: Service, Sendable {
                 "message.timeout.ms is not 0: a message that times out while later ones of its partition get through leaves a gap; the relay counts such order violations but cannot undo them",
                 metadata: ["kafka.message.timeout.ms": "\(timeout)"])
         }
+        try await checkKafkaConfiguration()
         if case .wal(let wal) = configuration.source { try await checkReplicationSetup(wal) }
         await withGracefulShutdownHandler {
             await withTaskCancellationHandler {
@@ -81,6 +82,16 @@ public final class OutboxRelay: Service, Sendable {
             self.stop()
         }
         logger.info("relay stopped", metadata: ["outbox.published": "\(publishedCount)"])
+    }
+
+    /// Builds (and closes) a producer with the configured properties, so that a name or value librdkafka
+    /// refuses ends the relay at start with that reason, standbys included, instead of failing over and over
+    /// once it becomes active.
+    /// - Throws: ``KafkaError`` with code ``KafkaError/Code/invalidConfiguration`` naming the property.
+    func checkKafkaConfiguration() async throws {
+        let transactionalID = configuration.delivery == .exactlyOnce ? "eventoutbox-relay.configuration-check" : nil
+        let producer = try makeProducer(ProducerInbox(wakeup: wakeup), transactionalID: transactionalID)
+        await producer.close(timeout: .milliseconds(100))
     }
 
     /// Asks the relay to finish: no new rows, in-flight deliveries are awaited (bounded) and marked.

@@ -127,10 +127,17 @@ public final class ProjectionConsumer: Service, Sendable {
     public func run() async throws {
         let consumer: KafkaConsumer
         do {
-            try await prepare()
+            // The client first: properties librdkafka refuses end the projector before it touches the database.
             consumer = try KafkaConsumer(configuration: configuration.kafka, groupID: configuration.groupID, logger: logger)
+        } catch {
+            if ownsPool { await pool.close() }
+            throw error
+        }
+        do {
+            try await prepare()
             try consumer.subscribe(topics: configuration.topics)
         } catch {
+            await consumer.close()
             if ownsPool { await pool.close() }
             throw error
         }

@@ -84,6 +84,8 @@ struct AccountProjectorCommand: AsyncParsableCommand {
             throw ValidationError("unknown projection '\(rebuild)'; known: \(AccountProjections.all.map(\.name).joined(separator: ", "))")
         }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
+        try OptionCheck.seconds(commitInterval, "--commit-interval", in: 0.001...3600)
+        try OptionCheck.port(metricsPort, "--metrics-port")
     }
 
     func run() async throws {
@@ -113,7 +115,7 @@ struct AccountProjectorCommand: AsyncParsableCommand {
             databaseURL: url,
             kafka: KafkaConfiguration(bootstrapServers: brokers, properties: try KafkaConfiguration.parseProperties(kafkaProperties)),
             groupID: group, topics: [topic])
-        configuration.commitInterval = .milliseconds(Int(commitInterval * 1000))
+        configuration.commitInterval = OptionCheck.duration(commitInterval)
         let consumer = ProjectionConsumer(
             configuration: configuration,
             applier: ProjectionApplier(projections: AccountProjections.all, registry: BankEvents.registry),

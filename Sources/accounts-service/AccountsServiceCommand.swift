@@ -46,8 +46,9 @@ struct AccountsServiceCommand: AsyncParsableCommand {
 
     func validate() throws {
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
-        guard (0...65_535).contains(port) else { throw ValidationError("--port must be 0 to 65535 (got \(port))") }
-        guard maxConnections >= 1 else { throw ValidationError("--max-connections must be at least 1") }
+        try OptionCheck.port(port, "--port")
+        try OptionCheck.port(metricsPort, "--metrics-port")
+        try OptionCheck.integer(maxConnections, "--max-connections", in: 1...1000)
     }
 
     func run() async throws {

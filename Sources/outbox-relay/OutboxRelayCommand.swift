@@ -131,20 +131,23 @@ struct OutboxRelayCommand: AsyncParsableCommand {
     var logLevel: String = "info"
 
     func validate() throws {
-        guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
-        guard maxInFlight >= 1 else { throw ValidationError("--max-in-flight must be at least 1") }
-        guard (1...4096).contains(partitions) else { throw ValidationError("--partitions must be between 1 and 4096") }
-        guard pollInterval > 0, standbyInterval > 0, housekeepingInterval > 0 else {
-            throw ValidationError("--poll-interval, --standby-interval and --housekeeping-interval must be positive")
-        }
-        guard shutdownTimeout >= 0 else { throw ValidationError("--shutdown-timeout cannot be negative") }
+        try OptionCheck.integer(batchSize, "--batch-size", in: 1...100_000)
+        try OptionCheck.integer(maxInFlight, "--max-in-flight", in: 1...1_000_000)
+        try OptionCheck.integer(partitions, "--partitions", in: 1...4096)
+        try OptionCheck.seconds(pollInterval, "--poll-interval", in: 0.001...3600)
+        try OptionCheck.seconds(standbyInterval, "--standby-interval", in: 0.001...3600)
+        try OptionCheck.seconds(housekeepingInterval, "--housekeeping-interval", in: 0.001...86_400)
+        try OptionCheck.seconds(shutdownTimeout, "--shutdown-timeout", in: 0...3600)
+        try OptionCheck.seconds(retention, "--retention", in: 0...315_360_000)
+        try OptionCheck.port(metricsPort, "--metrics-port")
+        // The relays' keys run from K-1 to K+N-1 (see AdvisoryLockClass).
+        try OptionCheck.integer(lockKey, "--lock-key", in: (Int64.min + 1)...(Int64.max - Int64(partitions)))
         guard let guarantee = DeliveryGuarantee(rawValue: delivery) else {
             throw ValidationError("--delivery is 'exactly-once' or 'at-least-once', not '\(delivery)'")
         }
         if guarantee == .exactlyOnce {
-            guard transactionTimeout.isFinite, (1...900).contains(transactionTimeout) else {
-                throw ValidationError("--transaction-timeout must be between 1 and 900 seconds (the broker's transaction.max.timeout.ms is 900 s by default)")
-            }
+            // The broker's transaction.max.timeout.ms is 900 s by default.
+            try OptionCheck.seconds(transactionTimeout, "--transaction-timeout", in: 1...900)
             if let transactionalId, transactionalId.isEmpty || transactionalId.count > 200 {
                 throw ValidationError("--transactional-id must be 1 to 200 characters")
             }
@@ -183,17 +186,17 @@ struct OutboxRelayCommand: AsyncParsableCommand {
         configuration.delivery = DeliveryGuarantee(rawValue: delivery) ?? .atLeastOnce
         configuration.transactionalID = transactionalId
         configuration.progressTopic = progressTopic
-        configuration.transactionTimeout = .milliseconds(Int(transactionTimeout * 1000))
+        configuration.transactionTimeout = OptionCheck.duration(transactionTimeout)
         configuration.batchSize = batchSize
         configuration.maxInFlight = maxInFlight
         configuration.partitions = partitions
-        configuration.shutdownTimeout = .milliseconds(Int(shutdownTimeout * 1000))
-        configuration.housekeepingInterval = .milliseconds(Int(housekeepingInterval * 1000))
+        configuration.shutdownTimeout = OptionCheck.duration(shutdownTimeout)
+        configuration.housekeepingInterval = OptionCheck.duration(housekeepingInterval)
         configuration.publishedRows = deletePublished ? .delete : .mark
-        configuration.pollInterval = .milliseconds(Int(pollInterval * 1000))
-        configuration.standbyRetryInterval = .milliseconds(Int(standbyInterval * 1000))
+        configuration.pollInterval = OptionCheck.duration(pollInterval)
+        configuration.standbyRetryInterval = OptionCheck.duration(standbyInterval)
         configuration.leaderLockKey = lockKey
-        configuration.retention = .seconds(retention)
+        configuration.retention = OptionCheck.duration(retention)
 
         let relay = OutboxRelay(configuration: configuration, logger: logger)
         let group = ServiceGroup(

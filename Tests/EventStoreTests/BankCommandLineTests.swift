@@ -121,11 +121,34 @@ struct BankCommandLineTests {
             ("outbox-relay", ["--delivery", "exactly-once", "--transaction-timeout", "nan"], "--transaction-timeout"),
             ("outbox-relay", ["--delivery", "exactly-once", "--progress-topic", "bad topic"], "--progress-topic"),
             ("accounts-service", ["--port", "70000"], "--port"),
+            // Numbers that used to trap (SIGILL) or run on with a value no one meant: exit 64, the option named.
+            ("outbox-relay", ["--poll-interval", "inf"], "--poll-interval must be a number of seconds"),
+            ("outbox-relay", ["--shutdown-timeout", "1e300"], "--shutdown-timeout"),
+            ("outbox-relay", ["--housekeeping-interval", "1e17"], "--housekeeping-interval"),
+            ("outbox-relay", ["--standby-interval", "nan"], "--standby-interval"),
+            ("outbox-relay", ["--metrics-port", "99999"], "--metrics-port must be from 0 to 65535, not 99999"),
+            ("outbox-relay", ["--retention=-5"], "--retention"),
+            ("outbox-relay", ["--batch-size", "0"], "--batch-size"),
+            ("outbox-relay", ["--partitions", "4", "--lock-key", String(Int64.max - 1)], "--lock-key"),
+            ("account-projector", ["--commit-interval", "nan"], "--commit-interval"),
+            ("account-projector", ["--commit-interval", "1e300"], "--commit-interval"),
+            ("account-projector", ["--metrics-port=-1"], "--metrics-port"),
+            ("accounts-service", ["--metrics-port", "65536"], "--metrics-port"),
+            ("accounts-service", ["--max-connections", "0"], "--max-connections"),
+            // Client properties librdkafka refuses: the relay ends at start (it used to retry forever, ready).
+            ("outbox-relay", ["--kafka-property", "bogus.prop=1"], "bogus.prop"),
+            ("outbox-relay", ["--kafka-property", "security.protocol=carrier-pigeon"], "security.protocol"),
+            ("outbox-relay", ["--delivery", "exactly-once", "--kafka-property", "bogus.prop=1"], "bogus.prop"),
+            ("account-projector", ["--kafka-property", "bogus.prop=1"], "bogus.prop"),
         ]
         for (tool, arguments, reason) in cases {
-            let run = try await Tools.run(tool, arguments, environment: env)
+            let run = try await Tools.run(tool, arguments, environment: env, timeout: .seconds(60))
             let shown = "\(tool) \(arguments.joined(separator: " ").prefix(80))"
+            #expect(!run.timedOut, "\(shown) was still running after 60 s")
             #expect(run.status != 0, "\(shown) exited 0")
+            if reason.hasPrefix("--") {
+                #expect(run.status == 64, "\(shown): a usage error exits 64, not \(run.status)")
+            }
             let first = run.stderr.split(separator: "\n").first.map(String.init) ?? ""
             #expect(first.lowercased().hasPrefix("error"), "\(shown): first line of stderr is '\(first.prefix(200))'")
             #expect(run.stderr.contains(reason), "\(shown): '\(reason)' not in \(run.stderr.prefix(300))")

@@ -6,6 +6,8 @@ public struct ToolRun: Sendable {
     public var status: Int32
     public var stdout: String
     public var stderr: String
+    /// The process was still running at the caller's deadline and was killed (SIGKILL).
+    public var timedOut = false
 }
 
 /// The project's built executables (`bank`, `eventoutbox`, `outbox-relay`, ...), found through
@@ -40,8 +42,11 @@ public enum Tools {
         return process
     }
 
-    /// Runs an executable to completion and captures its output.
-    public static func run(_ name: String, _ arguments: [String], environment: [String: String] = [:]) async throws -> ToolRun {
+    /// Runs an executable to completion and captures its output. With a `timeout`, a process still running then
+    /// is killed and the result says so (``ToolRun/timedOut``): for commands that must end on their own.
+    public static func run(
+        _ name: String, _ arguments: [String], environment: [String: String] = [:], timeout: Duration? = nil
+    ) async throws -> ToolRun {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: try path(name))
         process.arguments = arguments
@@ -59,12 +64,23 @@ public enum Tools {
             outReader.stop()
             errReader.stop()
         }
+        let killed = Locked(false)
+        let killer = timeout.map { timeout in
+            Task {
+                try await Task.sleep(for: timeout)
+                if process.isRunning {
+                    killed.withLock { $0 = true }
+                    kill(process.processIdentifier, SIGKILL)
+                }
+            }
+        }
+        defer { killer?.cancel() }
         async let stdout = outReader.run { out.fileHandleForReading.readDataToEndOfFile() }
         async let stderr = errReader.run { err.fileHandleForReading.readDataToEndOfFile() }
         let (o, e) = await (stdout, stderr)
         await outReader.run { process.waitUntilExit() }
         return ToolRun(
             status: process.terminationStatus, stdout: String(decoding: o, as: UTF8.self),
-            stderr: String(decoding: e, as: UTF8.self))
+            stderr: String(decoding: e, as: UTF8.self), timedOut: killed.value)
     }
 }
