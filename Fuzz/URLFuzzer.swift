@@ -12,6 +12,11 @@ public func fuzzURL(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         "postgresql:///db?\(head)&password=\(secret)&\(tail)",
         "host=h \(head) password=\(secret) \(tail)",
         "host=h \(head) PASSWORD=\(secret)",
+        // The spellings libpq also takes: spaces around "=", a percent-encoded parameter name.
+        "host=h \(head) password = \(secret) \(tail)",
+        "host=h password=  \(secret)",
+        "postgresql:///db?\(head)&passwor%64=\(secret)&\(tail)",
+        "postgresql:///db?%70assword=\(secret)&\(tail)",
         // Inside quotes, where the value ends at the closing quote: the head must not close it early (scalars,
         // not characters: a combining mark would hide a quote from a character filter).
         "host=h password='\(String(String.UnicodeScalarView(head.unicodeScalars.filter { $0 != "'" && $0 != "\\" }))) \(secret)' \(tail)",

@@ -4,6 +4,7 @@ import EventStore
 import Foundation
 import HTTPTypes
 import Hummingbird
+import Logging
 import PostgresClient
 
 /// The bank over HTTP: every command commits its events and outbox rows through ``Bank`` exactly as the `bank`
@@ -35,9 +36,12 @@ public struct AccountsAPI: Sendable {
 
     public let bank: Bank
     let keys: IdempotencyKeys
+    /// Where what a public answer leaves out goes (why the service is not ready, say).
+    let logger: Logger
 
-    public init(bank: Bank) {
+    public init(bank: Bank, logger: Logger = Logger(label: "accounts-service.api")) {
         self.bank = bank
+        self.logger = logger
         keys = IdempotencyKeys(pool: bank.repository.store.pool)
     }
 
@@ -220,7 +224,9 @@ public struct AccountsAPI: Sendable {
         do {
             try await bank.repository.store.pool.withConnection { _ = try await $0.query("SELECT 1", statement: "readiness") }
         } catch {
-            throw Problem(.serviceUnavailable, "Not ready", detail: "the database does not answer: \(error)")
+            // The probe is public: the reason (host, socket path, the server's message) goes to the log only.
+            logger.warning("not ready: the database does not answer", metadata: ["error": "\(error)"])
+            throw Problem(.serviceUnavailable, "Not ready", detail: "not ready")
         }
         return json(.ok, #"{"status":"ready"}"#)
     }

@@ -65,7 +65,7 @@ struct AccountsServiceCommand: AsyncParsableCommand {
                 throw ValidationError("the event store tables are missing or out of date: run `eventoutbox migrate` first")
             }
         }
-        let api = AccountsAPI(bank: Bank(store: EventStore(pool: pool)))
+        let api = AccountsAPI(bank: Bank(store: EventStore(pool: pool)), logger: logger)
         let app = Application(
             router: api.makeRouter(),
             configuration: .init(address: .hostname(host, port: port), serverName: "accounts-service"),

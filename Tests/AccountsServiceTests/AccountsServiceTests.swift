@@ -12,6 +12,29 @@ import TestSupport
 import Testing
 
 /// The service on a test schema, listening on a port of its own, and a client for it.
+/// An API whose database does not answer: its readiness says "not ready" and nothing else.
+@Test("/health/ready on the API port: 503 'not ready', without the connection string, host or password")
+func readinessSaysNothingMore() async throws {
+    let secret = "Zq7Secret"
+    let pool = PostgresPool(url: "postgresql://app@127.0.0.1:1/app?passwor%64=\(secret)&connect_timeout=2", maxConnections: 1)
+    let api = AccountsAPI(bank: Bank(store: EventStore(pool: pool)))
+    let port = testPort()
+    let app = Application(router: api.makeRouter(), configuration: .init(address: .hostname("127.0.0.1", port: port)))
+    let task = Task { try await app.run() }
+    defer { task.cancel() }
+    var reply: (Data, URLResponse)?
+    try await waitUntil("the API answers") {
+        reply = try? await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/health/ready")!)
+        return reply != nil
+    }
+    let (body, response) = try #require(reply)
+    let text = String(decoding: body, as: UTF8.self)
+    #expect((response as? HTTPURLResponse)?.statusCode == 503)
+    #expect(text.contains("not ready"), "\(text)")
+    for leak in [secret, "127.0.0.1", "passwor", "connect", "refused"] { #expect(!text.contains(leak), "\(leak) in \(text)") }
+    await pool.close()
+}
+
 struct Service {
     let test: TestEventStore
     let port: Int

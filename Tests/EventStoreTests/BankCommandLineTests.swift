@@ -167,14 +167,29 @@ struct BankCommandLineTests {
         let long = String(repeating: "é", count: 60_000)
         #expect(try await Tools.run("bank", ["open", "--owner", long], environment: env).status == 0)
 
-        // An unreachable database: the reason, never the password.
+        // An unreachable database: the reason, never the password, in every spelling libpq takes.
         let secret = "s3cr3t-Pa55"
-        let unreachable = ["EVENTOUTBOX_DATABASE_URL": "postgresql://app:\(secret)@127.0.0.1:1/app?connect_timeout=2"]
-        for (tool, arguments) in [("bank", ["balance", id]), ("eventoutbox", ["migrate"]), ("eventoutbox", ["outbox", "status"])] {
-            let run = try await Tools.run(tool, arguments, environment: unreachable)
-            #expect(run.status != 0)
-            #expect(run.stderr.lowercased().hasPrefix("error"), "\(tool): \(run.stderr.prefix(200))")
-            #expect(!run.stderr.contains(secret) && !run.stdout.contains(secret), "\(tool) printed the password")
+        let spellings = [
+            "postgresql://app:\(secret)@127.0.0.1:1/app?connect_timeout=2",
+            "host=127.0.0.1 port=1 connect_timeout=2 password = \(secret)",
+            "host=127.0.0.1 port=1 connect_timeout=2 password= \(secret)",
+            "postgresql://app@127.0.0.1:1/app?passwor%64=\(secret)&connect_timeout=2",
+            "postgresql://app@127.0.0.1:1/app?%70assword=\(secret)&connect_timeout=2",
+        ]
+        for url in spellings {
+            let unreachable = ["EVENTOUTBOX_DATABASE_URL": url]
+            for (tool, arguments) in [("bank", ["balance", id]), ("eventoutbox", ["migrate"]), ("eventoutbox", ["outbox", "status"])] {
+                let run = try await Tools.run(tool, arguments, environment: unreachable)
+                #expect(run.status != 0)
+                #expect(run.stderr.lowercased().hasPrefix("error"), "\(tool): \(run.stderr.prefix(200))")
+                #expect(!run.stderr.contains(secret) && !run.stdout.contains(secret), "\(tool) printed the password of \(url)")
+            }
+            // The long-running ones log the failure (the relay retries until stopped; the others end).
+            for (tool, arguments) in [("outbox-relay", ["--standby-interval", "0.2"]), ("account-projector", []), ("accounts-service", ["--port", "0"])] {
+                let run = try await Tools.run(tool, arguments, environment: unreachable, timeout: .seconds(4))
+                #expect(run.stderr.contains("127.0.0.1"), "\(tool) says what it could not reach: \(run.stderr.prefix(300))")
+                #expect(!run.stderr.contains(secret) && !run.stdout.contains(secret), "\(tool) printed the password of \(url)")
+            }
         }
         try await schema.drop()
     }
