@@ -25,20 +25,27 @@ public enum Observability {
 }
 
 /// What operators and orchestrators ask a process over HTTP: `/metrics` (Prometheus), `/health/live` (the
-/// process answers) and `/health/ready` (its database answers). A swift-service-lifecycle
-/// `Service`: run it in the process's `ServiceGroup`. Readiness opens a connection per probe (probes come every
-/// few seconds), bounded by the URL's `connect_timeout` (10 s unless it says otherwise).
+/// process answers) and `/health/ready` (its database answers, and the process's own check, if any, finds
+/// nothing wrong). A swift-service-lifecycle `Service`: run it in the process's `ServiceGroup`. Readiness opens
+/// a connection per probe (probes come every few seconds), bounded by the URL's `connect_timeout` (10 s unless
+/// it says otherwise). The probe answers "not ready" and nothing more; the reason goes to the log.
 public struct OperationsEndpoint: Service {
     public let host: String
     public let port: Int
     let registry: PrometheusCollectorRegistry
     let databaseURL: String?
+    /// The process's own readiness check: why it is not ready, or `nil`.
+    public var readinessProblem: (@Sendable () -> String?)?
 
-    public init(host: String, port: Int, registry: PrometheusCollectorRegistry, databaseURL: String?) {
+    public init(
+        host: String, port: Int, registry: PrometheusCollectorRegistry, databaseURL: String?,
+        readinessProblem: (@Sendable () -> String?)? = nil
+    ) {
         self.host = host
         self.port = port
         self.registry = registry
         self.databaseURL = databaseURL
+        self.readinessProblem = readinessProblem
     }
 
     public func run() async throws {
@@ -50,15 +57,18 @@ public struct OperationsEndpoint: Service {
                 status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: body)))
         }
         router.get("health/live") { _, _ in "live\n" }
-        router.get("health/ready") { [databaseURL] _, _ -> Response in
-            let ready = await Self.databaseAnswers(databaseURL)
+        let logger = Logger(label: "eventoutbox.operations")
+        router.get("health/ready") { [databaseURL, readinessProblem] _, _ -> Response in
+            var problem = await Self.databaseAnswers(databaseURL) ? nil : "the database does not answer"
+            problem = problem ?? readinessProblem?()
+            if let problem { logger.warning("not ready", metadata: ["reason": "\(problem)"]) }
             return Response(
-                status: ready ? .ok : .serviceUnavailable,
-                body: ResponseBody(byteBuffer: ByteBuffer(string: ready ? "ready\n" : "not ready: the database does not answer\n")))
+                status: problem == nil ? .ok : .serviceUnavailable,
+                body: ResponseBody(byteBuffer: ByteBuffer(string: problem == nil ? "ready\n" : "not ready\n")))
         }
         let app = Application(
             router: router, configuration: .init(address: .hostname(host, port: port), serverName: "operations"),
-            logger: Logger(label: "eventoutbox.operations"))
+            logger: logger)
         try await app.run()
     }
 

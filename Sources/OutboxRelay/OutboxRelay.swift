@@ -29,6 +29,8 @@ public final class OutboxRelay: Service, Sendable {
     private let stopping = Atomic<Bool>(false)
     let wakeup = Wakeup()
     let counters = RelayCounters()
+    /// The last producer failure not yet followed by a success (a delivery, or a transactional init).
+    private let producerFailure = Mutex<String?>(nil)
     let metrics = RelayMetrics()
     let latestStatus = Mutex<OutboxStatus?>(nil)
     /// The wakeups of exactly-once partition engines, by partition (each engine waits on its own).
@@ -93,6 +95,15 @@ public final class OutboxRelay: Service, Sendable {
         let producer = try makeProducer(ProducerInbox(wakeup: wakeup), transactionalID: transactionalID)
         await producer.close(timeout: .milliseconds(100))
     }
+
+    /// Why this relay should not count as ready, or `nil`: a Kafka producer that failed (fatal error,
+    /// fenced, or a failed delivery that restarted it) and has not succeeded since. A standby is ready.
+    public var readinessProblem: String? {
+        producerFailure.withLock { $0.map { "the Kafka producer failed and has not delivered since: \($0)" } }
+    }
+
+    func producerFailed(_ error: KafkaError) { producerFailure.withLock { $0 = "\(error)" } }
+    func producerSucceeded() { producerFailure.withLock { if $0 != nil { $0 = nil } } }
 
     /// Asks the relay to finish: no new rows, in-flight deliveries are awaited (bounded) and marked.
     public func stop() {
@@ -191,6 +202,7 @@ public final class OutboxRelay: Service, Sendable {
                 }
                 await producer.close(timeout: .seconds(1))
                 guard case .failed(let error, let onlyDeadLetters) = end else { return }
+                if !onlyDeadLetters { producerFailed(error) }
                 counters.producerRestarts.add(1, ordering: .relaxed)
                 metrics.producerRestarts.increment()
                 let delay = onlyDeadLetters ? Duration.zero : backoff.next()
@@ -215,7 +227,12 @@ public final class OutboxRelay: Service, Sendable {
             configuration: KafkaConfiguration(
                 bootstrapServers: configuration.kafka.bootstrapServers,
                 properties: properties.merging(configuration.kafka.properties) { $1 }),
-            logger: logger, deliveryReports: inbox.add, errors: { [counters, metrics] error in
+            logger: logger,
+            deliveryReports: { [weak self] report in
+                if report.error == nil { self?.producerSucceeded() }
+                inbox.add(report)
+            },
+            errors: { [counters, metrics] error in
                 counters.kafkaErrors.add(1, ordering: .relaxed)
                 metrics.kafkaErrors.increment()
                 inbox.error(error)

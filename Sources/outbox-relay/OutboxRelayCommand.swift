@@ -199,9 +199,11 @@ struct OutboxRelayCommand: AsyncParsableCommand {
         configuration.retention = OptionCheck.duration(retention)
 
         let relay = OutboxRelay(configuration: configuration, logger: logger)
+        var operations = endpoint
+        operations?.readinessProblem = { relay.readinessProblem }
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: relay)] + (endpoint.map { [.init(service: $0)] } ?? []),
+                services: [.init(service: relay)] + (operations.map { [.init(service: $0)] } ?? []),
                 gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()
     }

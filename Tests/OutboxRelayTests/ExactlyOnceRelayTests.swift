@@ -194,6 +194,25 @@ struct ExactlyOnceRelayTests {
         try await setup.drop()
     }
 
+    @Test("a producer that cannot start (InitProducerId refused) makes the relay not ready, with the reason; ready again once it starts")
+    func readinessFollowsTheProducer() async throws {
+        let setup = try await ExactlyOnceSetup.make()
+        let ids = try await setup.test.appendTicks(streams: 3, perStream: 5)
+        // TRANSACTIONAL_ID_AUTHORIZATION_FAILED, until cleared: every producer generation fails at its init.
+        setup.cluster.pushRequestErrors(.initProducerID, Array(repeating: KafkaError.Code(rawValue: 53), count: 10_000))
+        try await withRelay(setup.test, brokers: setup.brokers, batchSize: 100, configure: setup.configure) { relay in
+            try await waitUntil("a producer generation fails") { relay.producerRestartCount > 0 }
+            let problem = try #require(relay.readinessProblem)
+            #expect(problem.contains("Kafka producer failed"), "\(problem)")
+            #expect(try await setup.waiting() == ids.count, "nothing published while no producer can start")
+            setup.cluster.clearRequestErrors(.initProducerID)
+            try await waitUntil("the relay publishes", timeout: .seconds(60)) { try await setup.waiting() == 0 }
+            #expect(relay.readinessProblem == nil)
+        }
+        try await setup.expectExactlyOnce(ids)
+        try await setup.drop()
+    }
+
     @Test("a row Kafka refuses for good is dead-lettered, its stream held; every other event once")
     func deadLetter() async throws {
         let setup = try await ExactlyOnceSetup.make()

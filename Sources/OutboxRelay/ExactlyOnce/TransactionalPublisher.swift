@@ -96,6 +96,7 @@ struct TransactionalPublisher {
                 }
                 logger.debug("initializing transactions", metadata: ["kafka.transactional_id": "\(unit.transactionalID)"])
                 try await producer.initTransactions(timeout: configuration.transactionTimeout)
+                relay.producerSucceeded()
                 var rounds = Rounds(label: "\(unit.transactionalID)/\(instance)-\(generation)")
                 try await claim(producer, generation: rounds.label)
                 try await resume(&source)
@@ -108,6 +109,7 @@ struct TransactionalPublisher {
                 await producer.close(timeout: .seconds(1))
                 relay.counters.producerRestarts.add(1, ordering: .relaxed)
                 relay.metrics.producerRestarts.increment()
+                relay.producerFailed(error)
                 if error.isFenced {
                     relay.metrics.fenced.increment()
                 }
