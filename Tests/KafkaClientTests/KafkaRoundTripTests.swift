@@ -4,7 +4,8 @@ import TestSupport
 import Testing
 
 /// librdkafka 2.0's mock cluster does not drop a member that left the group until its session times out
-/// (default 45 s), so a restarted member waits for that; a short session keeps restart tests quick.
+/// (default 45 s), so a restarted member waits for that; and a rebalance that is not a group's first waits
+/// the session timeout less 1 s for members (rdkafka_mock_cgrp.c). A short session keeps both quick.
 func restartable(_ brokers: String) -> KafkaConfiguration {
     KafkaConfiguration(bootstrapServers: brokers, properties: ["session.timeout.ms": "6000", "heartbeat.interval.ms": "500"])
 }
@@ -38,10 +39,12 @@ struct KafkaRoundTripTests {
         }
         await producer.close()
 
-        let consumer = try KafkaConsumer(configuration: .init(bootstrapServers: brokers), groupID: uniqueName("group"))
+        // A short session: the mock holds a group's rebalance for the session timeout less 1 s (44 s by default)
+        // when a member's JoinGroup comes again, as it does on a busy machine.
+        let consumer = try KafkaConsumer(configuration: restartable(brokers), groupID: uniqueName("group"))
         try consumer.subscribe(topics: [topic])
         var received: [KafkaMessage] = []
-        try await waitUntil("90 records consumed") {
+        try await waitUntil("90 records consumed", timeout: .seconds(90)) {
             if let message = try await consumer.poll(timeout: .milliseconds(200)) { received.append(message) }
             return received.count >= 90
         }

@@ -11,7 +11,9 @@ public final class KafkaTopicReader {
     public init(brokers: String, topic: String) throws {
         consumer = try KafkaConsumer(
             configuration: KafkaConfiguration(
-                bootstrapServers: brokers, properties: ["allow.auto.create.topics": "true", "log_level": "3"]),
+                bootstrapServers: brokers,
+                // A short session bounds the mock's rebalance waits (the session timeout less 1 s) on a busy machine.
+                properties: ["allow.auto.create.topics": "true", "log_level": "3", "session.timeout.ms": "6000", "heartbeat.interval.ms": "500"]),
             groupID: uniqueName("reader"))
         try consumer.subscribe(topics: [topic])
     }
