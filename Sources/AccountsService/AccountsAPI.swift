@@ -35,14 +35,24 @@ public struct AccountsAPI: Sendable {
     static let correlationID = HTTPField.Name("X-Correlation-ID")!
 
     public let bank: Bank
+    /// Who may call: bearer tokens, or nobody checked (``CallerAuthentication/disabled``).
+    public let authentication: CallerAuthentication
     let keys: IdempotencyKeys
     /// Where what a public answer leaves out goes (why the service is not ready, say).
     let logger: Logger
 
-    public init(bank: Bank, logger: Logger = Logger(label: "accounts-service.api")) {
+    /// - Parameters:
+    ///   - authentication: with tokens, a caller acts on the accounts it opened (any, with the admin scope) and is
+    ///     the actor of the events it causes.
+    ///   - idempotencyKeyLifetime: how long a caller's `Idempotency-Key` answers are replayed. Default: 24 h.
+    public init(
+        bank: Bank, authentication: CallerAuthentication = .disabled, idempotencyKeyLifetime: Duration = .seconds(86_400),
+        logger: Logger = Logger(label: "accounts-service.api")
+    ) {
         self.bank = bank
+        self.authentication = authentication
         self.logger = logger
-        keys = IdempotencyKeys(pool: bank.repository.store.pool)
+        keys = IdempotencyKeys(pool: bank.repository.store.pool, lifetime: idempotencyKeyLifetime)
     }
 
     /// A router serving ``routes``.
@@ -52,14 +62,32 @@ public struct AccountsAPI: Sendable {
         router.add(middleware: TracingMiddleware())
         // Requests by route and status, and their durations (`hb_requests`, `http_server_request_duration`).
         router.add(middleware: MetricsMiddleware())
-        router.post("accounts") { request, _ in await respond { try await openAccount(request) } }
-        router.get("accounts/:id") { request, context in await respond { try await account(request, id: context.parameters.require("id")) } }
-        router.get("accounts/:id/history") { _, context in await respond { try await history(id: context.parameters.require("id")) } }
+        router.post("accounts") { request, _ in
+            await respond { try await openAccount(request, caller: try await authentication.caller(of: request)) }
+        }
+        router.get("accounts/:id") { request, context in
+            await respond {
+                let caller = try await authentication.caller(of: request)
+                return try await account(request, id: try await authorized(caller, context.parameters.require("id")))
+            }
+        }
+        router.get("accounts/:id/history") { request, context in
+            await respond {
+                let caller = try await authentication.caller(of: request)
+                return try await history(id: try await authorized(caller, context.parameters.require("id")))
+            }
+        }
         router.post("accounts/:id/deposits") { request, context in
-            await respond { try await move(request, id: context.parameters.require("id"), deposit: true) }
+            await respond {
+                let caller = try await authentication.caller(of: request)
+                return try await move(request, id: try await authorized(caller, context.parameters.require("id")), caller: caller, deposit: true)
+            }
         }
         router.post("accounts/:id/withdrawals") { request, context in
-            await respond { try await move(request, id: context.parameters.require("id"), deposit: false) }
+            await respond {
+                let caller = try await authentication.caller(of: request)
+                return try await move(request, id: try await authorized(caller, context.parameters.require("id")), caller: caller, deposit: false)
+            }
         }
         router.get("health/live") { _, _ in json(.ok, #"{"status":"live"}"#) }
         router.get("health/ready") { _, _ in await respond { try await ready() } }
@@ -85,26 +113,40 @@ public struct AccountsAPI: Sendable {
         var version: Int64
     }
 
-    private func openAccount(_ request: Request) async throws -> Response {
+    /// `id` if `caller` may act on that account: authentication is off, the caller is an admin, or it opened the
+    /// account. Anyone else is told there is no such account (404), as for an account that does not exist.
+    private func authorized(_ caller: Caller?, _ id: String) async throws -> String {
+        guard let caller, !caller.isAdmin else { return id }
+        let opener = try await bank.repository.store.pool.withConnection { connection in
+            try await connection.query(
+                "SELECT metadata->>'actor' AS actor FROM events WHERE stream_id = $1 AND stream_version = 1", [.text(id)],
+                statement: "api: who opened the account"
+            ).first?.decodeIfPresent(String.self, "actor")
+        }
+        guard opener == caller.subject else { throw Problem(.notFound, "Not found", detail: "no account '\(id)'") }
+        return id
+    }
+
+    private func openAccount(_ request: Request, caller: Caller?) async throws -> Response {
         var request = request
         let body: OpenRequest = try await decode(&request)
         let command = AccountCommand.open(owner: body.owner, initialDeposit: body.initialDeposit ?? 0)
-        return try await idempotent(request, canonical: "POST /accounts \(canonical(command))") { alsoWriting in
-            try await bank.execute(command, metadata: metadata(request), alsoWriting: alsoWriting)
+        return try await idempotent(request, caller: caller, canonical: "POST /accounts \(canonical(command))") { alsoWriting in
+            try await bank.execute(command, metadata: metadata(request, caller), alsoWriting: alsoWriting)
         } answer: { result in
             Answer(status: .created, body: try encode(AccountView(result)), location: "/accounts/\(result.accountID)")
         }
     }
 
-    private func move(_ request: Request, id: String, deposit: Bool) async throws -> Response {
+    private func move(_ request: Request, id: String, caller: Caller?, deposit: Bool) async throws -> Response {
         var request = request
         let body: MoveRequest = try await decode(&request)
         let command: AccountCommand = deposit
             ? .deposit(amount: body.amount, description: body.description ?? "")
             : .withdraw(amount: body.amount, description: body.description ?? "")
         let path = "/accounts/\(id)/\(deposit ? "deposits" : "withdrawals")"
-        return try await idempotent(request, canonical: "POST \(path) \(canonical(command))") { alsoWriting in
-            try await bank.execute(command, on: id, metadata: metadata(request), alsoWriting: alsoWriting)
+        return try await idempotent(request, caller: caller, canonical: "POST \(path) \(canonical(command))") { alsoWriting in
+            try await bank.execute(command, on: id, metadata: metadata(request, caller), alsoWriting: alsoWriting)
         } answer: { result in
             if let rejection = result.rejection {
                 // Refused, and still recorded (WithdrawalRejected): the answer says so, with where it was recorded.
@@ -140,21 +182,27 @@ public struct AccountsAPI: Sendable {
         }
     }
 
-    /// Runs a command once per `Idempotency-Key`: a retry gets the stored answer and writes nothing.
+    /// Runs a command once per caller and `Idempotency-Key`: a retry within the key's lifetime gets the stored
+    /// answer and writes nothing. Keys are the caller's own: another caller's same key is another request.
     private func idempotent(
-        _ request: Request, canonical: String,
+        _ request: Request, caller: Caller?, canonical: String,
         run: (@escaping @Sendable (AccountCommandResult) throws -> [TransactionalWrite]) async throws -> AccountCommandResult,
         answer: @escaping @Sendable (AccountCommandResult) throws -> Answer
     ) async throws -> Response {
-        guard let key = request.headers[Self.idempotencyKey] else {
+        let sent = request.headers[values: Self.idempotencyKey]
+        guard sent.count <= 1 else {
+            throw Problem(.badRequest, "Invalid Idempotency-Key", detail: "send one Idempotency-Key header, not \(sent.count)")
+        }
+        guard let key = sent.first else {
             return try answer(try await run { _ in [] }).response()
         }
+        let owner = caller?.subject ?? ""
         guard !key.isEmpty, key.utf8.count <= IdempotencyKeys.maxKeyLength, key.unicodeScalars.allSatisfy({ $0.value >= 0x20 && $0.value < 0x7F }) else {
             throw Problem(.badRequest, "Invalid Idempotency-Key", detail: "an Idempotency-Key is 1 to \(IdempotencyKeys.maxKeyLength) printable ASCII characters")
         }
         // Twice at most: a request that loses the race for its key finds the winner's answer the second time.
         for _ in 0..<2 {
-            if let stored = try await keys.find(key) {
+            if let stored = try await keys.find(key, caller: owner) {
                 guard stored.request == canonical else {
                     throw Problem(
                         .unprocessableContent, "Idempotency-Key reused",
@@ -166,10 +214,9 @@ public struct AccountsAPI: Sendable {
             do {
                 let result = try await run { result in
                     let answer = try answer(result)
-                    return [
-                        IdempotencyKeys.record(
-                            key: key, request: canonical, status: answer.status.code, body: answer.body, location: answer.location)
-                    ]
+                    return keys.record(
+                        key: key, caller: owner, request: canonical, status: answer.status.code, body: answer.body,
+                        location: answer.location)
                 }
                 return try answer(result).response()
             } catch where IdempotencyKeys.isTaken(error) {
@@ -179,9 +226,12 @@ public struct AccountsAPI: Sendable {
         throw Problem(.conflict, "Idempotency-Key in use", detail: "another request with the Idempotency-Key '\(key)' is being processed; retry")
     }
 
-    private func metadata(_ request: Request) -> EventMetadata {
+    /// The events' metadata: the caller is their actor (the audit trail says who), or the service when no
+    /// one is authenticated.
+    private func metadata(_ request: Request, _ caller: Caller?) -> EventMetadata {
         EventMetadata(
-            correlationID: request.headers[Self.correlationID], actor: "accounts-service", traceparent: request.headers[Self.traceparent])
+            correlationID: request.headers[Self.correlationID], actor: caller?.subject ?? "accounts-service",
+            traceparent: request.headers[Self.traceparent])
     }
 
     // MARK: Queries

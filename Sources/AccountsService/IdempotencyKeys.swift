@@ -4,12 +4,15 @@ import PostgresClient
 
 /// The answers to requests that carried an `Idempotency-Key`, in `idempotency_keys`.
 ///
-/// An answer is written by ``record(key:request:status:body:)`` in the transaction of the events the request
+/// Keys are per caller (the token's subject; empty without authentication) and live for a configurable time.
+/// An answer is written by ``record(key:caller:request:status:body:location:)`` in the transaction of the events the request
 /// caused, so a key is recorded if and only if its events are. A retry finds it and gets the same answer; the same
 /// key with another request is refused; two requests racing with one key write the events once (the second
 /// insert of the key fails, its transaction rolls back, and it then finds the first one's answer).
 struct IdempotencyKeys: Sendable {
     let pool: PostgresPool
+    /// How long an answer is replayed; older keys are free again (and deleted as new ones are recorded).
+    let lifetime: Duration
 
     /// A stored answer.
     struct Answer: Sendable, Equatable {
@@ -21,10 +24,15 @@ struct IdempotencyKeys: Sendable {
 
     static let maxKeyLength = 200
 
-    func find(_ key: String) async throws -> Answer? {
+    private var lifetimeSeconds: Int64 { max(lifetime.components.seconds, 1) }
+
+    /// The answer stored for `caller`'s `key` within its lifetime (`caller` is empty without authentication).
+    func find(_ key: String, caller: String) async throws -> Answer? {
         try await pool.withConnection { connection in
             try await connection.query(
-                "SELECT request, status, body, location FROM idempotency_keys WHERE key = $1", [.text(key)], statement: "idempotency: find"
+                "SELECT request, status, body, location FROM idempotency_keys WHERE caller = $1 AND key = $2 "
+                    + "AND created_at > now() - $3::bigint * interval '1 second'",
+                [.text(caller), .text(key), .int64(lifetimeSeconds)], statement: "idempotency: find"
             ).first.map {
                 Answer(
                     request: try $0.decode(String.self, "request"), status: try $0.decode(Int.self, "status"),
@@ -33,11 +41,18 @@ struct IdempotencyKeys: Sendable {
         }
     }
 
-    /// The statement that stores an answer, to run with the request's events.
-    static func record(key: String, request: String, status: Int, body: String, location: String?) -> TransactionalWrite {
-        TransactionalWrite(
-            "INSERT INTO idempotency_keys (key, request, status, body, location) VALUES ($1, $2, $3, $4, $5)",
-            [.text(key), .text(request), .int(status), .text(body), .text(location)], statement: "idempotency: record")
+    /// The statements that store an answer, to run with the request's events: the key's expired answer (if
+    /// any) and up to 100 other expired ones are deleted first, so that expired keys do not pile up.
+    func record(key: String, caller: String, request: String, status: Int, body: String, location: String?) -> [TransactionalWrite] {
+        [
+            TransactionalWrite(
+                "DELETE FROM idempotency_keys WHERE (caller = $1 AND key = $2 AND created_at <= now() - $3::bigint * interval '1 second') "
+                    + "OR ctid IN (SELECT ctid FROM idempotency_keys WHERE created_at <= now() - $3::bigint * interval '1 second' LIMIT 100)",
+                [.text(caller), .text(key), .int64(lifetimeSeconds)], statement: "idempotency: expire"),
+            TransactionalWrite(
+                "INSERT INTO idempotency_keys (caller, key, request, status, body, location) VALUES ($1, $2, $3, $4, $5, $6)",
+                [.text(caller), .text(key), .text(request), .int(status), .text(body), .text(location)], statement: "idempotency: record"),
+        ]
     }
 
     /// `true` if `error` is the insert of a key another request recorded first.

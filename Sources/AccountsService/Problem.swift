@@ -54,8 +54,9 @@ public struct Problem: Error, Sendable, Equatable {
     }
 
     var response: Response {
-        Response(
-            status: status, headers: [.contentType: "application/problem+json"],
-            body: ResponseBody(byteBuffer: ByteBuffer(bytes: jsonBody)))
+        var headers: HTTPFields = [.contentType: "application/problem+json"]
+        // RFC 6750: a 401 names the scheme the client must use.
+        if status == .unauthorized { headers[.wwwAuthenticate] = #"Bearer realm="accounts", error="invalid_token""# }
+        return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: jsonBody)))
     }
 }

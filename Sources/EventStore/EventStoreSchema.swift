@@ -116,6 +116,16 @@ public enum EventStoreSchema {
                     created_at   timestamptz NOT NULL DEFAULT now()
                 );
                 """),
+        Migration(
+            version: 6, name: "idempotency keys per caller, with expiry",
+            sql: """
+                -- A key is the caller's own (the token's subject; '' without authentication): another caller's
+                -- same key is another request. Answers expire (accounts-service --idempotency-key-lifetime).
+                ALTER TABLE idempotency_keys ADD COLUMN caller text NOT NULL DEFAULT '';
+                ALTER TABLE idempotency_keys DROP CONSTRAINT idempotency_keys_pkey;
+                ALTER TABLE idempotency_keys ADD CONSTRAINT idempotency_keys_pkey PRIMARY KEY (caller, key);
+                CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
+                """),
     ]
 
     /// Applies the migrations that are missing. Returns the versions it applied (empty if up to date).

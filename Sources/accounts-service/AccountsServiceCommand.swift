@@ -19,7 +19,13 @@ struct AccountsServiceCommand: AsyncParsableCommand {
         discussion: """
             Commits every command's events and outbox rows in one PostgreSQL transaction, as the bank CLI does; \
             run outbox-relay beside it to publish them. Errors are application/problem+json (RFC 9457). Every POST \
-            honours an Idempotency-Key header: a retry with the same key gets the first answer and writes nothing.
+            honours an Idempotency-Key header: a retry with the same key gets the first answer and writes nothing \
+            (keys are the caller's own and live --idempotency-key-lifetime).
+
+            Callers authenticate with a bearer token (Authorization: Bearer <JWT>, HS256, signed with the secret \
+            in --jwt-secret-file): its sub owns the accounts it opens and is recorded as the actor of every event \
+            it causes; the scope accounts:admin acts on any account. A missing, expired or forged token gets 401; \
+            another caller's account is 404. --insecure-no-auth serves without checks (local experiments).
 
               POST /accounts                     {"owner": "Kim", "initialDeposit": 100}   -> 201, Location
               POST /accounts/{id}/deposits       {"amount": 250, "description": "salary"}  -> 200
@@ -31,8 +37,11 @@ struct AccountsServiceCommand: AsyncParsableCommand {
             The API is described in openapi.yaml. The tables come from `eventoutbox migrate`.
 
             Example:
-              accounts-service --port 8080 --metrics-port 9466
-              curl -s -X POST localhost:8080/accounts -H 'Idempotency-Key: k1' -d '{"owner": "Kim"}'
+              head -c 48 /dev/urandom | base64 > jwt.secret
+              accounts-service --jwt-secret-file jwt.secret --port 8080 --metrics-port 9466
+              TOKEN=$(accounts-service --jwt-secret-file jwt.secret --mint-token kim)
+              curl -s -X POST localhost:8080/accounts -H "Authorization: Bearer $TOKEN" \\
+                -H 'Content-Type: application/json' -H 'Idempotency-Key: k1' -d '{"owner": "Kim"}'
             """)
 
     @OptionGroup var database: DatabaseOption
@@ -44,14 +53,55 @@ struct AccountsServiceCommand: AsyncParsableCommand {
     @Option(help: "Address the metrics endpoint binds to.") var metricsHost = "127.0.0.1"
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
 
+    @Option(help: ArgumentHelp(
+        "Require bearer tokens (HS256 JWTs) signed with the secret in this file (at least 32 bytes): a caller (the token's sub) acts on the accounts it opened, or on any with the scope accounts:admin, and is the actor of its events.",
+        valueName: "path"))
+    var jwtSecretFile: String?
+
+    @Flag(help: "Serve without authentication: every caller may act on every account (local experiments only; logged as a warning).")
+    var insecureNoAuth = false
+
+    @Option(help: ArgumentHelp(
+        "Print a token for this subject, signed with --jwt-secret-file, and exit (for development).", valueName: "sub"))
+    var mintToken: String?
+
+    @Option(help: ArgumentHelp("With --mint-token: the token's scope, e.g. accounts:admin.", valueName: "scope"))
+    var tokenScope: String?
+
+    @Option(help: "With --mint-token: seconds until the token expires.")
+    var tokenLifetime: Double = 3600
+
+    @Option(help: "Seconds an Idempotency-Key's answer is replayed to its caller.")
+    var idempotencyKeyLifetime: Double = 86_400
+
     func validate() throws {
+        if mintToken != nil, jwtSecretFile == nil { throw ValidationError("--mint-token needs --jwt-secret-file") }
+        if let mintToken, mintToken.isEmpty || mintToken.utf8.count > 200 { throw ValidationError("--mint-token takes a subject of 1 to 200 bytes") }
+        try OptionCheck.seconds(tokenLifetime, "--token-lifetime", in: 1...31_622_400)
+        try OptionCheck.seconds(idempotencyKeyLifetime, "--idempotency-key-lifetime", in: 1...31_622_400)
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
         try OptionCheck.port(port, "--port")
         try OptionCheck.port(metricsPort, "--metrics-port")
         try OptionCheck.integer(maxConnections, "--max-connections", in: 1...1000)
+        guard (jwtSecretFile != nil) != insecureNoAuth else {
+            throw ValidationError(
+                "say how callers authenticate: --jwt-secret-file PATH (bearer tokens) or --insecure-no-auth (no checks), one of them")
+        }
     }
 
     func run() async throws {
+        var authentication = CallerAuthentication.disabled
+        if let jwtSecretFile {
+            do {
+                authentication = try await CallerAuthentication.hs256(secretFile: jwtSecretFile)
+            } catch {
+                throw ValidationError("\(error)")
+            }
+        }
+        if let mintToken {
+            print(try await authentication.mint(subject: mintToken, scope: tokenScope, expiresIn: OptionCheck.duration(tokenLifetime)))
+            return
+        }
         let url = try database.url()
         let endpoint = Observability.bootstrap(
             logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost, metricsPort: metricsPort, databaseURL: url)
@@ -65,7 +115,12 @@ struct AccountsServiceCommand: AsyncParsableCommand {
                 throw ValidationError("the event store tables are missing or out of date: run `eventoutbox migrate` first")
             }
         }
-        let api = AccountsAPI(bank: Bank(store: EventStore(pool: pool)), logger: logger)
+        if !authentication.isEnabled {
+            logger.warning("serving WITHOUT authentication (--insecure-no-auth): every caller may act on every account")
+        }
+        let api = AccountsAPI(
+            bank: Bank(store: EventStore(pool: pool)), authentication: authentication,
+            idempotencyKeyLifetime: OptionCheck.duration(idempotencyKeyLifetime), logger: logger)
         let app = Application(
             router: api.makeRouter(),
             configuration: .init(address: .hostname(host, port: port), serverName: "accounts-service"),

@@ -40,9 +40,12 @@ struct Service {
     let port: Int
     let task: Task<Void, any Error>
 
-    static func start() async throws -> Service {
+    static func start(
+        authentication: CallerAuthentication = .disabled, idempotencyKeyLifetime: Duration = .seconds(86_400)
+    ) async throws -> Service {
         let test = try await TestEventStore.create(maxConnections: 8)
-        let api = AccountsAPI(bank: Bank(store: test.store))
+        let api = AccountsAPI(
+            bank: Bank(store: test.store), authentication: authentication, idempotencyKeyLifetime: idempotencyKeyLifetime)
         let port = testPort()
         let app = Application(router: api.makeRouter(), configuration: .init(address: .hostname("127.0.0.1", port: port)))
         let task = Task { try await app.run() }
@@ -234,7 +237,7 @@ struct AccountsServiceTests {
         let help = try await Tools.run("accounts-service", ["--help"])
         #expect(help.status == 0 && help.stdout.contains("Idempotency-Key") && help.stdout.contains("openapi.yaml"))
         let schema = try await TestSchema.create("bare")
-        let refused = try await Tools.run("accounts-service", ["--port", "0"], environment: ["EVENTOUTBOX_DATABASE_URL": schema.url])
+        let refused = try await Tools.run("accounts-service", ["--insecure-no-auth", "--port", "0"], environment: ["EVENTOUTBOX_DATABASE_URL": schema.url])
         #expect(refused.status != 0)
         #expect(refused.stderr.contains("eventoutbox migrate"), "\(refused.stderr)")
         try await schema.drop()
@@ -244,7 +247,7 @@ struct AccountsServiceTests {
         let (port, metricsPort) = (testPort(), testPort())
         let log = FileManager.default.temporaryDirectory.appendingPathComponent(uniqueName("accounts-service") + ".log")
         let service = try Tools.start(
-            "accounts-service", ["--port", String(port), "--metrics-port", String(metricsPort)],
+            "accounts-service", ["--insecure-no-auth", "--port", String(port), "--metrics-port", String(metricsPort)],
             environment: ["EVENTOUTBOX_DATABASE_URL": test.schema.url], output: log)
         defer { if service.isRunning { kill(service.processIdentifier, SIGKILL) } }
         do {

@@ -135,6 +135,9 @@ struct BankCommandLineTests {
             ("account-projector", ["--metrics-port=-1"], "--metrics-port"),
             ("accounts-service", ["--metrics-port", "65536"], "--metrics-port"),
             ("accounts-service", ["--max-connections", "0"], "--max-connections"),
+            ("accounts-service", ["--port", "0"], "--jwt-secret-file PATH (bearer tokens) or --insecure-no-auth"),
+            ("accounts-service", ["--insecure-no-auth", "--mint-token", "kim"], "--mint-token needs --jwt-secret-file"),
+            ("accounts-service", ["--jwt-secret-file", "/nonexistent/secret"], "cannot read the JWT secret file"),
             // Client properties librdkafka refuses: the relay ends at start (it used to retry forever, ready).
             ("outbox-relay", ["--kafka-property", "bogus.prop=1"], "bogus.prop"),
             ("outbox-relay", ["--kafka-property", "security.protocol=carrier-pigeon"], "security.protocol"),
@@ -185,7 +188,7 @@ struct BankCommandLineTests {
                 #expect(!run.stderr.contains(secret) && !run.stdout.contains(secret), "\(tool) printed the password of \(url)")
             }
             // The long-running ones log the failure (the relay retries until stopped; the others end).
-            for (tool, arguments) in [("outbox-relay", ["--standby-interval", "0.2"]), ("account-projector", []), ("accounts-service", ["--port", "0"])] {
+            for (tool, arguments) in [("outbox-relay", ["--standby-interval", "0.2"]), ("account-projector", []), ("accounts-service", ["--insecure-no-auth", "--port", "0"])] {
                 let run = try await Tools.run(tool, arguments, environment: unreachable, timeout: .seconds(4))
                 #expect(run.stderr.contains("127.0.0.1"), "\(tool) says what it could not reach: \(run.stderr.prefix(300))")
                 #expect(!run.stderr.contains(secret) && !run.stdout.contains(secret), "\(tool) printed the password of \(url)")

@@ -7,7 +7,7 @@ http_bench() {
     url="$EVENTOUTBOX_DATABASE_URL&options=-csearch_path%3D$schema"
     EVENTOUTBOX_DATABASE_URL="$url" "$bin/eventoutbox" migrate >/dev/null
     port=$((20000 + RANDOM % 10000))
-    EVENTOUTBOX_DATABASE_URL="$url" "$bin/accounts-service" --port $port --max-connections 16 --log-level error &
+    EVENTOUTBOX_DATABASE_URL="$url" "$bin/accounts-service" --insecure-no-auth --port $port --max-connections 16 --log-level error &
     pid=$!
     until curl -sf "localhost:$port/health/ready" >/dev/null; do sleep 0.2; done
     accounts="$EO_RUNDIR/accounts.txt"
