@@ -284,6 +284,8 @@ let package = Package(
                 "AccountsService", "BankAccount", "EventSourcing", "EventStore", "PostgresClient", "TestSupport",
                 "OutboxRelay", "Projections", "KafkaClient",
                 .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "InMemoryLogging", package: "swift-log"),
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
             ],
             swiftSettings: strictSettings

@@ -33,6 +33,7 @@ public struct AccountsAPI: Sendable {
     static let idempotencyKey = HTTPField.Name("Idempotency-Key")!
     static let traceparent = HTTPField.Name("traceparent")!
     static let correlationID = HTTPField.Name("X-Correlation-ID")!
+    static let requestID = HTTPField.Name("X-Request-ID")!
 
     public let bank: Bank
     /// Who may call: bearer tokens, or nobody checked (``CallerAuthentication/disabled``).
@@ -63,35 +64,70 @@ public struct AccountsAPI: Sendable {
         // Requests by route and status, and their durations (`hb_requests`, `http_server_request_duration`).
         router.add(middleware: MetricsMiddleware())
         router.post("accounts") { request, _ in
-            await respond { try await openAccount(request, caller: try await authentication.caller(of: request)) }
+            await respond(request) { try await openAccount(request, caller: try await authentication.caller(of: request)) }
         }
         router.get("accounts/:id") { request, context in
-            await respond {
+            await respond(request) {
                 let caller = try await authentication.caller(of: request)
                 return try await account(request, id: try await authorized(caller, context.parameters.require("id")))
             }
         }
         router.get("accounts/:id/history") { request, context in
-            await respond {
+            await respond(request) {
                 let caller = try await authentication.caller(of: request)
                 return try await history(id: try await authorized(caller, context.parameters.require("id")))
             }
         }
         router.post("accounts/:id/deposits") { request, context in
-            await respond {
+            await respond(request) {
                 let caller = try await authentication.caller(of: request)
                 return try await move(request, id: try await authorized(caller, context.parameters.require("id")), caller: caller, deposit: true)
             }
         }
         router.post("accounts/:id/withdrawals") { request, context in
-            await respond {
+            await respond(request) {
                 let caller = try await authentication.caller(of: request)
                 return try await move(request, id: try await authorized(caller, context.parameters.require("id")), caller: caller, deposit: false)
             }
         }
         router.get("health/live") { _, _ in json(.ok, #"{"status":"live"}"#) }
-        router.get("health/ready") { _, _ in await respond { try await ready() } }
+        router.get("health/ready") { request, _ in await respond(request) { try await ready() } }
+        // Other methods on these paths: 405 with the methods that are served (not 404: the path exists).
+        for (path, allowed) in Dictionary(grouping: Self.routes, by: \.path).mapValues({ $0.map(\.method) }) {
+            let hummingbirdPath = RouterPath(path.replacingOccurrences(of: "{id}", with: ":id").dropFirst().description)
+            for method in [HTTPRequest.Method.get, .post, .put, .delete, .patch, .trace, .options]
+            where !allowed.contains(method.rawValue) {
+                router.on(hummingbirdPath, method: method) { _, _ in
+                    var response = Problem(
+                        .methodNotAllowed, "Method not allowed", detail: "\(path) takes \(allowed.joined(separator: ", "))"
+                    ).response
+                    response.headers[.allow] = allowed.joined(separator: ", ")
+                    return response
+                }
+            }
+        }
         return router
+    }
+
+    /// Runs a handler; a thrown error becomes its problem answer, so no request ends without one. A server error
+    /// is logged with a request id, which the answer carries (`X-Request-ID`) for the caller to quote.
+    private func respond(_ request: Request, _ body: () async throws -> Response) async -> Response {
+        do {
+            return try await body()
+        } catch {
+            let problem = Problem.from(error)
+            var response = problem.response
+            if problem.status.code >= 500 {
+                let id = request.headers[Self.correlationID] ?? UUID().uuidString.lowercased()
+                response.headers[Self.requestID] = id
+                logger.error(
+                    "request failed", metadata: [
+                        "http.request.id": "\(id)", "http.method": "\(request.method)", "http.path": "\(request.uri.path)",
+                        "http.status": "\(problem.status.code)", "error": "\(error)",
+                    ])
+            }
+            return response
+        }
     }
 
     // MARK: Commands
@@ -284,6 +320,13 @@ public struct AccountsAPI: Sendable {
     // MARK: Plumbing
 
     private func decode<Body: Decodable>(_ request: inout Request) async throws -> Body {
+        // JSON only: a browser's cross-site "simple" request (text/plain, a form) must not move money.
+        let mediaType = request.headers[.contentType]?.split(separator: ";").first?.trimmingCharacters(in: .whitespaces).lowercased()
+        guard let mediaType, mediaType == "application/json" || (mediaType.hasPrefix("application/") && mediaType.hasSuffix("+json")) else {
+            throw Problem(
+                .unsupportedMediaType, "Unsupported media type",
+                detail: "send the body as Content-Type: application/json (got \(request.headers[.contentType].map { "'\($0)'" } ?? "none"))")
+        }
         let buffer: ByteBuffer
         do {
             buffer = try await request.collectBody(upTo: Self.maxBodyBytes)
@@ -319,14 +362,6 @@ extension AccountsAPI.AccountView {
     }
 }
 
-/// Runs a handler; a thrown error becomes its problem answer, so no request ends without one.
-private func respond(_ body: () async throws -> Response) async -> Response {
-    do {
-        return try await body()
-    } catch {
-        return Problem.from(error).response
-    }
-}
 
 private func json(_ status: HTTPResponse.Status, _ body: String) -> Response {
     Response(status: status, headers: [.contentType: "application/json"], body: ResponseBody(byteBuffer: ByteBuffer(string: body)))

@@ -76,6 +76,17 @@ public struct Bank: Sendable {
     }
 
     /// Deposits `amount` (> 0) and returns the new balance.
+    static let momentRange = Date(timeIntervalSince1970: 0)...Date(timeIntervalSince1970: 253_402_300_799)
+
+    /// PostgreSQL's jsonb cannot hold U+0000: refused here with a reason, instead of failing at the insert.
+    static func checkText(_ command: AccountCommand) throws {
+        let (name, text): (String, String) = switch command {
+        case .open(let owner, _): ("owner", owner)
+        case .deposit(_, let description), .withdraw(_, let description): ("description", description)
+        }
+        if text.unicodeScalars.contains("\u{0}") { throw BankError("\(name) must not contain the NUL character (U+0000)") }
+    }
+
     public func deposit(_ accountID: String, amount: Int64, description: String = "", metadata: EventMetadata = .init())
         async throws -> Int64
     {
@@ -100,6 +111,7 @@ public struct Bank: Sendable {
         _ command: AccountCommand, on accountID: String? = nil, metadata: EventMetadata = .init(),
         alsoWriting: @escaping @Sendable (AccountCommandResult) throws -> [TransactionalWrite] = { _ in [] }
     ) async throws -> AccountCommandResult {
+        try Self.checkText(command)
         switch command {
         case .open(let owner, let initialDeposit):
             guard accountID == nil else { throw BankError("an account id is chosen by the bank when it opens the account") }
@@ -154,6 +166,11 @@ public struct Bank: Sendable {
         -> VersionedState<Account>
     {
         if let version, version < 1 { throw BankError("a version is 1 or more (got \(version))") }
+        // PostgreSQL's calendar and Foundation's disagree before 1582 (days off, then an overflow): a moment is
+        // asked for within the span any event can have.
+        if let date, !Self.momentRange.contains(date) {
+            throw BankError("a moment is between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z (got \(ISOTimestamp.format(date)))")
+        }
         let state: VersionedState<Account>
         if let version {
             state = try await repository.load(accountID, atVersion: version)

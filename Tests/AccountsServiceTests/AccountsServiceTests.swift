@@ -265,6 +265,7 @@ struct AccountsServiceTests {
         var request = URLRequest(url: URL(string: "http://127.0.0.1:\(port)/accounts")!)
         request.httpMethod = "POST"
         request.httpBody = Data(#"{"owner": "Process"}"#.utf8)
+        request.setValue("application/json", forHTTPHeaderField: "Content-Type")
         let (_, created) = try await URLSession.shared.data(for: request)
         #expect((created as? HTTPURLResponse)?.statusCode == 201)
         let (metrics, _) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(metricsPort)/metrics")!)

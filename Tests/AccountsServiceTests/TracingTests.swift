@@ -56,6 +56,7 @@ struct TracingTests {
         }
         request.httpMethod = "POST"
         request.httpBody = Data(#"{"amount": 5}"#.utf8)
+        request.setValue("application/json", forHTTPHeaderField: "Content-Type")
         request.setValue("00-\(traceID)-\(callerSpan)-01", forHTTPHeaderField: "traceparent")
         let (_, response) = try await URLSession.shared.data(for: request)
         #expect((response as? HTTPURLResponse)?.statusCode == 200)

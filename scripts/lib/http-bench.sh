@@ -13,7 +13,7 @@ http_bench() {
     accounts="$EO_RUNDIR/accounts.txt"
     : >"$accounts"
     for n in $(seq 1 100); do
-        id=$(curl -sf -X POST "localhost:$port/accounts" -d "{\"owner\": \"L$n\"}" | sed -E 's/.*"id":"([^"]+)".*/\1/')
+        id=$(curl -sf -X POST "localhost:$port/accounts" -H 'Content-Type: application/json' -d "{\"owner\": \"L$n\"}" | sed -E 's/.*"id":"([^"]+)".*/\1/')
         echo "$id" >>"$accounts"
     done
     ACCOUNTS_FILE="$accounts" wrk -t2 -c16 -d15s --latency -s scripts/lib/deposit.lua "http://127.0.0.1:$port" | tail -1

@@ -1,0 +1,101 @@
+import AccountsService
+import BankAccount
+import EventSourcing
+import EventStore
+import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+import Hummingbird
+import InMemoryLogging
+import Logging
+import PostgresClient
+import TestSupport
+import Testing
+
+@Suite("accounts-service: hostile requests get 4xx problem+json and write nothing (real PostgreSQL)")
+struct HostileRequestTests {
+    @Test("a NUL character in an owner or description, a moment before 1970: 400, not 500; nothing written")
+    func badValues() async throws {
+        let service = try await Service.start()
+        let opened = try await service.send("POST", "/accounts", #"{"owner": "Kim", "initialDeposit": 10}"#)
+        let id = try #require(opened.json["id"] as? String)
+        for (path, body) in [
+            ("/accounts", #"{"owner": "Ki\u0000m"}"#),
+            ("/accounts/\(id)/deposits", #"{"amount": 5, "description": "a\u0000b"}"#),
+            ("/accounts/\(id)/withdrawals", #"{"amount": 5, "description": "\u0000"}"#),
+        ] {
+            let reply = try await service.send("POST", path, body)
+            #expect(reply.status == 400, "\(path): \(reply.status) \(reply.body)")
+            #expect((reply.json["detail"] as? String)?.contains("NUL") == true, "\(reply.body)")
+        }
+        for at in ["0001-01-02T00:00:00Z", "1969-12-31T23:59:59Z"] {
+            let reply = try await service.send("GET", "/accounts/\(id)?at=\(at)")
+            #expect(reply.status == 400, "at=\(at): \(reply.status) \(reply.body)")
+            #expect(reply.header("Content-Type") == "application/problem+json")
+        }
+        #expect(try await service.events() == 1)
+        try await service.stop()
+    }
+
+    @Test("a body that is not application/json is 415 (a browser's cross-site simple request cannot move money); nothing written")
+    func mediaType() async throws {
+        let service = try await Service.start()
+        let id = try #require(try await service.send("POST", "/accounts", #"{"owner": "Kim"}"#).json["id"] as? String)
+        for contentType in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""] {
+            var request = URLRequest(url: URL(string: "http://127.0.0.1:\(service.port)/accounts/\(id)/deposits")!)
+            request.httpMethod = "POST"
+            request.httpBody = Data(#"{"amount": 5}"#.utf8)
+            request.setValue(contentType, forHTTPHeaderField: "Content-Type")
+            let (_, response) = try await URLSession.shared.data(for: request)
+            #expect((response as? HTTPURLResponse)?.statusCode == 415, "Content-Type '\(contentType)'")
+        }
+        let charset = try await service.send("POST", "/accounts/\(id)/deposits", #"{"amount": 5}"#, headers: ["Content-Type": "application/json; charset=utf-8"])
+        #expect(charset.status == 200)
+        #expect(try await service.events() == 2)
+        try await service.stop()
+    }
+
+    @Test("other methods on served paths: 405 with Allow, not 404")
+    func methodNotAllowed() async throws {
+        let service = try await Service.start()
+        for (method, path, allow) in [
+            ("DELETE", "/accounts/x", "GET"), ("PUT", "/accounts/x", "GET"), ("PUT", "/accounts", "POST"), ("GET", "/accounts", "POST"),
+            ("PATCH", "/accounts/x/deposits", "POST"), ("DELETE", "/health/ready", "GET"),
+        ] {
+            let reply = try await service.send(method, path)
+            #expect(reply.status == 405, "\(method) \(path): \(reply.status)")
+            #expect(reply.header("Allow") == allow, "\(method) \(path): Allow \(reply.header("Allow") ?? "none")")
+            #expect(reply.header("Content-Type") == "application/problem+json")
+        }
+        #expect(try await service.send("DELETE", "/nowhere").status == 404)
+        try await service.stop()
+    }
+
+    @Test("every 5xx is logged with a request id, which the answer carries")
+    func serverErrorsLogged() async throws {
+        let handler = InMemoryLogHandler()
+        let pool = PostgresPool(url: "postgresql://app@127.0.0.1:1/app?connect_timeout=2", maxConnections: 1)
+        let api = AccountsAPI(bank: Bank(store: EventStore(pool: pool)), logger: Logger(label: "test", factory: { _ in handler }))
+        let port = testPort()
+        let app = Application(router: api.makeRouter(), configuration: .init(address: .hostname("127.0.0.1", port: port)))
+        let task = Task { try await app.run() }
+        defer { task.cancel() }
+        var request = URLRequest(url: URL(string: "http://127.0.0.1:\(port)/accounts")!)
+        request.httpMethod = "POST"
+        request.httpBody = Data(#"{"owner": "Kim"}"#.utf8)
+        request.setValue("application/json", forHTTPHeaderField: "Content-Type")
+        var answer: (Data, URLResponse)?
+        try await waitUntil("the API answers") {
+            answer = try? await URLSession.shared.data(for: request)
+            return answer != nil
+        }
+        let response = try #require(answer?.1 as? HTTPURLResponse)
+        #expect(response.statusCode >= 500)
+        let id = try #require(response.value(forHTTPHeaderField: "X-Request-ID"))
+        let logged = handler.entries.filter { $0.level == .error && $0.metadata["http.request.id"] == "\(id)" }
+        #expect(logged.count == 1, "\(handler.entries.map(\.message))")
+        #expect(logged.first?.metadata["http.path"] == "/accounts")
+        await pool.close()
+    }
+}
