@@ -63,6 +63,8 @@ public struct AccountsAPI: Sendable {
         router.add(middleware: TracingMiddleware())
         // Requests by route and status, and their durations (`hb_requests`, `http_server_request_duration`).
         router.add(middleware: MetricsMiddleware())
+        // Any other method on a served path (QUERY and methods yet unnamed included): 405 with `Allow`, not 404.
+        router.add(middleware: MethodNotAllowedMiddleware(routes: Self.routes))
         router.post("accounts") { request, _ in
             await respond(request) { try await openAccount(request, caller: try await authentication.caller(of: request)) }
         }
@@ -92,20 +94,6 @@ public struct AccountsAPI: Sendable {
         }
         router.get("health/live") { _, _ in json(.ok, #"{"status":"live"}"#) }
         router.get("health/ready") { request, _ in await respond(request) { try await ready() } }
-        // Other methods on these paths: 405 with the methods that are served (not 404: the path exists).
-        for (path, allowed) in Dictionary(grouping: Self.routes, by: \.path).mapValues({ $0.map(\.method) }) {
-            let hummingbirdPath = RouterPath(path.replacingOccurrences(of: "{id}", with: ":id").dropFirst().description)
-            for method in [HTTPRequest.Method.get, .post, .put, .delete, .patch, .trace, .options]
-            where !allowed.contains(method.rawValue) {
-                router.on(hummingbirdPath, method: method) { _, _ in
-                    var response = Problem(
-                        .methodNotAllowed, "Method not allowed", detail: "\(path) takes \(allowed.joined(separator: ", "))"
-                    ).response
-                    response.headers[.allow] = allowed.joined(separator: ", ")
-                    return response
-                }
-            }
-        }
         return router
     }
 
@@ -365,4 +353,33 @@ extension AccountsAPI.AccountView {
 
 private func json(_ status: HTTPResponse.Status, _ body: String) -> Response {
     Response(status: status, headers: [.contentType: "application/json"], body: ResponseBody(byteBuffer: ByteBuffer(string: body)))
+}
+
+/// Answers 405 with `Allow` for a request whose path is served but not with its method.
+struct MethodNotAllowedMiddleware<Context: RequestContext>: RouterMiddleware {
+    /// Each served path as its segments (`{id}` matches any one segment), with its methods.
+    let paths: [(segments: [Substring], methods: [String])]
+
+    init(routes: [AccountsAPI.Route]) {
+        paths = Dictionary(grouping: routes, by: \.path).map { path, routes in
+            (path.split(separator: "/"), routes.map(\.method).sorted())
+        }
+    }
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        let segments = request.uri.path.split(separator: "/")
+        guard let served = paths.first(where: { Self.matches($0.segments, segments) }), !served.methods.contains(request.method.rawValue) else {
+            return try await next(request, context)
+        }
+        let allow = served.methods.joined(separator: ", ")
+        var response = Problem(
+            .methodNotAllowed, "Method not allowed", detail: "\(request.uri.path) takes \(allow), not \(request.method.rawValue)"
+        ).response
+        response.headers[.allow] = allow
+        return response
+    }
+
+    static func matches(_ pattern: [Substring], _ segments: [Substring]) -> Bool {
+        pattern.count == segments.count && zip(pattern, segments).allSatisfy { $0 == $1 || $0.hasPrefix("{") }
+    }
 }

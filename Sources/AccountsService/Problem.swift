@@ -31,9 +31,11 @@ public struct Problem: Error, Sendable, Equatable {
         case let problem as Problem:
             return problem
         case let refusal as BankError:
-            return refusal.kind == .notFound
-                ? Problem(.notFound, "Not found", detail: refusal.message)
-                : Problem(.badRequest, "Invalid request", detail: refusal.message)
+            switch refusal.kind {
+            case .notFound: return Problem(.notFound, "Not found", detail: refusal.message)
+            case .refused: return Problem(.unprocessableContent, "Refused", detail: refusal.message, type: "/problems/refused")
+            case .invalid: return Problem(.badRequest, "Invalid request", detail: refusal.message)
+            }
         case let conflict as ConcurrencyConflict:
             return Problem(
                 .conflict, "Concurrent changes", detail: "the account kept changing while the command was retried (\(conflict)); try again")

@@ -10,6 +10,8 @@ public struct BankError: Error, CustomStringConvertible, Sendable, Equatable {
         case invalid
         /// The account, or the version or moment asked for, does not exist.
         case notFound
+        /// Well-formed, but the account cannot take it (a balance past the largest the bank holds).
+        case refused
     }
 
     public var message: String
@@ -133,7 +135,8 @@ public struct Bank: Sendable {
                 guard current.state.isOpen else { throw BankError("no account '\(accountID)'", kind: .notFound) }
                 guard !current.state.balance.addingReportingOverflow(amount).overflow else {
                     throw BankError(
-                        "deposit refused: a balance of \(current.state.balance) plus \(amount) exceeds the largest balance the bank can hold (\(Int64.max) minor units)")
+                        "deposit refused: a balance of \(current.state.balance) plus \(amount) exceeds the largest balance the bank can hold (\(Int64.max) minor units)",
+                        kind: .refused)
                 }
                 return [MoneyDeposited(amount: amount, description: description)]
             }

@@ -157,10 +157,11 @@ struct AccountsServiceTests {
             #expect(reply.json["status"] as? Int == status && (reply.json["detail"] as? String)?.isEmpty == false)
         }
         #expect(try await service.events() == 1, "only the opening was recorded")
-        // The largest balance opens; a deposit on top is refused before anything is written.
+        // The largest balance opens; a deposit on top is well-formed but refused (422) before anything is written.
         let big = try #require(
             try await service.send("POST", "/accounts", #"{"owner": "Big", "initialDeposit": 9223372036854775807}"#).json["id"] as? String)
-        #expect(try await service.send("POST", "/accounts/\(big)/deposits", #"{"amount": 1}"#).status == 400)
+        let refused = try await service.send("POST", "/accounts/\(big)/deposits", #"{"amount": 1}"#)
+        #expect(refused.status == 422 && refused.json["type"] as? String == "/problems/refused", "\(refused.body)")
         #expect(try await service.events() == 2)
         try await service.stop()
     }
