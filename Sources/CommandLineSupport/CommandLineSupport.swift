@@ -82,3 +82,14 @@ public enum OptionCheck {
         value == value.rounded() && abs(value) < 1e15 ? String(Int64(value)) : String(value)
     }
 }
+
+/// A command that only groups subcommands: run without one, it prints its help to standard error and exits 64
+/// (a usage error), so that a script that forgot the subcommand does not look successful.
+public protocol SubcommandGroup: AsyncParsableCommand {}
+
+extension SubcommandGroup {
+    public func run() async throws {
+        FileHandle.standardError.write(Data(("error: a subcommand is needed\n\n" + Self.helpMessage() + "\n").utf8))
+        throw ExitCode(64)
+    }
+}

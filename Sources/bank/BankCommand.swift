@@ -7,7 +7,7 @@ import Foundation
 import PostgresClient
 
 @main
-struct BankCommand: AsyncParsableCommand {
+struct BankCommand: SubcommandGroup {
     static let configuration = CommandConfiguration(
         commandName: "bank",
         abstract: "The reference bank-account service: event-sourced accounts in PostgreSQL.",

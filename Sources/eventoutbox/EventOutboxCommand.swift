@@ -6,7 +6,7 @@ import Foundation
 import PostgresClient
 
 @main
-struct EventOutboxCommand: AsyncParsableCommand {
+struct EventOutboxCommand: SubcommandGroup {
     static let configuration = CommandConfiguration(
         commandName: "eventoutbox",
         abstract: "Administer an EventOutbox event store: schema migrations and raw streams.",
@@ -66,7 +66,7 @@ struct WALNames: ParsableArguments {
     }
 }
 
-struct WAL: AsyncParsableCommand {
+struct WAL: SubcommandGroup {
     static let configuration = CommandConfiguration(
         commandName: "wal",
         abstract: "The replication slot of `outbox-relay --source wal`: status, and dropping it.",
@@ -74,7 +74,8 @@ struct WAL: AsyncParsableCommand {
 
     struct Status: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "wal_level, the publication, and the slot: whether a relay streams it, what it confirmed, the WAL it keeps.")
+            abstract: "wal_level, the publication, and the slot: whether a relay streams it, what it confirmed, the WAL it keeps.",
+            discussion: "Exits 3 when it finds a problem (each printed on a 'problem:' line), 0 when all is in order.")
         @OptionGroup var database: DatabaseOption
         @OptionGroup var wal: WALNames
         @Flag(help: "Print JSON.") var json = false
@@ -83,8 +84,10 @@ struct WAL: AsyncParsableCommand {
             try await reportingFailures {
                 let names = try wal.names()
                 let status = try await database.pool().withConnection { try await names.status(on: $0) }
+                let problems = names.problems(in: status)
                 if json {
                     print(String(decoding: try EventJSON.encoder.encode(status), as: UTF8.self))
+                    if !problems.isEmpty { throw ExitCode(3) }
                     return
                 }
                 print("wal_level:    \(status.walLevel)")
@@ -97,7 +100,9 @@ struct WAL: AsyncParsableCommand {
                 } else {
                     print("slot:         \(names.slot) (missing)")
                 }
-                for problem in names.problems(in: status) { print("problem:      \(problem)") }
+                for problem in problems { print("problem:      \(problem)") }
+                // A check that finds problems says so in its exit status too (scripts, probes, CI).
+                if !problems.isEmpty { throw ExitCode(3) }
             }
         }
     }
@@ -124,7 +129,7 @@ struct WAL: AsyncParsableCommand {
     }
 }
 
-struct Stream: AsyncParsableCommand {
+struct Stream: SubcommandGroup {
     static let configuration = CommandConfiguration(abstract: "Inspect event streams.", subcommands: [Show.self])
 
     struct Show: AsyncParsableCommand {
@@ -150,7 +155,7 @@ struct Stream: AsyncParsableCommand {
     }
 }
 
-struct Outbox: AsyncParsableCommand {
+struct Outbox: SubcommandGroup {
     static let configuration = CommandConfiguration(abstract: "Inspect the outbox.", subcommands: [Status.self])
 
     struct Status: AsyncParsableCommand {
@@ -175,7 +180,7 @@ struct Outbox: AsyncParsableCommand {
     }
 }
 
-struct DeadLetters: AsyncParsableCommand {
+struct DeadLetters: SubcommandGroup {
     static let configuration = CommandConfiguration(
         commandName: "dead-letters",
         abstract: "Outbox rows Kafka refused for good; each holds back the later events of its stream.",

@@ -143,13 +143,18 @@ struct BankCommandLineTests {
             ("outbox-relay", ["--kafka-property", "security.protocol=carrier-pigeon"], "security.protocol"),
             ("outbox-relay", ["--delivery", "exactly-once", "--kafka-property", "bogus.prop=1"], "bogus.prop"),
             ("account-projector", ["--kafka-property", "bogus.prop=1"], "bogus.prop"),
+            // A group without its subcommand is a usage error (it used to print help and exit 0).
+            ("bank", [], "a subcommand is needed"),
+            ("eventoutbox", [], "a subcommand is needed"),
+            ("eventoutbox", ["wal"], "a subcommand is needed"),
+            ("eventoutbox", ["dead-letters"], "a subcommand is needed"),
         ]
         for (tool, arguments, reason) in cases {
             let run = try await Tools.run(tool, arguments, environment: env, timeout: .seconds(60))
             let shown = "\(tool) \(arguments.joined(separator: " ").prefix(80))"
             #expect(!run.timedOut, "\(shown) was still running after 60 s")
             #expect(run.status != 0, "\(shown) exited 0")
-            if reason.hasPrefix("--") {
+            if reason.hasPrefix("--") || reason == "a subcommand is needed" {
                 #expect(run.status == 64, "\(shown): a usage error exits 64, not \(run.status)")
             }
             let first = run.stderr.split(separator: "\n").first.map(String.init) ?? ""

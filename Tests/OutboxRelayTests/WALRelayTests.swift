@@ -45,11 +45,13 @@ struct WALRelayTests {
         let before = try await Tools.run("eventoutbox", ["wal", "status"] + names, environment: env)
         #expect(before.stdout.contains("wal_level:    logical"))
         #expect(before.stdout.contains("(missing)"))
+        #expect(before.status == 3, "problems found: exit 3")
         let migrated = try await Tools.run("eventoutbox", ["migrate", "--wal"] + names, environment: env)
         #expect(migrated.status == 0, "\(migrated.stderr)")
         #expect(migrated.stdout.contains("created publication \(wal.publication) and replication slot \(wal.slot)"))
         #expect(try await Tools.run("eventoutbox", ["migrate", "--wal"] + names, environment: env).stdout.contains("exist"))
         let after = try await Tools.run("eventoutbox", ["wal", "status", "--json"] + names, environment: env)
+        #expect(after.status == 0, "all in order: exit 0")
         let json = try JSONSerialization.jsonObject(with: Data(after.stdout.utf8)) as? [String: Any]
         #expect(json?["publicationCoversOutbox"] as? Bool == true)
         #expect((json?["slot"] as? [String: Any])?["plugin"] as? String == "pgoutput")
