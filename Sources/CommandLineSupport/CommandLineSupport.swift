@@ -93,3 +93,21 @@ extension SubcommandGroup {
         throw ExitCode(64)
     }
 }
+
+extension String {
+    /// The text with control characters shown as `\u{1B}` and the like, for printing stored text (an owner's
+    /// name, a description) to a terminal: an escape sequence in it must not move the cursor, recolour the
+    /// screen or retitle the window.
+    public var terminalSafe: String {
+        var out = ""
+        for scalar in unicodeScalars {
+            let value = scalar.value
+            if value < 0x20 || value == 0x7F || (0x80...0x9F).contains(value) {
+                out += "\\u{\(String(value, radix: 16, uppercase: true))}"
+            } else {
+                out.unicodeScalars.append(scalar)
+            }
+        }
+        return out
+    }
+}

@@ -129,7 +129,7 @@ struct Balance: AsyncParsableCommand {
             try options.print(
                 json: ["accountId": .string(account), "owner": .string(state.state.owner),
                        "balance": .integer(state.state.balance), "version": JSONValue.integer(state.version)],
-                text: "\(state.state.balance) (owner \(state.state.owner), version \(state.version))")
+                text: "\(state.state.balance) (owner \(state.state.owner.terminalSafe), version \(state.version))")
         }
     }
 }
@@ -156,7 +156,7 @@ struct History: AsyncParsableCommand {
                 case let e as WithdrawalRejected: detail = "\(e.amount) refused: \(e.reason)"
                 default: detail = recorded.payload
                 }
-                Swift.print("\(recorded.streamVersion)\t\(ISOTimestamp.format(recorded.occurredAt))\t\(recorded.eventType)\t\(detail)")
+                Swift.print("\(recorded.streamVersion)\t\(ISOTimestamp.format(recorded.occurredAt))\t\(recorded.eventType.terminalSafe)\t\(detail.terminalSafe)")
             }
         }
     }

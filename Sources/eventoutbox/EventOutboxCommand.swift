@@ -147,7 +147,7 @@ struct Stream: SubcommandGroup {
                 } else {
                     for event in events {
                         print("\(event.streamVersion)\t#\(event.position)\t\(ISOTimestamp.format(event.occurredAt))\t"
-                            + "\(event.eventType) v\(event.schemaVersion)\t\(event.payload)")
+                            + "\(event.eventType.terminalSafe) v\(event.schemaVersion)\t\(event.payload.terminalSafe)")
                     }
                 }
             }
@@ -200,8 +200,8 @@ struct DeadLetters: SubcommandGroup {
                     print("no dead letters")
                 } else {
                     for letter in letters {
-                        print("\(letter.outboxID)\tstream \(letter.streamID) v\(letter.streamVersion)\t\(letter.topic)\t"
-                            + "\(letter.envelopeBytes) bytes\t\(ISOTimestamp.format(letter.failedAt))\t\(letter.error)")
+                        print("\(letter.outboxID)\tstream \(letter.streamID.terminalSafe) v\(letter.streamVersion)\t\(letter.topic.terminalSafe)\t"
+                            + "\(letter.envelopeBytes) bytes\t\(ISOTimestamp.format(letter.failedAt))\t\(letter.error.terminalSafe)")
                     }
                 }
             }

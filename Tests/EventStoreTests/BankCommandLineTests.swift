@@ -172,6 +172,18 @@ struct BankCommandLineTests {
         let owner = (try JSONSerialization.jsonObject(with: Data(history.stdout.utf8)) as? [[String: Any]])?.first
             .flatMap { $0["payload"] as? [String: Any] }?["owner"] as? String
         #expect(owner == hostile)
+        // Escape sequences in stored text are shown escaped, never sent to the terminal raw.
+        let escaping = "Eve\u{1B}]0;owned\u{07}\u{1B}[2J\u{9B}31m"
+        let eve = try await Tools.run("bank", ["open", "--owner", escaping, "--initial", "1"], environment: env)
+        let eveID = eve.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        _ = try await Tools.run("bank", ["deposit", eveID, "1", "--description", "\u{1B}[1A\r"], environment: env)
+        for arguments in [["balance", eveID], ["history", eveID]] {
+            let shown = try await Tools.run("bank", arguments, environment: env)
+            #expect(shown.status == 0)
+            #expect(!shown.stdout.unicodeScalars.contains { $0.value == 0x1B || $0.value == 0x07 || $0.value == 0x9B || $0.value == 0x0D },
+                    "bank \(arguments[0]) printed a control character")
+            #expect(shown.stdout.contains("\\u{1B}"), "bank \(arguments[0]): \(shown.stdout)")
+        }
         let long = String(repeating: "é", count: 60_000)
         #expect(try await Tools.run("bank", ["open", "--owner", long], environment: env).status == 0)
 
