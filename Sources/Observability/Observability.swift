@@ -1,3 +1,7 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import Hummingbird
 import Logging
 import Metrics
@@ -9,15 +13,17 @@ import ServiceLifecycle
 public enum Observability {
     /// Logs to standard error at `level`. With a `metricsPort`, also sends metrics to Prometheus and returns the
     /// ``OperationsEndpoint`` that serves them (run it beside the process's own services). Call once, at start.
+    /// - Throws: ``ListenError`` when the metrics port cannot be bound (checked before anything starts).
     public static func bootstrap(
         logLevel: Logger.Level, metricsHost: String, metricsPort: Int?, databaseURL: String?
-    ) -> OperationsEndpoint? {
+    ) throws -> OperationsEndpoint? {
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = logLevel
             return handler
         }
         guard let metricsPort else { return nil }
+        try ListenCheck.free(host: metricsHost, port: metricsPort, option: "--metrics-port")
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
         return OperationsEndpoint(host: metricsHost, port: metricsPort, registry: registry, databaseURL: databaseURL)
@@ -68,6 +74,10 @@ public struct OperationsEndpoint: Service {
         }
         let app = Application(
             router: router, configuration: .init(address: .hostname(host, port: port), serverName: "operations"),
+            onServerRunning: { [host] channel in
+                logger.info(
+                    "metrics at http://\(host):\(channel.localAddress?.port ?? port)/metrics; probes at /health/live and /health/ready")
+            },
             logger: logger)
         try await app.run()
     }
@@ -80,4 +90,41 @@ public struct OperationsEndpoint: Service {
         await connection.close()
         return answered
     }
+}
+
+/// Checks, before a process starts serving, that the ports it is about to listen on are free, so that a port in
+/// use ends it at once with the option and port named (SwiftNIO's own error names neither).
+public enum ListenCheck {
+    /// - Throws: ``ListenError`` naming `option`, `host` and `port` when binding fails (in use, not permitted,
+    ///   an address this machine does not have).
+    public static func free(host: String, port: Int, option: String) throws {
+        guard port != 0 else { return }
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_flags = AI_PASSIVE
+        var found: UnsafeMutablePointer<addrinfo>?
+        guard getaddrinfo(host, String(port), &hints, &found) == 0, let info = found else {
+            throw ListenError(option: option, host: host, port: port, reason: "the address cannot be resolved")
+        }
+        defer { freeaddrinfo(found) }
+        let fd = socket(info.pointee.ai_family, info.pointee.ai_socktype, info.pointee.ai_protocol)
+        guard fd >= 0 else { throw ListenError(option: option, host: host, port: port, reason: String(cString: strerror(errno))) }
+        defer { close(fd) }
+        // As SwiftNIO binds: with SO_REUSEADDR, so that a port in TIME_WAIT is not taken for one in use.
+        var yes: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, socklen_t(MemoryLayout<Int32>.size))
+        guard bind(fd, info.pointee.ai_addr, info.pointee.ai_addrlen) == 0 else {
+            let reason = errno == EADDRINUSE ? "the port is in use (another process listens on it)" : String(cString: strerror(errno))
+            throw ListenError(option: option, host: host, port: port, reason: reason)
+        }
+    }
+}
+
+/// A port a process was asked to listen on cannot be bound.
+public struct ListenError: Error, CustomStringConvertible, Sendable {
+    public var option: String
+    public var host: String
+    public var port: Int
+    public var reason: String
+    public var description: String { "cannot listen on \(host):\(port) (\(option)): \(reason); pick another \(option)" }
 }

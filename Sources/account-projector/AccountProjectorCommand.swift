@@ -93,7 +93,7 @@ struct AccountProjectorCommand: AsyncParsableCommand {
             return try await reportingFailures { try await administerDeadLetters() }
         }
         let url = try database.url()
-        let endpoint = Observability.bootstrap(
+        let endpoint = try Observability.bootstrap(
             logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost,
             metricsPort: rebuild == nil ? metricsPort : nil, databaseURL: url)
         let logger = Logger(label: "account-projector")

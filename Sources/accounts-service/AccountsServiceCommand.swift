@@ -103,7 +103,7 @@ struct AccountsServiceCommand: AsyncParsableCommand {
             return
         }
         let url = try database.url()
-        let endpoint = Observability.bootstrap(
+        let endpoint = try Observability.bootstrap(
             logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost, metricsPort: metricsPort, databaseURL: url)
         let logger = Logger(label: "accounts-service")
         let pool = PostgresPool(url: url, maxConnections: maxConnections)
@@ -121,11 +121,14 @@ struct AccountsServiceCommand: AsyncParsableCommand {
         let api = AccountsAPI(
             bank: Bank(store: EventStore(pool: pool)), authentication: authentication,
             idempotencyKeyLifetime: OptionCheck.duration(idempotencyKeyLifetime), logger: logger)
+        try ListenCheck.free(host: host, port: port, option: "--port")
         let app = Application(
             router: api.makeRouter(),
             configuration: .init(address: .hostname(host, port: port), serverName: "accounts-service"),
+            onServerRunning: { [host, port] channel in
+                logger.info("serving the bank over HTTP", metadata: ["address": "\(host):\(channel.localAddress?.port ?? port)"])
+            },
             logger: logger)
-        logger.info("serving the bank over HTTP", metadata: ["address": "\(host):\(port)"])
         let group = ServiceGroup(
             configuration: .init(
                 services: [.init(service: app)] + (endpoint.map { [.init(service: $0)] } ?? []),

@@ -174,10 +174,9 @@ struct OutboxRelayCommand: AsyncParsableCommand {
     func run() async throws {
         let url = try database.url()
         let brokers = try kafka.bootstrapServers()
-        let endpoint = Observability.bootstrap(
+        let endpoint = try Observability.bootstrap(
             logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost, metricsPort: metricsPort, databaseURL: url)
         let logger = Logger(label: "outbox-relay")
-        if let endpoint { logger.info("metrics at http://\(metricsHost):\(endpoint.port)/metrics; probes at /health/live and /health/ready") }
 
         var configuration = OutboxRelayConfiguration(
             databaseURL: url,

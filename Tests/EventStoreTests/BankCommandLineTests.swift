@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import PostgresClient
 import TestSupport
 import Testing
@@ -162,6 +165,31 @@ struct BankCommandLineTests {
             #expect(run.stderr.contains(reason), "\(shown): '\(reason)' not in \(run.stderr.prefix(300))")
         }
         #expect(try await events() == 1, "nothing written by the refused commands")
+
+        // A port in use: the option and the port named, before anything starts (no "serving" line first).
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        #expect(bound == 0 && listen(listener, 1) == 0)
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &length) } }
+        let taken = String(UInt16(bigEndian: address.sin_port))
+        for (tool, arguments, option) in [
+            ("accounts-service", ["--insecure-no-auth", "--port", taken], "--port"),
+            ("accounts-service", ["--insecure-no-auth", "--port", "0", "--metrics-port", taken], "--metrics-port"),
+            ("outbox-relay", ["--metrics-port", taken], "--metrics-port"),
+            ("account-projector", ["--metrics-port", taken], "--metrics-port"),
+        ] {
+            let run = try await Tools.run(tool, arguments, environment: env, timeout: .seconds(30))
+            #expect(run.status != 0 && !run.timedOut, "\(tool) \(option)")
+            #expect(run.stderr.contains("cannot listen on 127.0.0.1:\(taken) (\(option)): the port is in use"), "\(tool): \(run.stderr.suffix(300))")
+            #expect(!run.stderr.contains("serving the bank"), "\(tool) said it was serving")
+        }
+        close(listener)
 
         // Hostile and huge text is stored literally.
         let hostile = "Robert'); DROP TABLE events; -- \\ \" 🙂"
