@@ -15,6 +15,8 @@ public struct Problem: Error, Sendable, Equatable {
     public var type: String
     /// Extra members (for a rejected withdrawal: the balance and version it was recorded at).
     public var extra: [String: Int64]
+    /// Sent as `Retry-After` (seconds) when set: the client may try again then.
+    public var retryAfterSeconds: Int?
 
     public init(_ status: HTTPResponse.Status, _ title: String, detail: String, type: String = "about:blank", extra: [String: Int64] = [:]) {
         self.status = status
@@ -39,6 +41,12 @@ public struct Problem: Error, Sendable, Equatable {
         case let conflict as ConcurrencyConflict:
             return Problem(
                 .conflict, "Concurrent changes", detail: "the account kept changing while the command was retried (\(conflict)); try again")
+        case let error as PostgresError where error.isOverloaded:
+            var problem = Problem(
+                .serviceUnavailable, "Busy", detail: "the database is too busy to answer in time; nothing was recorded; retry after a second",
+                type: "/problems/busy")
+            problem.retryAfterSeconds = 1
+            return problem
         case let error as PostgresError where error.isRetriable:
             return Problem(.serviceUnavailable, "Database unavailable", detail: "the database cannot be reached right now; try again")
         default:
@@ -59,6 +67,7 @@ public struct Problem: Error, Sendable, Equatable {
         var headers: HTTPFields = [.contentType: "application/problem+json"]
         // RFC 6750: a 401 names the scheme the client must use.
         if status == .unauthorized { headers[.wwwAuthenticate] = #"Bearer realm="accounts", error="invalid_token""# }
+        if let retryAfterSeconds { headers[.retryAfter] = String(retryAfterSeconds) }
         return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: jsonBody)))
     }
 }

@@ -25,6 +25,8 @@ public struct PostgresError: Error, CustomStringConvertible, CustomDebugStringCo
         public static let poolClosed = Code("poolClosed")
         /// Waited too long (for a pooled connection, for a notification).
         public static let timeout = Code("timeout")
+        /// A pool had no connection free and already as many callers waiting as it lets wait.
+        public static let poolBusy = Code("poolBusy")
     }
 
     public var code: Code
@@ -61,6 +63,10 @@ public struct PostgresError: Error, CustomStringConvertible, CustomDebugStringCo
     }
 
     /// `true` when retrying the same transaction may succeed (serialization failure, deadlock, lost connection).
+    /// `true` when the database was too busy to serve in time: no pooled connection became free (or too many
+    /// callers wait), or a statement ran past `statement_timeout` (SQLSTATE 57014). A later try may succeed.
+    public var isOverloaded: Bool { code == .timeout || code == .poolBusy || sqlState == "57014" }
+
     public var isRetriable: Bool {
         isConnectionProblem || sqlState == "40001" || sqlState == "40P01"
     }

@@ -11,12 +11,23 @@ public actor PostgresPool {
         public var maxConnections: Int
         /// Longest wait for a connection when all are in use; then ``PostgresError/Code/timeout``. Default: 30 s.
         public var acquireTimeout: Duration
+        /// Callers that may wait for a connection at once; one more gets ``PostgresError/Code/poolBusy`` at once.
+        /// `nil`: no bound. A server sets one so that a stalled database sheds load instead of queueing it.
+        public var maxWaiters: Int?
+        /// `statement_timeout` of every connection the pool opens (`nil`: the server's). A statement that runs
+        /// longer fails with SQLSTATE 57014 instead of holding its connection.
+        public var statementTimeout: Duration?
 
-        public init(url: String, maxConnections: Int = 4, acquireTimeout: Duration = .seconds(30)) {
+        public init(
+            url: String, maxConnections: Int = 4, acquireTimeout: Duration = .seconds(30), maxWaiters: Int? = nil,
+            statementTimeout: Duration? = nil
+        ) {
             precondition(maxConnections >= 1, "maxConnections must be at least 1")
             self.url = url
             self.maxConnections = maxConnections
             self.acquireTimeout = acquireTimeout
+            self.maxWaiters = maxWaiters
+            self.statementTimeout = statementTimeout
         }
     }
 
@@ -78,6 +89,11 @@ public actor PostgresPool {
             openCount += 1
             return try await openReserved()
         }
+        if let maxWaiters = configuration.maxWaiters, waiters.count >= maxWaiters {
+            throw PostgresError(
+                code: .poolBusy,
+                message: "all \(configuration.maxConnections) database connections are in use and \(waiters.count) callers wait already; try again shortly")
+        }
         nextWaiter += 1
         let id = nextWaiter
         let timeout = configuration.acquireTimeout
@@ -97,7 +113,17 @@ public actor PostgresPool {
     /// Opens a connection for a slot already counted in `openCount`; gives the slot back on failure.
     private func openReserved() async throws -> PostgresConnection {
         do {
-            return try await PostgresConnection.connect(to: configuration.url)
+            let connection = try await PostgresConnection.connect(to: configuration.url)
+            if let timeout = configuration.statementTimeout {
+                let milliseconds = max(1, timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+                do {
+                    try await connection.executeScript("SET statement_timeout = \(milliseconds)", statement: "pool: statement timeout")
+                } catch {
+                    await connection.close()
+                    throw error
+                }
+            }
+            return connection
         } catch {
             slotFreed()
             throw error

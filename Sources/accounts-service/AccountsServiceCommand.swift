@@ -49,6 +49,12 @@ struct AccountsServiceCommand: AsyncParsableCommand {
     @Option(help: "Address to listen on.") var host = "127.0.0.1"
     @Option(help: "Port to listen on.") var port = 8080
     @Option(help: "PostgreSQL connections at most.") var maxConnections = 8
+    @Option(help: "Requests that may wait for a free PostgreSQL connection at once; more get 503 with Retry-After at once.")
+    var maxWaiting = 64
+    @Option(help: "Seconds a request waits for a free PostgreSQL connection before it gets 503 with Retry-After.")
+    var poolTimeout: Double = 5
+    @Option(help: "Seconds a statement may run (statement_timeout) before it is cancelled and the request gets 503.")
+    var statementTimeout: Double = 10
     @Option(help: "Serve Prometheus metrics at http://HOST:PORT/metrics.") var metricsPort: Int?
     @Option(help: "Address the metrics endpoint binds to.") var metricsHost = "127.0.0.1"
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
@@ -83,6 +89,9 @@ struct AccountsServiceCommand: AsyncParsableCommand {
         try OptionCheck.port(port, "--port")
         try OptionCheck.port(metricsPort, "--metrics-port")
         try OptionCheck.integer(maxConnections, "--max-connections", in: 1...1000)
+        try OptionCheck.integer(maxWaiting, "--max-waiting", in: 0...100_000)
+        try OptionCheck.seconds(poolTimeout, "--pool-timeout", in: 0.001...3600)
+        try OptionCheck.seconds(statementTimeout, "--statement-timeout", in: 0.001...86_400)
         guard (jwtSecretFile != nil) != insecureNoAuth else {
             throw ValidationError(
                 "say how callers authenticate: --jwt-secret-file PATH (bearer tokens) or --insecure-no-auth (no checks), one of them")
@@ -106,7 +115,10 @@ struct AccountsServiceCommand: AsyncParsableCommand {
         let endpoint = try Observability.bootstrap(
             logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost, metricsPort: metricsPort, databaseURL: url)
         let logger = Logger(label: "accounts-service")
-        let pool = PostgresPool(url: url, maxConnections: maxConnections)
+        // A stalled database sheds load (503, Retry-After) instead of queueing requests without bound.
+        let pool = PostgresPool(PostgresPool.Configuration(
+            url: url, maxConnections: maxConnections, acquireTimeout: OptionCheck.duration(poolTimeout), maxWaiters: maxWaiting,
+            statementTimeout: OptionCheck.duration(statementTimeout)))
         try await reportingFailures {
             let migrated = try await pool.withConnection {
                 try await $0.query("SELECT to_regclass('idempotency_keys') IS NOT NULL AS present").first!.decode(Bool.self, "present")

@@ -72,6 +72,45 @@ struct HostileRequestTests {
         try await service.stop()
     }
 
+    @Test("a stalled database (events locked): 20 deposits get 503 with Retry-After within the bounds, never 500; then they succeed")
+    func stalledDatabase() async throws {
+        let test = try await TestEventStore.create()
+        let pool = PostgresPool(PostgresPool.Configuration(
+            url: test.schema.url, maxConnections: 2, acquireTimeout: .seconds(1), maxWaiters: 4, statementTimeout: .seconds(1)))
+        let bank = Bank(store: EventStore(pool: pool))
+        let id = try await bank.open(owner: "Stall", initialDeposit: 0)
+        let port = testPort()
+        let app = Application(router: AccountsAPI(bank: bank).makeRouter(), configuration: .init(address: .hostname("127.0.0.1", port: port)))
+        let task = Task { try await app.run() }
+        defer { task.cancel() }
+        try await waitUntil("the API answers") {
+            (try? await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/health/live")!)) != nil
+        }
+        let locker = try await PostgresConnection.connect(to: test.schema.url)
+        try await locker.executeScript("BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        @Sendable func deposit() async throws -> (Int, String?) {
+            var request = URLRequest(url: URL(string: "http://127.0.0.1:\(port)/accounts/\(id)/deposits")!)
+            request.httpMethod = "POST"
+            request.httpBody = Data(#"{"amount": 1}"#.utf8)
+            request.setValue("application/json", forHTTPHeaderField: "Content-Type")
+            request.timeoutInterval = 60
+            let (_, response) = try await URLSession.shared.data(for: request)
+            let http = try #require(response as? HTTPURLResponse)
+            return (http.statusCode, http.value(forHTTPHeaderField: "Retry-After"))
+        }
+        let answers = try await withThrowingTaskGroup(of: (Int, String?).self) { group in
+            for _ in 0..<20 { group.addTask { try await deposit() } }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        #expect(answers.allSatisfy { $0.0 == 503 && $0.1 == "1" }, "\(answers)")
+        try await locker.executeScript("ROLLBACK")
+        await locker.close()
+        #expect(try await deposit().0 == 200, "the database is back: so is the service")
+        #expect(try await bank.account(id).state.balance == 1, "only the deposit after the stall was recorded")
+        await pool.close()
+        try await test.drop()
+    }
+
     @Test("every 5xx is logged with a request id, which the answer carries")
     func serverErrorsLogged() async throws {
         let handler = InMemoryLogHandler()
