@@ -31,6 +31,32 @@ public struct KafkaBrokersOption: ParsableArguments {
 
     public init() {}
 
+    @Option(help: ArgumentHelp(
+        "A file of librdkafka properties, key=value lines (default: $EVENTOUTBOX_KAFKA_PROPERTIES_FILE): for secrets such as sasl.password, which a command line shows to `ps`. --kafka-property entries win over it.",
+        valueName: "path"))
+    public var kafkaPropertiesFile: String?
+
+    /// The client properties of the properties file (if one is named), read in the Java `.properties` style
+    /// that Kafka tools use: `key=value` lines (spaces around `=` ignored), `#` or `!` comments, blank lines.
+    /// - Throws: `ValidationError` naming the file and line (never a value).
+    public func fileProperties() throws -> [String: String] {
+        guard let path = kafkaPropertiesFile ?? ProcessInfo.processInfo.environment["EVENTOUTBOX_KAFKA_PROPERTIES_FILE"], !path.isEmpty
+        else { return [:] }
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw ValidationError("cannot read the Kafka properties file '\(path)'")
+        }
+        var properties: [String: String] = [:]
+        for (number, rawLine) in String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = rawLine.trimmingCharacters(in: .whitespacesAndNewlines)
+            if line.isEmpty || line.hasPrefix("#") || line.hasPrefix("!") { continue }
+            guard let equals = line.firstIndex(of: "="), equals != line.startIndex else {
+                throw ValidationError("line \(number + 1) of the Kafka properties file '\(path)' is not key=value")
+            }
+            properties[line[..<equals].trimmingCharacters(in: .whitespaces)] = line[line.index(after: equals)...].trimmingCharacters(in: .whitespaces)
+        }
+        return properties
+    }
+
     public func bootstrapServers() throws -> String {
         guard let brokers = brokers ?? ProcessInfo.processInfo.environment["KAFKA_BROKERS"], !brokers.isEmpty else {
             throw ValidationError("no Kafka: pass --brokers or set KAFKA_BROKERS")

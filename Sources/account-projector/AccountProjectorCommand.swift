@@ -113,7 +113,7 @@ struct AccountProjectorCommand: AsyncParsableCommand {
         let brokers = try kafka.bootstrapServers()
         var configuration = ProjectionConsumerConfiguration(
             databaseURL: url,
-            kafka: KafkaConfiguration(bootstrapServers: brokers, properties: try KafkaConfiguration.parseProperties(kafkaProperties)),
+            kafka: KafkaConfiguration(bootstrapServers: brokers, properties: try kafka.fileProperties().merging(KafkaConfiguration.parseProperties(kafkaProperties)) { $1 }),
             groupID: group, topics: [topic])
         configuration.commitInterval = OptionCheck.duration(commitInterval)
         let consumer = ProjectionConsumer(

@@ -180,7 +180,7 @@ struct OutboxRelayCommand: AsyncParsableCommand {
 
         var configuration = OutboxRelayConfiguration(
             databaseURL: url,
-            kafka: KafkaConfiguration(bootstrapServers: brokers, properties: try KafkaConfiguration.parseProperties(kafkaProperties)))
+            kafka: KafkaConfiguration(bootstrapServers: brokers, properties: try kafka.fileProperties().merging(KafkaConfiguration.parseProperties(kafkaProperties)) { $1 }))
         if source == "wal" { configuration.source = .wal(try OutboxWAL(publication: publication, slot: slot)) }
         configuration.delivery = DeliveryGuarantee(rawValue: delivery) ?? .atLeastOnce
         configuration.transactionalID = transactionalId

@@ -166,6 +166,23 @@ struct BankCommandLineTests {
         }
         #expect(try await events() == 1, "nothing written by the refused commands")
 
+        let secret = "s3cr3t-Pa55"
+        // Kafka properties from a file (secrets stay off the command line): read, checked, never echoed.
+        let properties = FileManager.default.temporaryDirectory.appendingPathComponent(uniqueName("kafka") + ".properties")
+        for (content, reason) in [
+            ("# a comment\nlinger.ms = 5\nsasl.pasword = \(secret)\n", "sasl.pasword"),
+            ("linger.ms=5\nnot a property\n", "line 2 of the Kafka properties file"),
+        ] {
+            try Data(content.utf8).write(to: properties)
+            for tool in ["outbox-relay", "account-projector"] {
+                let run = try await Tools.run(tool, ["--kafka-properties-file", properties.path], environment: env, timeout: .seconds(60))
+                #expect(run.status != 0 && !run.timedOut, "\(tool)")
+                #expect(run.stderr.contains(reason), "\(tool): \(run.stderr.suffix(300))")
+                #expect(!run.stderr.contains(secret) && !run.stdout.contains(secret), "\(tool) printed a secret from the properties file")
+            }
+        }
+        try? FileManager.default.removeItem(at: properties)
+
         // A port in use: the option and the port named, before anything starts (no "serving" line first).
         let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var address = sockaddr_in()
@@ -216,7 +233,6 @@ struct BankCommandLineTests {
         #expect(try await Tools.run("bank", ["open", "--owner", long], environment: env).status == 0)
 
         // An unreachable database: the reason, never the password, in every spelling libpq takes.
-        let secret = "s3cr3t-Pa55"
         let spellings = [
             "postgresql://app:\(secret)@127.0.0.1:1/app?connect_timeout=2",
             "host=127.0.0.1 port=1 connect_timeout=2 password = \(secret)",
