@@ -55,6 +55,10 @@ struct AccountsServiceCommand: AsyncParsableCommand {
     var poolTimeout: Double = 5
     @Option(help: "Seconds a statement may run (statement_timeout) before it is cancelled and the request gets 503.")
     var statementTimeout: Double = 10
+    @Option(help: "Seconds a connection may send nothing before it is closed (slow and idle clients included).")
+    var idleTimeout: Double = 30
+    @Option(help: "HTTP connections open at once; one more is closed as soon as it is accepted.")
+    var maxOpenConnections = 1024
     @Option(help: "Serve Prometheus metrics at http://HOST:PORT/metrics.") var metricsPort: Int?
     @Option(help: "Address the metrics endpoint binds to.") var metricsHost = "127.0.0.1"
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
@@ -92,6 +96,8 @@ struct AccountsServiceCommand: AsyncParsableCommand {
         try OptionCheck.integer(maxWaiting, "--max-waiting", in: 0...100_000)
         try OptionCheck.seconds(poolTimeout, "--pool-timeout", in: 0.001...3600)
         try OptionCheck.seconds(statementTimeout, "--statement-timeout", in: 0.001...86_400)
+        try OptionCheck.seconds(idleTimeout, "--idle-timeout", in: 0.001...86_400)
+        try OptionCheck.integer(maxOpenConnections, "--max-open-connections", in: 1...1_000_000)
         guard (jwtSecretFile != nil) != insecureNoAuth else {
             throw ValidationError(
                 "say how callers authenticate: --jwt-secret-file PATH (bearer tokens) or --insecure-no-auth (no checks), one of them")
@@ -134,8 +140,9 @@ struct AccountsServiceCommand: AsyncParsableCommand {
             bank: Bank(store: EventStore(pool: pool)), authentication: authentication,
             idempotencyKeyLifetime: OptionCheck.duration(idempotencyKeyLifetime), logger: logger)
         try ListenCheck.free(host: host, port: port, option: "--port")
+        let limits = ConnectionLimits(idleTimeout: OptionCheck.duration(idleTimeout), maxOpenConnections: maxOpenConnections)
         let app = Application(
-            router: api.makeRouter(),
+            router: api.makeRouter(), server: limits.server,
             configuration: .init(address: .hostname(host, port: port), serverName: "accounts-service"),
             onServerRunning: { [host, port] channel in
                 logger.info("serving the bank over HTTP", metadata: ["address": "\(host):\(channel.localAddress?.port ?? port)"])

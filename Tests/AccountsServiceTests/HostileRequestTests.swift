@@ -3,6 +3,9 @@ import BankAccount
 import EventSourcing
 import EventStore
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif
@@ -111,6 +114,33 @@ struct HostileRequestTests {
         try await test.drop()
     }
 
+    @Test("connections that hold on: one above the cap is closed at once, a silent one after the idle timeout; the service still answers")
+    func connectionLimits() async throws {
+        let test = try await TestEventStore.create()
+        let port = testPort()
+        let limits = ConnectionLimits(idleTimeout: .seconds(1), maxOpenConnections: 3)
+        let app = Application(
+            router: AccountsAPI(bank: Bank(store: test.store)).makeRouter(), server: limits.server,
+            configuration: .init(address: .hostname("127.0.0.1", port: port)))
+        let task = Task { try await app.run() }
+        defer { task.cancel() }
+        try await waitUntil("the API answers") {
+            (try? await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/health/live")!)) != nil
+        }
+        // Five silent clients: the server closes the two above the cap at once, the rest after a second of silence.
+        let clients = RawConnection.opened(port: port, count: 5)
+        try await waitUntil("two connections above the cap are closed", timeout: .seconds(10)) {
+            clients.filter { !$0.isOpen(within: .milliseconds(10)) }.count >= 2
+        }
+        try await waitUntil("the silent ones are closed after the idle timeout", timeout: .seconds(10)) {
+            clients.allSatisfy { !$0.isOpen(within: .milliseconds(10)) }
+        }
+        for client in clients { client.shut() }
+        let (_, response) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/health/live")!)
+        #expect((response as? HTTPURLResponse)?.statusCode == 200, "the service still answers")
+        try await test.drop()
+    }
+
     @Test("every 5xx is logged with a request id, which the answer carries")
     func serverErrorsLogged() async throws {
         let handler = InMemoryLogHandler()
@@ -137,4 +167,38 @@ struct HostileRequestTests {
         #expect(logged.first?.metadata["http.path"] == "/accounts")
         await pool.close()
     }
+}
+
+/// A plain TCP connection that sends nothing: to see when the server closes it.
+final class RawConnection: Sendable {
+    let descriptor: Int32
+
+    init?(port: Int) {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = UInt16(port).bigEndian
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard connected == 0 else {
+            Glibc.close(fd)
+            return nil
+        }
+        descriptor = fd
+    }
+
+    static func opened(port: Int, count: Int) -> [RawConnection] { (0..<count).compactMap { _ in RawConnection(port: port) } }
+
+    /// `false` once the server closed it (a read returns end of file or an error within `timeout`).
+    func isOpen(within timeout: Duration) -> Bool {
+        var poller = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+        let ready = poll(&poller, 1, Int32(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000))
+        guard ready > 0 else { return true }
+        var byte: UInt8 = 0
+        return recv(descriptor, &byte, 1, Int32(MSG_PEEK)) > 0
+    }
+
+    func shut() { Glibc.close(descriptor) }
 }
