@@ -57,23 +57,29 @@ private struct RedactedBytes {
         let authorityStart = bytes.firstRange(of: Array("://".utf8))!.upperBound
         // The user info runs to the last "@": a password may hold "@" or "/" (unencoded, libpq refuses it, but
         // the message must not show it); hiding too much of a query is harmless.
-        var queryFrom = authorityStart
-        if let at = bytes[authorityStart...].lastIndex(of: UInt8(ascii: "@")) {
-            queryFrom = at
-            if let colon = bytes[authorityStart..<at].firstIndex(of: UInt8(ascii: ":")) {
-                queryFrom = hide((colon + 1)..<at)
-            }
+        if let at = bytes[authorityStart...].lastIndex(of: UInt8(ascii: "@")),
+            let colon = bytes[authorityStart..<at].firstIndex(of: UInt8(ascii: ":"))
+        {
+            _ = hide((colon + 1)..<at)
         }
-        guard let question = bytes[queryFrom...].firstIndex(of: UInt8(ascii: "?")) else { return }
-        var index = question + 1
+        // Every parameter, wherever a "?" or "&" starts one: an "@" or "?" in the query (libpq refuses some such
+        // strings, but they still reach error messages) must not hide a parameter from this scan.
+        var index = authorityStart
         while index < bytes.count {
-            let end = bytes[index...].firstIndex(of: UInt8(ascii: "&")) ?? bytes.count
-            if let equals = bytes[index..<end].firstIndex(of: UInt8(ascii: "=")),
-                Self.namesPassword(Self.percentDecoded(bytes[index..<equals]))
+            guard bytes[index] == UInt8(ascii: "?") || bytes[index] == UInt8(ascii: "&") else {
+                index += 1
+                continue
+            }
+            let start = index + 1
+            let end = bytes[start...].firstIndex { $0 == UInt8(ascii: "&") || $0 == UInt8(ascii: "?") } ?? bytes.count
+            if let equals = bytes[start..<end].firstIndex(of: UInt8(ascii: "=")),
+                Self.namesPassword(Self.percentDecoded(bytes[start..<equals]))
             {
-                index = hide((equals + 1)..<end) + 1
+                // The value runs to the next "&" (a "?" inside a value is part of it).
+                let valueEnd = bytes[(equals + 1)...].firstIndex(of: UInt8(ascii: "&")) ?? bytes.count
+                index = hide((equals + 1)..<valueEnd)
             } else {
-                index = end + 1
+                index = end
             }
         }
     }
