@@ -319,9 +319,9 @@ public final class ProjectionConsumer: Service, Sendable {
         (error as? PostgresError)?.isRetriable ?? (error is ConcurrentProjectionUpdate)
     }
 
-    /// Applies one record to each projection in its own transaction, so that one projection refusing it does
-    /// not keep it from the others; dead-letters it for a projection that refuses it for good (or for all, when
-    /// it does not decode). Throws for failures worth retrying: transient ones, and (until `giveUp`) those of a
+    /// Applies one record to every projection in one transaction; if a projection refuses it, to each projection
+    /// in its own transaction, so that one projection refusing it does not keep it from the others, and
+    /// dead-letters it for a projection that refuses it for good (or for all, when it does not decode). Throws for failures worth retrying: transient ones, and (until `giveUp`) those of a
     /// handler that a fix (a migration, a restart) might cure. Projections that applied it before a retry skip
     /// it then as a duplicate.
     private func handle(_ message: KafkaMessage, giveUp: Bool, on connection: PostgresConnection) async throws {
@@ -343,6 +343,20 @@ public final class ProjectionConsumer: Service, Sendable {
         }
         let started = ContinuousClock.now
         let traceStart = DefaultTracerClock.now
+        // All projections in one transaction, as a batch is: the read models move together. Only if that fails
+        // for a reason other than the database does each projection get its own, so that one refusing the event
+        // does not keep it from the others.
+        do {
+            let outcome = try await connection.withTransaction { tx in try await self.applier.apply([event], on: tx) }
+            count(outcome, events: 1, since: started)
+            Self.trace([event.recorded], since: traceStart)
+            logger.trace("applied", metadata: ["event.id": "\(event.recorded.eventID)", "duplicates": "\(outcome.duplicates)"])
+            return
+        } catch where Self.isTransient(error) {
+            throw error
+        } catch {
+            logger.info("a projection refused a record; applying it to each projection on its own", metadata: ["error": "\(error)"])
+        }
         var outcome = ProjectionApplier.Outcome()
         for projection in applier.projections {
             do {

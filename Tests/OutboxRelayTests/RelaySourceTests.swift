@@ -281,6 +281,7 @@ struct RelaySourceTests {
         // Appends keep going through the crashes. An append whose answer is lost may have committed or not: the
         // events table says which, at the end.
         let succeeded = Locked(0)
+        let lastError = Locked<String?>(nil)
         let appending = Task {
             var version = [Int64](repeating: 0, count: 10)
             while !Task.isCancelled {
@@ -294,21 +295,30 @@ struct RelaySourceTests {
                 } catch let error as ConcurrencyConflict {
                     version[stream] = error.actual
                 } catch {
+                    lastError.withLock { $0 = "\(error)" }
                     try? await Task.sleep(for: .milliseconds(50))
                 }
             }
         }
+        /// 200 more appends; each commit waits for its fsync, which a machine busy writing elsewhere can slow a lot.
+        func twoHundredMore(_ what: String) async throws {
+            let before = succeeded.value
+            do {
+                try await waitUntil(what, timeout: .seconds(120)) { succeeded.value >= before + 200 }
+            } catch {
+                Issue.record("\(succeeded.value - before) appends committed; the last failure: \(lastError.value ?? "none")")
+                throw error
+            }
+        }
         let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
         for round in 1...2 {
-            let before = succeeded.value
-            try await waitUntil("appends commit before crash \(round)") { succeeded.value >= before + 200 }
+            try await twoHundredMore("appends commit before crash \(round)")
             try await server.crash()
             try await Task.sleep(for: .milliseconds(300))
             try await server.restart()
             #expect(relay.process.isRunning, "the relay exited on crash \(round)")
         }
-        let before = succeeded.value
-        try await waitUntil("appends commit after the crashes", timeout: .seconds(60)) { succeeded.value >= before + 200 }
+        try await twoHundredMore("appends commit after the crashes")
         appending.cancel()
         _ = await appending.value
         let ids = try await test.pool.withConnection { connection in
