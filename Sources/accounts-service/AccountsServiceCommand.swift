@@ -140,7 +140,13 @@ struct AccountsServiceCommand: AsyncParsableCommand {
             bank: Bank(store: EventStore(pool: pool)), authentication: authentication,
             idempotencyKeyLifetime: OptionCheck.duration(idempotencyKeyLifetime), logger: logger)
         try ListenCheck.free(host: host, port: port, option: "--port")
+        // Descriptors for the pool, logs, TLS files and the like are kept out of the HTTP connections' share.
         let limits = ConnectionLimits(idleTimeout: OptionCheck.duration(idleTimeout), maxOpenConnections: maxOpenConnections)
+            .withinDescriptorLimit(reserve: maxConnections + 64)
+        if limits.maxOpenConnections < maxOpenConnections {
+            logger.notice(
+                "HTTP connections capped below the descriptor limit", metadata: ["http.max_open_connections": "\(limits.maxOpenConnections)"])
+        }
         let app = Application(
             router: api.makeRouter(), server: limits.server,
             configuration: .init(address: .hostname(host, port: port), serverName: "accounts-service"),

@@ -141,6 +141,16 @@ struct HostileRequestTests {
         try await test.drop()
     }
 
+    @Test("the connection cap stays below the descriptor limit (raised to its hard limit), less a reserve; a lower cap stays")
+    func capBelowDescriptorLimit() throws {
+        let capped = ConnectionLimits(maxOpenConnections: Int(Int32.max)).withinDescriptorLimit(reserve: 64)
+        var limit = rlimit()
+        #expect(getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0)
+        #expect(limit.rlim_cur == limit.rlim_max, "the soft limit was raised to the hard one")
+        #expect(capped.maxOpenConnections == max(1, Int(clamping: limit.rlim_cur) - 64))
+        #expect(ConnectionLimits(maxOpenConnections: 10).withinDescriptorLimit(reserve: 64).maxOpenConnections == 10)
+    }
+
     @Test("every 5xx is logged with a request id, which the answer carries")
     func serverErrorsLogged() async throws {
         let handler = InMemoryLogHandler()
