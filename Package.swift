@@ -127,7 +127,7 @@ let package = Package(
         .target(
             name: "Observability",
             dependencies: [
-                "PostgresClient",
+                "EventSourcing", "PostgresClient",
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -150,6 +150,7 @@ let package = Package(
         .executableTarget(
             name: "outbox-relay",
             dependencies: [
+                "EventSourcing",
                 "CommandLineSupport", "EventStore",
                 "OutboxRelay", "Observability", "KafkaClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -178,6 +179,7 @@ let package = Package(
         .executableTarget(
             name: "accounts-service",
             dependencies: [
+                "EventSourcing",
                 "AccountsService", "CommandLineSupport", "Observability", "BankAccount", "EventStore", "PostgresClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Hummingbird", package: "hummingbird"),
@@ -203,6 +205,7 @@ let package = Package(
         .executableTarget(
             name: "eventoutbox-bench",
             dependencies: [
+                "EventSourcing",
                 "BankAccount", "EventStore", "OutboxRelay", "Projections", "KafkaClient", "PostgresClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
@@ -211,6 +214,7 @@ let package = Package(
         .executableTarget(
             name: "bank",
             dependencies: [
+                "EventSourcing",
                 "CommandLineSupport",
                 "BankAccount", "EventStore", "PostgresClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -220,6 +224,7 @@ let package = Package(
         .executableTarget(
             name: "eventoutbox",
             dependencies: [
+                "EventSourcing",
                 "CommandLineSupport",
                 "EventStore", "PostgresClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -228,7 +233,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "kafka-mock-cluster",
-            dependencies: ["KafkaMock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["EventSourcing", "KafkaMock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strictSettings
         ),
 
@@ -256,7 +261,7 @@ let package = Package(
         .testTarget(
             name: "EventStoreTests",
             dependencies: [
-                "EventStore", "BankAccount", "TestSupport",
+                "EventSourcing", "EventStore", "BankAccount", "PostgresClient", "TestSupport",
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ],
             swiftSettings: strictSettings

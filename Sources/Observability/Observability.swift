@@ -2,6 +2,7 @@ import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
+import EventSourcing
 import Hummingbird
 import Logging
 import Metrics
@@ -26,6 +27,8 @@ public enum Observability {
         try ListenCheck.free(host: metricsHost, port: metricsPort, option: "--metrics-port")
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        // Which release runs, for dashboards and alerts (`eventoutbox_build_info{version="…"} 1`).
+        Gauge(label: "eventoutbox_build_info", dimensions: [("version", EventOutboxVersion.current)]).record(1)
         return OperationsEndpoint(host: metricsHost, port: metricsPort, registry: registry, databaseURL: databaseURL)
     }
 }

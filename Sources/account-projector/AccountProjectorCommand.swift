@@ -37,7 +37,8 @@ struct AccountProjectorCommand: AsyncParsableCommand {
               account-projector --rebuild daily_volume
               account-projector --dead-letters
               account-projector --retry-dead-letter 7
-            """
+            """,
+        version: EventOutboxVersion.current
     )
 
     @OptionGroup var database: DatabaseOption

@@ -3,6 +3,7 @@ import ArgumentParser
 import BankAccount
 import CommandLineSupport
 import EventStore
+import EventSourcing
 import Foundation
 import Hummingbird
 import Logging
@@ -42,7 +43,8 @@ struct AccountsServiceCommand: AsyncParsableCommand {
               TOKEN=$(accounts-service --jwt-secret-file jwt.secret --mint-token kim)
               curl -s -X POST localhost:8080/accounts -H "Authorization: Bearer $TOKEN" \\
                 -H 'Content-Type: application/json' -H 'Idempotency-Key: k1' -d '{"owner": "Kim"}'
-            """)
+            """,
+        version: EventOutboxVersion.current)
 
     @OptionGroup var database: DatabaseOption
 

@@ -23,9 +23,10 @@ struct BankCommand: SubcommandGroup {
               id=$(bank open --owner Kim --initial 10000)
               bank deposit "$id" 2500 --description salary
               bank withdraw "$id" 99999          # rejected, recorded
-              bank balance "$id" --version 2     # time travel
+              bank balance "$id" --at-version 2  # time travel
               bank history "$id"
             """,
+        version: EventOutboxVersion.current,
         subcommands: [Open.self, Deposit.self, Withdraw.self, Balance.self, History.self]
     )
 }
@@ -109,18 +110,18 @@ struct Withdraw: AsyncParsableCommand {
 
 struct Balance: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show the balance, now or at a past moment (--at) or version (--version).")
+        abstract: "Show the balance, now or at a past moment (--at) or stream version (--at-version).")
     @OptionGroup var options: GlobalOptions
     @Argument(help: "Account id.") var account: String
     @Option(help: "A past moment, ISO 8601 (e.g. 2026-11-25T12:00:00Z).") var at: String?
-    @Option(help: "A past stream version (1 = right after opening).") var version: Int64?
+    @Option(name: .customLong("at-version"), help: "A past stream version (1 = right after opening).") var version: Int64?
 
     func validate() throws {
-        if at != nil && version != nil { throw ValidationError("give --at or --version, not both") }
+        if at != nil && version != nil { throw ValidationError("give --at or --at-version, not both") }
         if let at, ISOTimestamp.parse(at) == nil {
             throw ValidationError("--at '\(at)' is not ISO 8601 (e.g. 2026-11-25T12:00:00Z)")
         }
-        if let version, version < 1 { throw ValidationError("--version must be 1 or more") }
+        if let version, version < 1 { throw ValidationError("--at-version must be 1 or more") }
     }
 
     func run() async throws {

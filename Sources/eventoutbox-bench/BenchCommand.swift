@@ -24,6 +24,7 @@ struct BenchCommand: AsyncParsableCommand {
             Each run works in a fresh schema (dropped afterwards) and a fresh topic. Use scripts/bench, which
             starts a throwaway PostgreSQL and the mock Kafka cluster and runs pgbench beside it as a baseline.
             """,
+        version: EventOutboxVersion.current,
         subcommands: [Append.self, Drain.self, Latency.self, Project.self, Load.self, Visible.self]
     )
 }

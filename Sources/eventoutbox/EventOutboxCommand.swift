@@ -20,6 +20,7 @@ struct EventOutboxCommand: SubcommandGroup {
               eventoutbox dead-letters list
               eventoutbox dead-letters retry 42
             """,
+        version: EventOutboxVersion.current,
         subcommands: [Migrate.self, Stream.self, Outbox.self, DeadLetters.self, WAL.self]
     )
 }

@@ -1,3 +1,4 @@
+import EventSourcing
 import ArgumentParser
 import Dispatch
 import Foundation
@@ -31,7 +32,8 @@ struct KafkaMockClusterCommand: ParsableCommand {
               kcat -b "$(cat /tmp/kafka.bootstrap)" -L
               echo "broker 2 down" > /tmp/kafka.control     # rehearse an outage while real clients run
               echo "errors Produce 5 NOT_LEADER_FOR_PARTITION" > /tmp/kafka.control
-            """
+            """,
+        version: EventOutboxVersion.current
     )
 
     @Option(help: "Number of brokers (ids 1...N).")

@@ -1,6 +1,7 @@
 import ArgumentParser
 import CommandLineSupport
 import EventStore
+import EventSourcing
 import Foundation
 import KafkaClient
 import Logging
@@ -46,7 +47,8 @@ struct OutboxRelayCommand: AsyncParsableCommand {
 
             Example:
               outbox-relay --database-url postgresql:///app --brokers 127.0.0.1:9092 --metrics-port 9464
-            """
+            """,
+        version: EventOutboxVersion.current
     )
 
     @OptionGroup var database: DatabaseOption

@@ -271,6 +271,7 @@ struct AccountsServiceTests {
         #expect((created as? HTTPURLResponse)?.statusCode == 201)
         let (metrics, _) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(metricsPort)/metrics")!)
         #expect(String(decoding: metrics, as: UTF8.self).contains("hb_requests"), "\(String(decoding: metrics, as: UTF8.self).prefix(500))")
+        #expect(String(decoding: metrics, as: UTF8.self).contains(#"eventoutbox_build_info{version="\#(EventOutboxVersion.current)"} 1"#))
         kill(service.processIdentifier, SIGTERM)
         try await waitUntil("the service stops") { !service.isRunning }
         #expect(service.terminationStatus == 0)

@@ -1,3 +1,4 @@
+import EventSourcing
 import Foundation
 #if canImport(Glibc)
 import Glibc
@@ -40,10 +41,10 @@ struct BankCommandLineTests {
         #expect(zero.stderr.contains("must be positive"))
 
         #expect(try await Tools.run("bank", ["balance", id], environment: env).stdout.hasPrefix("12000"))
-        #expect(try await Tools.run("bank", ["balance", id, "--version", "2"], environment: env).stdout.hasPrefix("12500"))
+        #expect(try await Tools.run("bank", ["balance", id, "--at-version", "2"], environment: env).stdout.hasPrefix("12500"))
         #expect(try await Tools.run("bank", ["balance", id, "--at", "2001-01-01T00:00:00Z"], environment: env).status == 1)
         // A version or moment the account never had is an error, not the current balance.
-        let noSuchVersion = try await Tools.run("bank", ["balance", id, "--version", "999999"], environment: env)
+        let noSuchVersion = try await Tools.run("bank", ["balance", id, "--at-version", "999999"], environment: env)
         #expect(noSuchVersion.status == 1)
         #expect(noSuchVersion.stderr.contains("there is no version 999999"))
         #expect(noSuchVersion.stdout.isEmpty)
@@ -79,6 +80,14 @@ struct BankCommandLineTests {
         try await schema.drop()
     }
 
+    @Test("every executable prints the toolkit's version (one place in the code) and exits 0")
+    func versions() async throws {
+        for tool in ["bank", "eventoutbox", "outbox-relay", "account-projector", "accounts-service", "eventoutbox-bench", "kafka-mock-cluster"] {
+            let run = try await Tools.run(tool, ["--version"])
+            #expect(run.status == 0 && run.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == EventOutboxVersion.current, "\(tool): \(run.stdout) \(run.stderr)")
+        }
+    }
+
     @Test("bad input of every kind a user can type: non-zero exit, the reason first on stderr, nothing written, no secret printed")
     func badInput() async throws {
         let schema = try await TestSchema.create("cli")
@@ -107,8 +116,8 @@ struct BankCommandLineTests {
             ("bank", ["open", "--owner", "   "], "owner must not be empty"),
             ("bank", ["open", "--owner", "X", "--initial", "-1"], "must not be negative"),
             ("bank", ["open"], "--owner"),
-            ("bank", ["balance", id, "--version", "0"], "must be 1 or more"),
-            ("bank", ["balance", id, "--version", "x"], "x"),
+            ("bank", ["balance", id, "--at-version", "0"], "must be 1 or more"),
+            ("bank", ["balance", id, "--at-version", "x"], "x"),
             ("bank", ["balance", id, "--at", "2026-13-45"], "2026-13-45"),
             ("bank", ["history", "nope"], "no account"),
             ("bank", ["frobnicate"], "frobnicate"),
