@@ -12,16 +12,23 @@ import ServiceLifecycle
 
 /// Process-wide logging and metrics set-up shared by the long-running executables.
 public enum Observability {
-    /// Logs to standard error at `level`. With a `metricsPort`, also sends metrics to Prometheus and returns the
+    /// Logs to standard error at `level`, as text or one JSON object a line (``LogFormat``). With a `metricsPort`, also sends metrics to Prometheus and returns the
     /// ``OperationsEndpoint`` that serves them (run it beside the process's own services). Call once, at start.
     /// - Throws: ``ListenError`` when the metrics port cannot be bound (checked before anything starts).
     public static func bootstrap(
-        logLevel: Logger.Level, metricsHost: String, metricsPort: Int?, databaseURL: String?
+        logLevel: Logger.Level, logFormat: LogFormat = .text, metricsHost: String, metricsPort: Int?, databaseURL: String?
     ) throws -> OperationsEndpoint? {
         LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = logLevel
-            return handler
+            switch logFormat {
+            case .text:
+                var handler = StreamLogHandler.standardError(label: label)
+                handler.logLevel = logLevel
+                return handler
+            case .json:
+                var handler = JSONLogHandler(label: label)
+                handler.logLevel = logLevel
+                return handler
+            }
         }
         guard let metricsPort else { return nil }
         try ListenCheck.free(host: metricsHost, port: metricsPort, option: "--metrics-port")

@@ -80,11 +80,17 @@ struct AccountProjectorCommand: AsyncParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
+
+    @Option(help: ArgumentHelp("Log as text lines or one JSON object a line (default: $EVENTOUTBOX_LOG_FORMAT, else text).", valueName: "text|json"))
+
+    var logFormat: String?
+
     func validate() throws {
         if let rebuild, !AccountProjections.all.contains(where: { $0.name == rebuild }) {
             throw ValidationError("unknown projection '\(rebuild)'; known: \(AccountProjections.all.map(\.name).joined(separator: ", "))")
         }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
+        do { _ = try LogFormat.resolve(logFormat) } catch { throw ValidationError("\(error)") }
         try OptionCheck.seconds(commitInterval, "--commit-interval", in: 0.001...3600)
         try OptionCheck.port(metricsPort, "--metrics-port")
     }
@@ -95,7 +101,7 @@ struct AccountProjectorCommand: AsyncParsableCommand {
         }
         let url = try database.url()
         let endpoint = try Observability.bootstrap(
-            logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost,
+            logLevel: Logger.Level(rawValue: logLevel) ?? .info, logFormat: try LogFormat.resolve(logFormat), metricsHost: metricsHost,
             metricsPort: rebuild == nil ? metricsPort : nil, databaseURL: url)
         let logger = Logger(label: "account-projector")
 

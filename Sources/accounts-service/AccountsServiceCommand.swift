@@ -65,6 +65,9 @@ struct AccountsServiceCommand: AsyncParsableCommand {
     @Option(help: "Address the metrics endpoint binds to.") var metricsHost = "127.0.0.1"
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
 
+    @Option(help: ArgumentHelp("Log as text lines or one JSON object a line (default: $EVENTOUTBOX_LOG_FORMAT, else text).", valueName: "text|json"))
+    var logFormat: String?
+
     @Option(help: ArgumentHelp(
         "Require bearer tokens (HS256 JWTs) signed with the secret in this file (at least 32 bytes): a caller (the token's sub) acts on the accounts it opened, or on any with the scope accounts:admin, and is the actor of its events.",
         valueName: "path"))
@@ -92,6 +95,7 @@ struct AccountsServiceCommand: AsyncParsableCommand {
         try OptionCheck.seconds(tokenLifetime, "--token-lifetime", in: 1...31_622_400)
         try OptionCheck.seconds(idempotencyKeyLifetime, "--idempotency-key-lifetime", in: 1...31_622_400)
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
+        do { _ = try LogFormat.resolve(logFormat) } catch { throw ValidationError("\(error)") }
         try OptionCheck.port(port, "--port")
         try OptionCheck.port(metricsPort, "--metrics-port")
         try OptionCheck.integer(maxConnections, "--max-connections", in: 1...1000)
@@ -121,7 +125,7 @@ struct AccountsServiceCommand: AsyncParsableCommand {
         }
         let url = try database.url()
         let endpoint = try Observability.bootstrap(
-            logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost, metricsPort: metricsPort, databaseURL: url)
+            logLevel: Logger.Level(rawValue: logLevel) ?? .info, logFormat: try LogFormat.resolve(logFormat), metricsHost: metricsHost, metricsPort: metricsPort, databaseURL: url)
         let logger = Logger(label: "accounts-service")
         // A stalled database sheds load (503, Retry-After) instead of queueing requests without bound.
         let pool = PostgresPool(PostgresPool.Configuration(

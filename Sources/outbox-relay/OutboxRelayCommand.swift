@@ -132,6 +132,11 @@ struct OutboxRelayCommand: AsyncParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
+
+    @Option(help: ArgumentHelp("Log as text lines or one JSON object a line (default: $EVENTOUTBOX_LOG_FORMAT, else text).", valueName: "text|json"))
+
+    var logFormat: String?
+
     func validate() throws {
         try OptionCheck.integer(batchSize, "--batch-size", in: 1...100_000)
         try OptionCheck.integer(maxInFlight, "--max-in-flight", in: 1...1_000_000)
@@ -171,13 +176,14 @@ struct OutboxRelayCommand: AsyncParsableCommand {
             do { _ = try OutboxWAL(publication: publication, slot: slot) } catch { throw ValidationError("\(error)") }
         }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
+        do { _ = try LogFormat.resolve(logFormat) } catch { throw ValidationError("\(error)") }
     }
 
     func run() async throws {
         let url = try database.url()
         let brokers = try kafka.bootstrapServers()
         let endpoint = try Observability.bootstrap(
-            logLevel: Logger.Level(rawValue: logLevel) ?? .info, metricsHost: metricsHost, metricsPort: metricsPort, databaseURL: url)
+            logLevel: Logger.Level(rawValue: logLevel) ?? .info, logFormat: try LogFormat.resolve(logFormat), metricsHost: metricsHost, metricsPort: metricsPort, databaseURL: url)
         let logger = Logger(label: "outbox-relay")
 
         var configuration = OutboxRelayConfiguration(
