@@ -25,5 +25,25 @@ struct DeployFilesTests {
         #expect(result.status == 0, "\(result.output)")
         let manifest = try String(contentsOf: Self.root.appendingPathComponent("deploy/kubernetes/eventoutbox.yaml"), encoding: .utf8)
         #expect(manifest.contains("path: /health/ready") && manifest.contains("path: /health/live"))
+        // Hardened: every container read-only and unprivileged, started under a startup probe, images pinned,
+        // and voluntary disruptions leave one of each running.
+        let containers = manifest.components(separatedBy: "image: registry.example.com/eventoutbox:").count - 1
+        #expect(containers == 4)
+        #expect(manifest.components(separatedBy: "readOnlyRootFilesystem: true").count - 1 == containers)
+        #expect(manifest.components(separatedBy: "allowPrivilegeEscalation: false").count - 1 == containers)
+        #expect(manifest.components(separatedBy: "startupProbe:").count - 1 == containers - 1, "all but the migration job")
+        #expect(!manifest.contains(":latest"))
+        #expect(manifest.components(separatedBy: "kind: PodDisruptionBudget").count - 1 == 2)
+    }
+
+    @Test("the runtime image ships the five programs a deployment runs, and no test code or test broker")
+    func image() throws {
+        let dockerfile = try String(contentsOf: Self.root.appendingPathComponent("deploy/Dockerfile"), encoding: .utf8)
+        let runtime = try #require(dockerfile.components(separatedBy: "\nFROM ").last)
+        #expect(!runtime.contains("Tests") && !dockerfile.contains("kafka-mock-cluster"))
+        for tool in ["bank", "eventoutbox", "outbox-relay", "account-projector", "accounts-service"] {
+            #expect(dockerfile.contains(" \(tool)"), "\(tool)")
+        }
+        #expect(!dockerfile.contains(":latest") && dockerfile.contains("USER 10001"))
     }
 }
