@@ -391,7 +391,7 @@ public final class OutboxRelay: Service, Sendable {
     ) async throws {
         await producer.prepare(topics: Array(Set(rows.map(\.topic))))
         for row in rows where pipeline.mayEnqueue(row) {
-            let message = row.kafkaMessage()
+            let message = row.kafkaMessage(format: configuration.format)
             while true {
                 do {
                     try producer.enqueue(message, messageID: UInt64(row.id))

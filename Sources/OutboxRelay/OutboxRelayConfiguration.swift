@@ -39,6 +39,8 @@ public struct OutboxRelayConfiguration: Sendable {
     }
     /// What a consumer sees after a crash or a Kafka failure. Default: ``DeliveryGuarantee/atLeastOnce``.
     public var delivery: DeliveryGuarantee = .atLeastOnce
+    /// How each event is written as a Kafka record. Default: ``RecordFormat/envelope``.
+    public var format: RecordFormat = .envelope
     /// Exactly-once: the prefix of the relay's `transactional.id`s (one per unit of ownership: `PREFIX` for a
     /// single active relay, `PREFIX.pN` for partition N, `PREFIX.wal` for a slot). Every deployment that
     /// publishes a different outbox to the same Kafka cluster needs its own. `nil`: derived from the database
@@ -126,4 +128,15 @@ public enum OutboxSource: Sendable, Hashable {
     /// `wal_level = logical`, a role with `REPLICATION`, and ``OutboxWAL/setUp(on:)`` (`eventoutbox migrate --wal`).
     /// One relay streams the slot at a time; others stand by.
     case wal(OutboxWAL)
+}
+
+/// How the relay writes each event as a Kafka record.
+public enum RecordFormat: Sendable, Equatable {
+    /// The value is the JSON envelope (`OutboxEnvelope`: id, stream, version, type, time, payload, metadata);
+    /// headers `event-id`, `event-type`, `stream-version`, `traceparent`.
+    case envelope
+    /// A CloudEvent in the Kafka binding's binary mode: the value is the payload, the attributes are `ce_`
+    /// headers (`CloudEventsBinding`). `ce_source` is `source`, or `/eventoutbox/TOPIC` when `nil`. Read by any
+    /// CloudEvents SDK, and by this toolkit's consumers as well as the envelope.
+    case cloudEvents(source: String?)
 }

@@ -109,6 +109,7 @@ enum ProjectionSchema {
             id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
             consumer    text        NOT NULL,
             projection  text,
+            headers     jsonb,
             topic       text        NOT NULL,
             partition   int         NOT NULL,
             "offset"    bigint      NOT NULL,
@@ -117,7 +118,8 @@ enum ProjectionSchema {
             reason      text        NOT NULL,
             received_at timestamptz NOT NULL DEFAULT now()
         );
-        ALTER TABLE projection_dead_letters ADD COLUMN IF NOT EXISTS projection text
+        ALTER TABLE projection_dead_letters ADD COLUMN IF NOT EXISTS projection text;
+        ALTER TABLE projection_dead_letters ADD COLUMN IF NOT EXISTS headers jsonb
         """
 
     /// `true` if the live tables of `projection` exist.

@@ -290,7 +290,7 @@ public final class ProjectionConsumer: Service, Sendable {
         var events: [ProjectedEvent] = []
         events.reserveCapacity(batch.count)
         for message in batch {
-            guard let value = message.value, let recorded = try? OutboxEnvelope.recordedEvent(from: value),
+            guard let recorded = try? Self.recordedEvent(message),
                 let event = try? applier.registry.decode(recorded)
             else { break }
             events.append(ProjectedEvent(event: event, recorded: recorded, topic: message.topic))
@@ -313,6 +313,29 @@ public final class ProjectionConsumer: Service, Sendable {
         for message in batch { try await handle(message, giveUp: giveUp, on: connection) }
     }
 
+    /// The stored event a record describes, in either format the relay writes: a CloudEvent in binary mode
+    /// (a `ce_specversion` header), or the JSON envelope.
+    /// - Throws: ``EnvelopeError`` saying which format the record was taken for and what is wrong.
+    static func recordedEvent(_ message: KafkaMessage) throws -> RecordedEvent {
+        try recordedEvent(headers: message.stringHeaders, value: message.value)
+    }
+
+    static func recordedEvent(headers: [String: String], value: [UInt8]?) throws -> RecordedEvent {
+        guard let value else { throw EnvelopeError("the record has no value") }
+        if headers[CloudEventsBinding.specVersionHeader] != nil {
+            do {
+                return try CloudEventsBinding.recordedEvent(headers: headers, value: value)
+            } catch {
+                throw EnvelopeError("not an EventOutbox CloudEvent: \(error)")
+            }
+        }
+        do {
+            return try OutboxEnvelope.recordedEvent(from: value)
+        } catch {
+            throw EnvelopeError("not an EventOutbox envelope: \(error)")
+        }
+    }
+
     /// Failures that a later attempt can get past: the database unreachable or restarting, serialization
     /// failures, deadlocks, and another consumer applying a new stream at the same moment.
     static func isTransient(_ error: any Error) -> Bool {
@@ -326,16 +349,12 @@ public final class ProjectionConsumer: Service, Sendable {
     /// it then as a duplicate.
     private func handle(_ message: KafkaMessage, giveUp: Bool, on connection: PostgresConnection) async throws {
         var logger = self.logger
-        if let traceparent = message.header("traceparent")?.stringValue { logger[metadataKey: "traceparent"] = "\(traceparent)" }
+        if let traceparent = (message.header("traceparent") ?? message.header("ce_traceparent"))?.stringValue {
+            logger[metadataKey: "traceparent"] = "\(traceparent)"
+        }
         let event: ProjectedEvent
         do {
-            guard let value = message.value else { throw EnvelopeError("the record has no value") }
-            let recorded: RecordedEvent
-            do {
-                recorded = try OutboxEnvelope.recordedEvent(from: value)
-            } catch {
-                throw EnvelopeError("not an EventOutbox envelope: \(error)")
-            }
+            let recorded = try Self.recordedEvent(message)
             event = ProjectedEvent(event: try applier.registry.decode(recorded), recorded: recorded, topic: message.topic)
         } catch {
             try await deadLetter(message, projection: nil, reason: "\(error)", on: connection, logger: logger)
@@ -408,7 +427,8 @@ public final class ProjectionConsumer: Service, Sendable {
     ) async throws {
         try await ProjectionDeadLetters.record(
             consumer: configuration.groupID, projection: projection, topic: message.topic, partition: message.partition,
-            offset: message.offset, key: message.key, value: message.value, reason: reason, on: connection)
+            offset: message.offset, key: message.key, value: message.value, headers: message.stringHeaders, reason: reason,
+            on: connection)
         counts.deadLettered.add(1, ordering: .relaxed)
         metrics.deadLettered.increment()
         logger.error(
@@ -436,4 +456,13 @@ private struct ConsumerMetrics: Sendable {
     let duplicates = Counter(label: "eventoutbox_projection_duplicates_skipped_total")
     let deadLettered = Counter(label: "eventoutbox_projection_dead_lettered_total")
     let applyLatency = Metrics.Timer(label: "eventoutbox_projection_apply_duration_seconds")
+}
+
+extension KafkaMessage {
+    /// The headers that have a UTF-8 value, by name (the last one wins).
+    var stringHeaders: [String: String] {
+        var result: [String: String] = [:]
+        for header in headers { if let value = header.stringValue { result[header.name] = value } }
+        return result
+    }
 }

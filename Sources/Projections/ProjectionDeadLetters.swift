@@ -17,6 +17,8 @@ public struct ProjectionDeadLetter: Sendable, Codable, Equatable {
     public var key: [UInt8]?
     /// The record's value, byte for byte.
     public var value: [UInt8]?
+    /// The record's headers with text values (a CloudEvent's attributes are there).
+    public var headers: [String: String]
     public var reason: String
     public var receivedAt: Date
 
@@ -29,6 +31,8 @@ public struct ProjectionDeadLetter: Sendable, Codable, Equatable {
         offset = try row.decode(Int64.self, "offset")
         key = try row.decodeIfPresent([UInt8].self, "key")
         value = try row.decodeIfPresent([UInt8].self, "value")
+        let headersText = try row.decodeIfPresent(String.self, "headers")
+        headers = headersText.flatMap { JSONText.stringObject($0) } ?? [:]
         reason = try row.decode(String.self, "reason")
         receivedAt = try row.decode(Date.self, "received_at")
     }
@@ -39,18 +43,19 @@ public struct ProjectionDeadLetter: Sendable, Codable, Equatable {
 
 /// Inspecting and retrying `projection_dead_letters`.
 public enum ProjectionDeadLetters {
-    private static let columns = "id, consumer, projection, topic, partition, \"offset\", key, value, reason, received_at"
+    private static let columns = "id, consumer, projection, topic, partition, \"offset\", key, value, headers::text AS headers, reason, received_at"
 
     /// Stores a dead letter (inside the caller's transaction, if any).
     static func record(
         consumer: String, projection: String?, topic: String, partition: Int32, offset: Int64, key: [UInt8]?, value: [UInt8]?,
-        reason: String, on connection: PostgresConnection
+        headers: [String: String] = [:], reason: String, on connection: PostgresConnection
     ) async throws {
+        let headersJSON = JSONText.object(headers.sorted { $0.key < $1.key }.map { (key: $0.key, json: JSONText.string($0.value)) })
         try await connection.execute(
-            "INSERT INTO projection_dead_letters (consumer, projection, topic, partition, \"offset\", key, value, reason) "
-                + "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO projection_dead_letters (consumer, projection, topic, partition, \"offset\", key, value, headers, reason) "
+                + "VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9)",
             [.text(consumer), .text(projection), .text(topic), .int32(partition), .int64(offset),
-             key.map(PostgresBind.bytea) ?? .null, value.map(PostgresBind.bytea) ?? .null, .text(reason)],
+             key.map(PostgresBind.bytea) ?? .null, value.map(PostgresBind.bytea) ?? .null, .text(headersJSON), .text(reason)],
             statement: "projection: dead-letter")
     }
 
@@ -86,8 +91,8 @@ public enum ProjectionDeadLetters {
                     statement: "projection dead letters: lock"
                 ).first.map(ProjectionDeadLetter.init(row:))
             else { return nil }
-            guard let value = letter.value else { throw EnvelopeError("dead letter \(id) has no value to apply") }
-            let recorded = try OutboxEnvelope.recordedEvent(from: value)
+            guard letter.value != nil else { throw EnvelopeError("dead letter \(id) has no value to apply") }
+            let recorded = try ProjectionConsumer.recordedEvent(headers: letter.headers, value: letter.value)
             // Replayed from the store: its source is the store's (topic nil), as in the rebuild that refused it.
             let topic = letter.partition < 0 ? nil : letter.topic
             let event = ProjectedEvent(event: try applier.registry.decode(recorded), recorded: recorded, topic: topic)

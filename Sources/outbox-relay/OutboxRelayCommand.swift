@@ -78,6 +78,16 @@ struct OutboxRelayCommand: AsyncParsableCommand {
     @Option(help: "With --delivery exactly-once: seconds a Kafka transaction may stay open (transaction.timeout.ms).")
     var transactionTimeout: Double = 60
 
+    @Option(help: ArgumentHelp(
+        "How each event is written: 'envelope' (the value is EventOutbox's JSON envelope) or 'cloudevents' (a CloudEvent in the Kafka binding's binary mode: the value is the payload, the attributes are ce_ headers). This toolkit's consumers read both.",
+        valueName: "envelope|cloudevents"))
+    var format: String = "envelope"
+
+    @Option(help: ArgumentHelp(
+        "With --format cloudevents: the events' ce_source (a URI reference naming the producing context). Default: /eventoutbox/TOPIC.",
+        valueName: "uri"))
+    var cloudeventsSource: String?
+
     @Option(help: "With --source wal: the publication of the outbox's inserts.")
     var publication: String = OutboxWAL.defaultName
 
@@ -165,6 +175,15 @@ struct OutboxRelayCommand: AsyncParsableCommand {
         } else if transactionalId != nil || progressTopic != nil {
             throw ValidationError("--transactional-id and --progress-topic apply to --delivery exactly-once")
         }
+        guard format == "envelope" || format == "cloudevents" else {
+            throw ValidationError("--format is 'envelope' or 'cloudevents', not '\(format)'")
+        }
+        if let cloudeventsSource {
+            guard format == "cloudevents" else { throw ValidationError("--cloudevents-source applies to --format cloudevents") }
+            guard !cloudeventsSource.isEmpty, cloudeventsSource.unicodeScalars.allSatisfy({ $0.value > 0x20 && $0.value < 0x7F }) else {
+                throw ValidationError("--cloudevents-source must be a non-empty URI reference (printable ASCII, no spaces)")
+            }
+        }
         guard source == "table" || source == "wal" else { throw ValidationError("--source is 'table' or 'wal', not '\(source)'") }
         if source == "wal" {
             guard partitions == 1 else {
@@ -191,6 +210,7 @@ struct OutboxRelayCommand: AsyncParsableCommand {
             kafka: KafkaConfiguration(bootstrapServers: brokers, properties: try kafka.fileProperties().merging(KafkaConfiguration.parseProperties(kafkaProperties)) { $1 }))
         if source == "wal" { configuration.source = .wal(try OutboxWAL(publication: publication, slot: slot)) }
         configuration.delivery = DeliveryGuarantee(rawValue: delivery) ?? .atLeastOnce
+        if format == "cloudevents" { configuration.format = .cloudEvents(source: cloudeventsSource) }
         configuration.transactionalID = transactionalId
         configuration.progressTopic = progressTopic
         configuration.transactionTimeout = OptionCheck.duration(transactionTimeout)

@@ -155,6 +155,9 @@ struct BankCommandLineTests {
             ("outbox-relay", ["--kafka-property", "security.protocol=carrier-pigeon"], "security.protocol"),
             ("outbox-relay", ["--delivery", "exactly-once", "--kafka-property", "bogus.prop=1"], "bogus.prop"),
             ("account-projector", ["--kafka-property", "bogus.prop=1"], "bogus.prop"),
+            ("outbox-relay", ["--format", "avro"], "--format is 'envelope' or 'cloudevents'"),
+            ("outbox-relay", ["--cloudevents-source", "/x"], "--cloudevents-source applies to --format cloudevents"),
+            ("outbox-relay", ["--format", "cloudevents", "--cloudevents-source", "a b"], "--cloudevents-source must be"),
             // A group without its subcommand is a usage error (it used to print help and exit 0).
             ("bank", [], "a subcommand is needed"),
             ("eventoutbox", [], "a subcommand is needed"),

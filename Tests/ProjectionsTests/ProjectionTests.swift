@@ -37,8 +37,8 @@ struct Pipeline {
     }
 
     /// Runs only the relay while `body` runs.
-    func relaying<T>(_ body: () async throws -> T) async throws -> T {
-        let relay = makeRelay()
+    func relaying<T>(format: RecordFormat = .envelope, _ body: () async throws -> T) async throws -> T {
+        let relay = makeRelay(format: format)
         let relayTask = Task { try await relay.run() }
         defer { relay.stop() }
         let value = try await body()
@@ -47,8 +47,9 @@ struct Pipeline {
         return value
     }
 
-    func makeRelay() -> OutboxRelay {
+    func makeRelay(format: RecordFormat = .envelope) -> OutboxRelay {
         var relayConfiguration = OutboxRelayConfiguration(databaseURL: test.schema.url, kafka: KafkaConfiguration(bootstrapServers: brokers))
+        relayConfiguration.format = format
         relayConfiguration.leaderLockKey = Int64.random(in: 1...Int64.max)
         relayConfiguration.pollInterval = .milliseconds(200)
         return OutboxRelay(configuration: relayConfiguration)

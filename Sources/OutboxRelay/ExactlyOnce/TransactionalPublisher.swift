@@ -1,3 +1,4 @@
+import EventSourcing
 import EventStore
 import Foundation
 import KafkaClient
@@ -172,7 +173,7 @@ struct TransactionalPublisher {
             try producer.beginTransaction()
             await producer.prepare(topics: Array(Set(batch.rows.map(\.topic))))
             for row in batch.rows {
-                let message = row.kafkaMessage(transaction: round.label)
+                let message = row.kafkaMessage(format: configuration.format, transaction: round.label)
                 while true {
                     do {
                         try producer.enqueue(message, messageID: nextMessageID)
@@ -274,11 +275,27 @@ struct TransactionalPublisher {
 }
 
 extension OutboxRow {
-    /// The Kafka record of this row: key = stream id (its partition keeps the stream's order), value = the
-    /// envelope, the row's headers sorted by name, plus the Kafka transaction's label when there is one.
-    func kafkaMessage(transaction: String? = nil) -> KafkaOutgoingMessage {
-        var headers = headers.sorted { $0.key < $1.key }.map { KafkaHeader(name: $0.key, value: $0.value) }
+    /// The Kafka record of this row: key = stream id (its partition keeps the stream's order). As an envelope:
+    /// value = the envelope, the row's headers sorted by name; as a CloudEvent: value = the payload, the `ce_`
+    /// headers. Plus the Kafka transaction's label when there is one. An envelope that cannot be read (only a
+    /// hand-written row could be one) goes out as it is, with `eventoutbox-format: envelope`: consumers read both.
+    func kafkaMessage(format: RecordFormat = .envelope, transaction: String? = nil) -> KafkaOutgoingMessage {
+        var headers: [KafkaHeader]
+        var value = Array(envelope.utf8)
+        switch format {
+        case .cloudEvents(let source):
+            if let event = try? OutboxEnvelope.recordedEvent(from: value) {
+                headers = CloudEventsBinding.headers(for: event, source: source ?? "/eventoutbox/\(topic)")
+                    .map { KafkaHeader(name: $0.name, value: $0.value) }
+                value = Array(event.payload.utf8)
+            } else {
+                headers = [KafkaHeader(name: "eventoutbox-format", value: "envelope")]
+                    + self.headers.sorted { $0.key < $1.key }.map { KafkaHeader(name: $0.key, value: $0.value) }
+            }
+        case .envelope:
+            headers = self.headers.sorted { $0.key < $1.key }.map { KafkaHeader(name: $0.key, value: $0.value) }
+        }
         if let transaction { headers.append(KafkaHeader(name: RelayProgress.transactionHeader, value: transaction)) }
-        return KafkaOutgoingMessage(topic: topic, key: Array(key.utf8), value: Array(envelope.utf8), headers: headers)
+        return KafkaOutgoingMessage(topic: topic, key: Array(key.utf8), value: value, headers: headers)
     }
 }

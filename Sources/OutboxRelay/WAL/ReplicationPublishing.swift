@@ -312,7 +312,7 @@ private struct ReplicationGeneration {
         await producer.prepare(topics: Array(Set(rows.map(\.row.topic))))
         for (transaction, row) in rows {
             if try await relay.holdsBack(row, &heldStreams, on: connection) { continue }
-            let message = row.kafkaMessage()
+            let message = row.kafkaMessage(format: configuration.format)
             let id = nextMessageID
             while true {
                 do {
