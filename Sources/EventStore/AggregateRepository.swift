@@ -45,10 +45,10 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
     /// then (version 0, the empty state, if none had). Uses snapshots as ``load(_:atVersion:)`` does.
     public func load(_ streamID: String, asOf date: Date) async throws -> VersionedState<State> {
         let version = try await store.pool.withConnection { connection in
-            try await connection.query(
+            try await connection.queryOne(
                 "SELECT COALESCE(max(stream_version), 0) AS version FROM events WHERE stream_id = $1 AND occurred_at <= $2",
                 [.text(streamID), .timestamp(date)], statement: "version as of"
-            ).first!.decode(Int64.self, "version")
+            ).decode(Int64.self, "version")
         }
         guard version > 0 else { return VersionedState(state: State(), version: 0) }
         return try await load(streamID, atVersion: version)

@@ -166,7 +166,11 @@ public struct EventStore: Sendable {
         let result = try await connection.query(sql, binds, statement: "append")
         let positions = try result.compactMap { try $0.decodeIfPresent(Int64.self, "position") }
         guard positions.count == rows.count else {
-            return .versionMismatch(actual: try result.first!.decode(Int64.self, "current"))
+            // The statement always returns a row (`current` is left-joined): without one, the server changed it.
+            guard let first = result.first else {
+                throw PostgresError(code: .noRow, message: "statement 'append' returned no row where one was expected")
+            }
+            return .versionMismatch(actual: try first.decode(Int64.self, "current"))
         }
         return .appended(AppendResult(streamVersion: base + Int64(rows.count), positions: positions.sorted()))
     }
@@ -174,10 +178,10 @@ public struct EventStore: Sendable {
     /// The version of a stream's last event (0 if the stream does not exist).
     public func currentVersion(of streamID: String) async throws -> Int64 {
         try await pool.withConnection { connection in
-            try await connection.query(
+            try await connection.queryOne(
                 "SELECT COALESCE(max(stream_version), 0) AS version FROM events WHERE stream_id = $1",
                 [.text(streamID)], statement: "current version"
-            ).first!.decode(Int64.self, "version")
+            ).decode(Int64.self, "version")
         }
     }
 
@@ -208,8 +212,8 @@ public struct EventStore: Sendable {
     /// The highest global position (0 if the store is empty).
     public func headPosition() async throws -> Int64 {
         try await pool.withConnection { connection in
-            try await connection.query("SELECT COALESCE(max(position), 0) AS head FROM events", statement: "head position")
-                .first!.decode(Int64.self, "head")
+            try await connection.queryOne("SELECT COALESCE(max(position), 0) AS head FROM events", statement: "head position")
+                .decode(Int64.self, "head")
         }
     }
 

@@ -82,9 +82,9 @@ public struct OutboxPartitions: Sendable, Hashable {
 
     /// The partition of one stream, as PostgreSQL computes it.
     public static func partition(of streamID: String, count: Int, on connection: PostgresConnection) async throws -> Int {
-        try await connection.query(
+        try await connection.queryOne(
             "SELECT \(sql("$1::text", count: "$2::int")) AS p", [.text(streamID), .int(count)], statement: "outbox: stream partition"
-        ).first!.decode(Int.self, "p")
+        ).decode(Int.self, "p")
     }
 }
 
@@ -363,14 +363,14 @@ public struct OutboxTable: Sendable {
     }
 
     public func status(on connection: PostgresConnection) async throws -> OutboxStatus {
-        let row = try await connection.query(
+        let row = try await connection.queryOne(
             """
             SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS waiting,
                    COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - (SELECT min(created_at) FROM outbox WHERE published_at IS NULL)), 0)::text AS age,
                    (SELECT count(*) FROM outbox_dead_letters) AS dead,
                    (SELECT count(*) FROM outbox WHERE published_at IS NOT NULL) AS published
             """, statement: "outbox: status"
-        ).first!
+        )
         return OutboxStatus(
             waiting: try row.decode(Int.self, "waiting"),
             oldestWaitingAgeSeconds: Double(try row.decode(String.self, "age")) ?? 0,

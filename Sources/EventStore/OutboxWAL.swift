@@ -71,14 +71,14 @@ public struct OutboxWAL: Sendable, Hashable {
     }
 
     public func status(on connection: PostgresConnection) async throws -> Status {
-        let row = try await connection.query(
+        let row = try await connection.queryOne(
             """
             SELECT current_setting('wal_level') AS wal_level, current_schema() AS schema,
                    EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1) AS publication,
                    EXISTS (SELECT 1 FROM pg_publication_tables
                            WHERE pubname = $1 AND schemaname = current_schema() AND tablename = 'outbox') AS covers
             """, [.text(publication)], statement: "wal: setup status"
-        ).first!
+        )
         let slotRow = try await connection.query(
             """
             SELECT plugin, active, confirmed_flush_lsn::text AS confirmed,

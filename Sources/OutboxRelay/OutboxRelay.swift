@@ -162,10 +162,10 @@ public final class OutboxRelay: Service, Sendable {
     func becomeActive(_ connection: PostgresConnection) async throws -> Bool {
         var announced = false
         while !isStopping {
-            let acquired = try await connection.query(
+            let acquired = try await connection.queryOne(
                 "SELECT pg_try_advisory_lock($1) AS acquired", [.int64(configuration.leaderLockKey)],
                 statement: "relay: try leader lock"
-            ).first!.decode(Bool.self, "acquired")
+            ).decode(Bool.self, "acquired")
             if acquired { return true }
             if !announced {
                 logger.info("another relay is active; standing by", metadata: ["outbox.lock": "\(configuration.leaderLockKey)"])

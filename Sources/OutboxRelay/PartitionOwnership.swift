@@ -32,14 +32,14 @@ struct PartitionOwnership {
 
     /// How many relays hold the member lock (this one included).
     func members(on connection: PostgresConnection) async throws -> Int {
-        try await connection.query(
+        try await connection.queryOne(
             """
             SELECT count(*) AS members FROM pg_locks
             WHERE locktype = 'advisory' AND mode = 'ShareLock' AND granted AND objsubid = 1
               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
               AND classid = ($1::bigint >> 32)::oid AND objid = ($1::bigint & 4294967295)::oid
             """, [.int64(memberKey)], statement: "relay: count partitioned relays"
-        ).first!.decode(Int.self, "members")
+        ).decode(Int.self, "members")
     }
 
     /// How many partitions a relay should hold, given the relays holding the member lock.
@@ -72,10 +72,10 @@ struct PartitionOwnership {
             for offset in 0..<count where owned.count < target {
                 let partition = (start + offset) % count
                 guard !owned.contains(partition) else { continue }
-                let acquired = try await connection.query(
+                let acquired = try await connection.queryOne(
                     "SELECT pg_try_advisory_lock($1) AS acquired", [.int64(baseKey &+ Int64(partition))],
                     statement: "relay: try partition lock"
-                ).first!.decode(Bool.self, "acquired")
+                ).decode(Bool.self, "acquired")
                 if acquired { owned.append(partition) }
             }
         }

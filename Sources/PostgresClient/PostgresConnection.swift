@@ -70,6 +70,18 @@ public final class PostgresConnection: @unchecked Sendable {
         return try await run { handle throws(PostgresError) in try handle.execute(sql, binds, statement: name).rows }
     }
 
+    /// Runs a statement that returns one row (an aggregate, `SELECT EXISTS`, a function call, one `RETURNING`)
+    /// and returns its first row.
+    /// - Throws: ``PostgresError`` from the server, or with code ``PostgresError/Code/noRow`` naming the statement
+    ///   when it returned no row (instead of a trap).
+    public func queryOne(_ sql: String, _ binds: [PostgresBind] = [], statement: String? = nil) async throws -> PostgresRow {
+        let name = statement ?? PostgresURL.abbreviate(sql)
+        guard let row = try await query(sql, binds, statement: name).first else {
+            throw PostgresError(code: .noRow, message: "statement '\(name)' returned no row where one was expected")
+        }
+        return row
+    }
+
     /// Runs a statement and returns how many rows it inserted, updated or deleted.
     @discardableResult
     public func execute(_ sql: String, _ binds: [PostgresBind] = [], statement: String? = nil) async throws -> Int {

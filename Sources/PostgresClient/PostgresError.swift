@@ -25,6 +25,8 @@ public struct PostgresError: Error, CustomStringConvertible, CustomDebugStringCo
         public static let poolClosed = Code("poolClosed")
         /// Waited too long (for a pooled connection, for a notification).
         public static let timeout = Code("timeout")
+        /// A statement that should return a row returned none.
+        public static let noRow = Code("noRow")
         /// A pool had no connection free and already as many callers waiting as it lets wait.
         public static let poolBusy = Code("poolBusy")
     }

@@ -124,10 +124,10 @@ enum ProjectionSchema {
 
     /// `true` if the live tables of `projection` exist.
     static func exists(_ projection: Projection, on connection: PostgresConnection) async throws -> Bool {
-        try await connection.query(
+        try await connection.queryOne(
             "SELECT to_regclass($1) IS NOT NULL AS present", [.text(projection.progressTable.name)],
             statement: "projection: exists"
-        ).first!.decode(Bool.self, "present")
+        ).decode(Bool.self, "present")
     }
 
     /// Runs each table's ``Projection/Table/upgradeSQL`` on the live tables.

@@ -134,7 +134,7 @@ struct StreamProgress: Equatable {
         guard !keys.isEmpty else { return }
         let updates = keys.filter { existing.contains($0) }
         let inserts = keys.filter { !existing.contains($0) }
-        let inserted = try await connection.query(
+        let inserted = try await connection.queryOne(
             "WITH updated AS (UPDATE \(table) AS p SET last_version = u.version "
                 + "FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(stream_id, source, version) "
                 + "WHERE p.stream_id = u.stream_id AND p.source = u.source RETURNING 1), "
@@ -144,7 +144,7 @@ struct StreamProgress: Equatable {
             [.textArray(updates.map(\.stream)), .textArray(updates.map(\.source)), .int64Array(updates.map { versions[$0]! }),
              .textArray(inserts.map(\.stream)), .textArray(inserts.map(\.source)), .int64Array(inserts.map { versions[$0]! })],
             statement: "projection: record progress"
-        ).first!.decode(Int.self, "inserted")
+        ).decode(Int.self, "inserted")
         guard inserted == inserts.count else {
             throw ConcurrentProjectionUpdate(table: table, streams: inserts.map(\.stream))
         }

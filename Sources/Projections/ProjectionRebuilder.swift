@@ -60,13 +60,13 @@ public struct ProjectionRebuilder: Sendable {
         let olderDeadLetters = try await pool.withConnection { connection in
             try await ProjectionSchema.create(projection, suffix: suffix, on: connection)
             try await connection.executeScript(ProjectionSchema.deadLettersSQL)
-            return try await connection.query(
+            return try await connection.queryOne(
                 "SELECT coalesce(max(id), 0) AS last FROM projection_dead_letters", statement: "rebuild: dead letters so far"
-            ).first!.decode(Int64.self, "last")
+            ).decode(Int64.self, "last")
         }
 
         let total = try await pool.withConnection {
-            try await $0.query("SELECT count(*) AS n FROM events", statement: "rebuild: count").first!.decode(Int.self, "n")
+            try await $0.queryOne("SELECT count(*) AS n FROM events", statement: "rebuild: count").decode(Int.self, "n")
         }
         let started = ContinuousClock.now
         var done = 0

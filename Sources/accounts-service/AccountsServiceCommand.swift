@@ -133,7 +133,7 @@ struct AccountsServiceCommand: AsyncParsableCommand {
             statementTimeout: OptionCheck.duration(statementTimeout)))
         try await reportingFailures {
             let migrated = try await pool.withConnection {
-                try await $0.query("SELECT to_regclass('idempotency_keys') IS NOT NULL AS present").first!.decode(Bool.self, "present")
+                try await $0.queryOne("SELECT to_regclass('idempotency_keys') IS NOT NULL AS present").decode(Bool.self, "present")
             }
             guard migrated else {
                 throw ValidationError("the event store tables are missing or out of date: run `eventoutbox migrate` first")

@@ -263,8 +263,8 @@ struct Drain: AsyncParsableCommand {
                 // Done when every row is marked (table), or the slot is confirmed past the backlog (wal).
                 func waiting() async throws -> Bool {
                     if let wal { return try await confirmedLSN(connection, wal) < endLSN }
-                    return try await connection.query(
-                        "SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL) AS waiting").first!.decode(Bool.self, "waiting")
+                    return try await connection.queryOne(
+                        "SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL) AS waiting").decode(Bool.self, "waiting")
                 }
                 while try await waiting() {
                     peak = max(peak, pids.map(peakRSSKilobytes).max() ?? 0)
@@ -458,8 +458,8 @@ struct Latency: AsyncParsableCommand {
         print("  commit timestamp → a consumer received it: " + percentiles(afterCommit))
         guard wal == nil else { return }
         try await store.pool.withConnection { connection in
-            while try await connection.query(
-                "SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL) AS waiting").first!.decode(Bool.self, "waiting")
+            while try await connection.queryOne(
+                "SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL) AS waiting").decode(Bool.self, "waiting")
             {
                 guard ContinuousClock.now < deadline else { throw ValidationError("rows still unpublished after 60 s") }
                 try await Task.sleep(for: .milliseconds(20))

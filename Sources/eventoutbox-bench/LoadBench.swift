@@ -35,7 +35,7 @@ struct Load: AsyncParsableCommand {
             }
             precondition(state.version == Int64(events), "built \(state.version) events, expected \(events)")
             let snapshot = try await store.pool.withConnection {
-                try await $0.query("SELECT max(version) FROM snapshots WHERE stream_id = $1", [.text(id)]).first!.decode(Int64.self, at: 0)
+                try await $0.queryOne("SELECT max(version) FROM snapshots WHERE stream_id = $1", [.text(id)]).decode(Int64.self, at: 0)
             }
 
             var loadTimes: [Duration] = []

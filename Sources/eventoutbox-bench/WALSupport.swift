@@ -33,15 +33,15 @@ func withWAL<T>(_ url: String, _ body: (OutboxWAL) async throws -> T) async thro
 
 /// The server's current WAL position.
 func currentLSN(_ connection: PostgresConnection) async throws -> PostgresLSN {
-    let text = try await connection.query("SELECT pg_current_wal_lsn()::text AS lsn").first!.decode(String.self, "lsn")
+    let text = try await connection.queryOne("SELECT pg_current_wal_lsn()::text AS lsn").decode(String.self, "lsn")
     return PostgresLSN(text)!
 }
 
 /// The slot's confirmed position.
 func confirmedLSN(_ connection: PostgresConnection, _ wal: OutboxWAL) async throws -> PostgresLSN {
-    let text = try await connection.query(
+    let text = try await connection.queryOne(
         "SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = $1", [.text(wal.slot)]
-    ).first!.decode(String.self, "lsn")
+    ).decode(String.self, "lsn")
     return PostgresLSN(text)!
 }
 

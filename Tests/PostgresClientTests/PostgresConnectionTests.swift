@@ -68,6 +68,19 @@ struct PostgresConnectionTests {
         try await schema.drop()
     }
 
+    @Test("queryOne: the row when there is one; an error naming the statement when there is none (never a trap)")
+    func queryOne() async throws {
+        let connection = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())
+        #expect(try await connection.queryOne("SELECT 41 + 1 AS n", statement: "answer").decode(Int.self, "n") == 42)
+        do {
+            _ = try await connection.queryOne("SELECT 1 WHERE false", statement: "nothing here")
+            Issue.record("no row must be an error")
+        } catch let error as PostgresError {
+            #expect(error.code == .noRow && "\(error)".contains("nothing here"), "\(error)")
+        }
+        await connection.close()
+    }
+
     @Test("a NUL byte in text is refused with a clear error, not truncated")
     func nulByteIsRefused() async throws {
         let connection = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())

@@ -91,20 +91,20 @@ struct TableTransactionalSource: TransactionalSource {
 enum AdvisoryLocks {
     /// Whether this session holds the exclusive advisory lock `key` (taken with `pg_try_advisory_lock`).
     static func holds(_ key: Int64, on connection: PostgresConnection) async throws -> Bool {
-        try await connection.query(
+        try await connection.queryOne(
             """
             SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
                 AND mode = 'ExclusiveLock' AND objsubid = 1
                 AND classid = ($1::bigint >> 32)::oid AND objid = ($1::bigint & 4294967295)::oid) AS held
             """, [.int64(key)], statement: "relay: still holds its lock"
-        ).first!.decode(Bool.self, "held")
+        ).decode(Bool.self, "held")
     }
 
     /// Takes the exclusive advisory lock `key` if it is free.
     static func tryLock(_ key: Int64, on connection: PostgresConnection) async throws -> Bool {
-        try await connection.query(
+        try await connection.queryOne(
             "SELECT pg_try_advisory_lock($1) AS acquired", [.int64(key)], statement: "relay: try lock"
-        ).first!.decode(Bool.self, "acquired")
+        ).decode(Bool.self, "acquired")
     }
 }
 
@@ -113,9 +113,9 @@ extension OutboxRelay {
     func exactlyOnceNames(_ connection: PostgresConnection) async throws -> (prefix: String, topic: String) {
         var prefix = configuration.transactionalID ?? ""
         if prefix.isEmpty {
-            let row = try await connection.query(
+            let row = try await connection.queryOne(
                 "SELECT current_database() AS db, current_schema() AS schema", statement: "relay: name its transactional ids"
-            ).first!
+            )
             prefix = "eventoutbox-relay.\(try row.decode(String.self, "db")).\(try row.decode(String.self, "schema"))"
         }
         // Kafka topic names allow [a-zA-Z0-9._-] only.
