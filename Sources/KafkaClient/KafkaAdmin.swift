@@ -22,7 +22,7 @@ public final class KafkaAdmin: Sendable {
         _ name: String, partitions: Int32, replicationFactor: Int32 = 1, configs: [String: String] = [:],
         ifNotExists: Bool = true, timeout: Duration = .seconds(10)
     ) async throws {
-        let milliseconds = Int32(timeout.components.seconds * 1000)
+        let milliseconds = timeout.clampedMilliseconds
         let result: KafkaError? = await thread.run { [handle] in
             Self.create(handle.pointer, name, partitions, replicationFactor, configs, milliseconds)
         }
@@ -32,7 +32,7 @@ public final class KafkaAdmin: Sendable {
     /// The number of partitions of `topic`, or `nil` if the brokers do not know it.
     /// - Throws: ``KafkaError`` when the brokers cannot be asked (down, timed out, not authorized).
     public func partitionCount(of topic: String, timeout: Duration = .seconds(10)) async throws -> Int32? {
-        let milliseconds = Int32(clamping: timeout.components.seconds * 1000)
+        let milliseconds = timeout.clampedMilliseconds
         return try await thread.run { [handle] () -> Result<Int32?, KafkaError> in
             guard let topicHandle = rd_kafka_topic_new(handle.pointer, topic, nil) else {
                 return .failure(KafkaError(code: .invalidArgument, message: "'\(topic)' is not a valid topic name"))

@@ -86,7 +86,7 @@ public final class KafkaConsumer: Sendable {
     /// hop to the consumer's thread. Returns `[]` if none arrived. Errors as ``poll(timeout:)``; a fatal error
     /// drops the records taken with it (their offsets were not committed: they are delivered again).
     public func poll(upTo limit: Int, timeout: Duration) async throws -> [KafkaMessage] {
-        let milliseconds = Int32(clamping: timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+        let milliseconds = timeout.clampedMilliseconds
         let (messages, error) = await onQueue { [handle] () -> ([KafkaMessage], KafkaError?) in
             var messages: [KafkaMessage] = []
             while messages.count < limit {
@@ -141,7 +141,7 @@ public final class KafkaConsumer: Sendable {
     public func committed(_ partitions: [KafkaTopicPartition], timeout: Duration = .seconds(10)) async throws
         -> [KafkaTopicPartitionOffset]
     {
-        let milliseconds = Int32(timeout.components.seconds * 1000)
+        let milliseconds = timeout.clampedMilliseconds
         return try await onQueue { [handle, groupID] () -> Result<[KafkaTopicPartitionOffset], KafkaError> in
             let list = RDKafkaPartitionList(partitions.map { .init(topic: $0.topic, partition: $0.partition, offset: -1001) })
             let error = rd_kafka_committed(handle.pointer, list.pointer, milliseconds)

@@ -125,7 +125,7 @@ public final class KafkaProducer: Sendable {
     public func prepare(topics: [String], timeout: Duration = .seconds(5)) async {
         let newTopics = knownTopics.withLock { known in topics.filter { known.insert($0).inserted } }
         guard !newTopics.isEmpty else { return }
-        let milliseconds = Int32(clamping: timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+        let milliseconds = timeout.clampedMilliseconds
         let handle = self.handle
         await metadataThread.run {
             for topic in newTopics {
@@ -176,7 +176,7 @@ public final class KafkaProducer: Sendable {
     private func transactionCall(
         _ what: String, _ timeout: Duration, _ call: @escaping @Sendable (OpaquePointer, Int32) -> OpaquePointer?
     ) async throws {
-        let milliseconds = Int32(clamping: timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+        let milliseconds = timeout.clampedMilliseconds
         let handle = self.handle
         let error: KafkaError? = await metadataThread.run {
             call(handle.pointer, milliseconds).map { KafkaError(consuming: $0, context: what) }

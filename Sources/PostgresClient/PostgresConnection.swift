@@ -137,7 +137,7 @@ public final class PostgresConnection: @unchecked Sendable {
     /// Waits until at least one notification arrives on a channel this connection listens to, or the timeout
     /// passes. Returns the notifications received (empty on timeout).
     public func notifications(timeout: Duration) async throws -> [PostgresNotification] {
-        let milliseconds = Int32(clamping: timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+        let milliseconds = timeout.clampedMilliseconds
         return try await run { handle throws(PostgresError) in
             try handle.awaitNotifications(timeoutMilliseconds: milliseconds)
         }

@@ -1,3 +1,4 @@
+import BlockingIO
 /// A small bounded pool of ``PostgresConnection``s.
 ///
 /// At most ``Configuration/maxConnections`` connections are open; callers beyond that wait in order.
@@ -115,7 +116,7 @@ public actor PostgresPool {
         do {
             let connection = try await PostgresConnection.connect(to: configuration.url)
             if let timeout = configuration.statementTimeout {
-                let milliseconds = max(1, timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+                let milliseconds = max(1, timeout.clampedMilliseconds)
                 do {
                     try await connection.executeScript("SET statement_timeout = \(milliseconds)", statement: "pool: statement timeout")
                 } catch {

@@ -39,3 +39,17 @@ struct SerialThreadTests {
         try await waitUntil("the dropped thread exits") { !Self.threadNames().contains(name) }
     }
 }
+
+@Suite("Duration conversions for the C libraries")
+struct DurationConversionTests {
+    @Test("milliseconds clamp to Int32 and never trap; seconds as a Double")
+    func conversions() {
+        #expect(Duration.seconds(1).clampedMilliseconds == 1000)
+        #expect(Duration.milliseconds(1500).clampedMilliseconds == 1500)
+        #expect(Duration.microseconds(999).clampedMilliseconds == 0)
+        #expect(Duration.seconds(3_000_000).clampedMilliseconds == Int32.max)
+        #expect(Duration.seconds(Int64.max).clampedMilliseconds == Int32.max)
+        #expect(Duration.seconds(-5).clampedMilliseconds == 0)
+        #expect(Duration.milliseconds(2500).inSeconds == 2.5)
+    }
+}

@@ -59,7 +59,7 @@ public final class PostgresReplicationStream: @unchecked Sendable {
     /// - Throws: ``PostgresError`` when the stream ends (server shut down, connection lost, slot dropped,
     ///   a publication missing).
     public func receive(limit: Int = 1000, timeout: Duration) async throws -> [ReplicationMessage] {
-        let milliseconds = Int32(clamping: timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+        let milliseconds = timeout.clampedMilliseconds
         return try await run { connection throws(PostgresError) in
             try connection.receive(limit: limit, timeoutMilliseconds: milliseconds).map { bytes throws(PostgresError) in
                 try ReplicationMessage.decode(bytes)
