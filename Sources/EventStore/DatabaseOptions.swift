@@ -6,7 +6,7 @@ public enum OperatorAdvice {
     public static func explain(_ error: any Error) -> String {
         if let error = error as? PostgresError {
             switch (error.code, error.sqlState) {
-            case (_, "42P01"?):
+            case (_, SQLState.undefinedTable?):
                 return "\(error)\nThe event store tables are missing: run `eventoutbox migrate` first."
             case (.connectionFailed, _):
                 return "\(error)\nCheck --database-url / EVENTOUTBOX_DATABASE_URL and that PostgreSQL is running."

@@ -61,20 +61,20 @@ public struct PostgresError: Error, CustomStringConvertible, CustomDebugStringCo
     /// `true` for failures that a new connection can cure (server restart, dropped network).
     public var isConnectionProblem: Bool {
         code == .connectionLost || code == .connectionFailed
-            || (sqlState.map { $0.hasPrefix("08") || $0 == "57P01" || $0 == "57P02" || $0 == "57P03" } ?? false)
+            || (sqlState.map { $0.hasPrefix(SQLState.connectionExceptionClass) || SQLState.serverGoingAway.contains($0) } ?? false)
     }
 
     /// `true` when retrying the same transaction may succeed (serialization failure, deadlock, lost connection).
     /// `true` when the database was too busy to serve in time: no pooled connection became free (or too many
     /// callers wait), or a statement ran past `statement_timeout` (SQLSTATE 57014). A later try may succeed.
-    public var isOverloaded: Bool { code == .timeout || code == .poolBusy || sqlState == "57014" }
+    public var isOverloaded: Bool { code == .timeout || code == .poolBusy || sqlState == SQLState.queryCanceled }
 
     public var isRetriable: Bool {
-        isConnectionProblem || sqlState == "40001" || sqlState == "40P01"
+        isConnectionProblem || sqlState == SQLState.serializationFailure || sqlState == SQLState.deadlockDetected
     }
 
     /// `true` for SQLSTATE 23505 (unique violation).
-    public var isUniqueViolation: Bool { sqlState == "23505" }
+    public var isUniqueViolation: Bool { sqlState == SQLState.uniqueViolation }
 
     public var description: String {
         var text = "PostgreSQL \(code)"

@@ -384,7 +384,7 @@ public final class ProjectionConsumer: Service, Sendable {
                 }
                 outcome.applied += applied.applied
                 outcome.duplicates += applied.duplicates
-            } catch let error as PostgresError where !error.isRetriable && error.code == .server && error.sqlState?.hasPrefix("42") != true {
+            } catch let error as PostgresError where !error.isRetriable && error.code == .server && error.sqlState?.hasPrefix(SQLState.syntaxErrorOrAccessRuleViolationClass) != true {
                 // A deterministic failure of the handler's SQL (constraint, bad value): retrying cannot help.
                 try await deadLetter(message, projection: projection.name, reason: "handler failed: \(error)", on: connection, logger: logger)
             } catch where giveUp && !Self.isTransient(error) {

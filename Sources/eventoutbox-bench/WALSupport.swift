@@ -15,7 +15,7 @@ func withWAL<T>(_ url: String, _ body: (OutboxWAL) async throws -> T) async thro
             do {
                 _ = try await wal.dropSlot(on: connection)
                 break
-            } catch let error as PostgresError where error.sqlState == "55006" && ContinuousClock.now < deadline {
+            } catch let error as PostgresError where error.sqlState == SQLState.objectInUse && ContinuousClock.now < deadline {
                 try await Task.sleep(for: .milliseconds(50))
             }
         }

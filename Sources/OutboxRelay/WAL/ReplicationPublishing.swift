@@ -41,7 +41,7 @@ extension OutboxRelay {
                     url: configuration.databaseURL, slot: wal.slot, publications: [wal.publication], startLSN: lsn)
                 standingBy = false
                 return (stream, opened, status)
-            } catch let error as PostgresError where error.sqlState == "55006" {
+            } catch let error as PostgresError where error.sqlState == SQLState.objectInUse {
                 await connection?.close()
                 if !standingBy {
                     logger.info("another relay is streaming the replication slot; standing by", metadata: ["wal.slot": "\(wal.slot)"])

@@ -110,7 +110,7 @@ final class PQConnectionHandle {
         if let name = try preparedName(key, statement: statement) {
             do {
                 return try consume(PQexecPrepared(conn, name, Int32(binds.count), values, lengths, formats, 0), statement: statement)
-            } catch where error.sqlState == "0A000" && error.message.contains("cached plan") {
+            } catch where error.sqlState == SQLState.featureNotSupported && error.message.contains("cached plan") {
                 // A table's columns changed under the prepared statement (its result shape is fixed):
                 // forget it. Outside a transaction, run the statement afresh; inside one, the transaction is
                 // aborted and the error goes to the caller, whose retry prepares the new shape.
