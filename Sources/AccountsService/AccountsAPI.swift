@@ -61,8 +61,8 @@ public struct AccountsAPI: Sendable {
         let router = Router()
         // A span per request, continuing the caller's trace (`traceparent`); commands continue it into their events.
         router.add(middleware: TracingMiddleware())
-        // Requests by route and status, and their durations (`hb_requests`, `http_server_request_duration`).
-        router.add(middleware: MetricsMiddleware())
+        // Requests by route, method and status, and their durations, named as Prometheus expects.
+        router.add(middleware: RequestMetricsMiddleware())
         // Any other method on a served path (QUERY and methods yet unnamed included): 405 with `Allow`, not 404.
         router.add(middleware: MethodNotAllowedMiddleware(routes: Self.routes))
         router.post("accounts") { request, _ in

@@ -270,7 +270,10 @@ struct AccountsServiceTests {
         let (_, created) = try await URLSession.shared.data(for: request)
         #expect((created as? HTTPURLResponse)?.statusCode == 201)
         let (metrics, _) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(metricsPort)/metrics")!)
-        #expect(String(decoding: metrics, as: UTF8.self).contains("hb_requests"), "\(String(decoding: metrics, as: UTF8.self).prefix(500))")
+        let exposition = String(decoding: metrics, as: UTF8.self)
+        #expect(exposition.contains(#"http_server_requests_total{method="POST",route="/accounts",status="201"} 1"#), "\(exposition.prefix(1500))")
+        #expect(exposition.contains("http_server_request_duration_seconds_bucket"), "a histogram in seconds")
+        #expect(!exposition.contains("hb_requests"))
         #expect(String(decoding: metrics, as: UTF8.self).contains(#"eventoutbox_build_info{version="\#(EventOutboxVersion.current)"} 1"#))
         kill(service.processIdentifier, SIGTERM)
         try await waitUntil("the service stops") { !service.isRunning }
