@@ -10,6 +10,11 @@ import Testing
 /// An exactly-once relay's test set-up: its own mock cluster (3 brokers, sequence numbers checked for its
 /// transactional producer), topic, progress topic and store.
 struct ExactlyOnceSetup {
+    /// How long a test waits for an exactly-once relay to get somewhere: it starts on a mock cluster of its own
+    /// (coordinator lookup, InitProducerId, a claim committed, the progress read back) while the whole suite runs
+    /// on the same two cores; 30 s was seen to be too short on a fresh clone's run.
+    static let relayDeadline: Duration = .seconds(120)
+
     let cluster: MockCluster
     let topic: String
     let progressTopic: String
@@ -102,7 +107,7 @@ struct ExactlyOnceRelayTests {
         let setup = try await ExactlyOnceSetup.make()
         var ids = try await setup.test.appendTicks(streams: 10, perStream: 30)
         try await withRelay(setup.test, brokers: setup.brokers, batchSize: 50, configure: setup.configure) { _ in
-            try await waitUntil("everything published") { try await setup.waiting() == 0 }
+            try await waitUntil("everything published", timeout: ExactlyOnceSetup.relayDeadline) { try await setup.waiting() == 0 }
         }
         // The state such a crash leaves: Kafka holds the last transaction, the database still has its rows waiting.
         let lastTransaction = try await setup.test.count("SELECT count(*) FROM (SELECT id FROM outbox ORDER BY id DESC LIMIT 50) t")
@@ -113,7 +118,7 @@ struct ExactlyOnceRelayTests {
         #expect(try await setup.waiting() == lastTransaction)
         ids += try await setup.test.appendTicks(streams: 10, perStream: 5, prefix: "after")
         try await withRelay(setup.test, brokers: setup.brokers, batchSize: 50, configure: setup.configure) { _ in
-            try await waitUntil("everything published") { try await setup.waiting() == 0 }
+            try await waitUntil("everything published", timeout: ExactlyOnceSetup.relayDeadline) { try await setup.waiting() == 0 }
         }
         #expect(try await setup.test.count("SELECT count(*) FROM outbox WHERE kafka_offset IS NULL") == lastTransaction,
                 "the recovered rows are marked without an offset; the rest with theirs")
@@ -144,10 +149,10 @@ struct ExactlyOnceRelayTests {
         let setup = try await ExactlyOnceSetup.make(kind)
         var ids = try await setup.test.appendTicks(streams: 20, perStream: 50, batch: 10)
         try await withRelay(setup.test, brokers: setup.brokers, batchSize: 100, configure: setup.configure) { relay in
-            try await waitUntil("the relay publishes") { relay.committedTransactionCount > 0 }
+            try await waitUntil("the relay publishes", timeout: ExactlyOnceSetup.relayDeadline) { relay.committedTransactionCount > 0 }
             try setup.cluster.setAllBrokersDown()
             ids += try await setup.test.appendTicks(streams: 20, perStream: 30, prefix: "during")
-            try await waitUntil("librdkafka reports the brokers unreachable") { relay.kafkaErrorCount > 0 }
+            try await waitUntil("librdkafka reports the brokers unreachable", timeout: ExactlyOnceSetup.relayDeadline) { relay.kafkaErrorCount > 0 }
             try setup.cluster.setAllBrokersUp()
             try await setup.waitUntilPublished()
         }
@@ -160,7 +165,7 @@ struct ExactlyOnceRelayTests {
         let setup = try await ExactlyOnceSetup.make()
         var ids = try await setup.test.appendTicks(streams: 30, perStream: 10)
         try await withRelay(setup.test, brokers: setup.brokers, batchSize: 100, configure: setup.configure) { relay in
-            try await waitUntil("first round published") { try await setup.waiting() == 0 }
+            try await waitUntil("first round published", timeout: ExactlyOnceSetup.relayDeadline) { try await setup.waiting() == 0 }
             try setup.cluster.setBrokerDown(1)
             ids += try await setup.test.appendTicks(streams: 30, perStream: 10, prefix: "during")
             try await Task.sleep(for: .seconds(2))
@@ -184,11 +189,11 @@ struct ExactlyOnceRelayTests {
         }
         try await withRelay(setup.test, brokers: setup.brokers, batchSize: 50, applicationName: "relay-a", configure: configure) { first in
             try await withRelay(setup.test, brokers: setup.brokers, batchSize: 50, applicationName: "relay-b", configure: configure) { second in
-                try await waitUntil("both publish") { first.committedTransactionCount > 0 && second.committedTransactionCount > 0 }
-                try await waitUntil("everything published") { try await setup.waiting() == 0 }
+                try await waitUntil("both publish", timeout: ExactlyOnceSetup.relayDeadline) { first.committedTransactionCount > 0 && second.committedTransactionCount > 0 }
+                try await waitUntil("everything published", timeout: ExactlyOnceSetup.relayDeadline) { try await setup.waiting() == 0 }
             }
             ids += try await setup.test.appendTicks(streams: 40, perStream: 5, prefix: "alone")
-            try await waitUntil("the survivor publishes every partition") { try await setup.waiting() == 0 }
+            try await waitUntil("the survivor publishes every partition", timeout: ExactlyOnceSetup.relayDeadline) { try await setup.waiting() == 0 }
         }
         try await setup.expectExactlyOnce(ids, progressPartitions: 4)
         try await setup.drop()
@@ -201,7 +206,7 @@ struct ExactlyOnceRelayTests {
         // TRANSACTIONAL_ID_AUTHORIZATION_FAILED, until cleared: every producer generation fails at its init.
         setup.cluster.pushRequestErrors(.initProducerID, Array(repeating: KafkaError.Code(rawValue: 53), count: 10_000))
         try await withRelay(setup.test, brokers: setup.brokers, batchSize: 100, configure: setup.configure) { relay in
-            try await waitUntil("a producer generation fails") { relay.producerRestartCount > 0 }
+            try await waitUntil("a producer generation fails", timeout: ExactlyOnceSetup.relayDeadline) { relay.producerRestartCount > 0 }
             let problem = try #require(relay.readinessProblem)
             #expect(problem.contains("Kafka producer failed"), "\(problem)")
             #expect(try await setup.waiting() == ids.count, "nothing published while no producer can start")
@@ -227,7 +232,7 @@ struct ExactlyOnceRelayTests {
             setup.test, brokers: setup.brokers, properties: ["message.max.bytes": "100000"], batchSize: 100,
             configure: setup.configure
         ) { _ in
-            try await waitUntil("everything but the refused row published") { try await setup.waiting() == 0 }
+            try await waitUntil("everything but the refused row published", timeout: ExactlyOnceSetup.relayDeadline) { try await setup.waiting() == 0 }
         }
         #expect(try await setup.test.count("SELECT count(*) FROM outbox_dead_letters") == 1)
         try await setup.expectExactlyOnce(ids)
@@ -366,7 +371,7 @@ struct ExactlyOnceRestartTests {
         let setup = try await ExactlyOnceSetup.make(kind)
         var ids: [UUID] = []
         try await withRelay(setup.test, brokers: setup.brokers, batchSize: 50, configure: setup.configure) { relay in
-            try await waitUntil("the relay is active") { relay.isActive }
+            try await waitUntil("the relay is active", timeout: ExactlyOnceSetup.relayDeadline) { relay.isActive }
             for round in 0..<3 {
                 ids += try await setup.test.appendTicks(streams: 10, perStream: 5, prefix: "round\(round)")
                 try await setup.waitUntilPublished(timeout: .seconds(30))

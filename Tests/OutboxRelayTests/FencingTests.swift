@@ -45,7 +45,7 @@ struct FencingTests {
         // (it blocks sending its goodbye) and keeps the slot until TCP gives up.
         if kind == .table {
             let load = Task { try await setup.test.appendTicks(streams: 20, perStream: 10, prefix: "during-pause") }
-            try await waitUntil("the first relay commits under the new load") { try await progressWriters(setup).count > writersBefore.count }
+            try await waitUntil("the first relay commits under the new load", timeout: ExactlyOnceSetup.relayDeadline) { try await progressWriters(setup).count > writersBefore.count }
             first.signal(SIGSTOP)
             ids += try await load.value
         } else {
@@ -120,7 +120,7 @@ struct FencingTests {
         }
         try await setup.waitUntilPublished()
         // SIGTERM is handled once the relay runs (before that it would end the process with the default action).
-        try await waitUntil("the last relay streams the slot") { relay.output.contains("streaming the outbox from the WAL") }
+        try await waitUntil("the last relay streams the slot", timeout: ExactlyOnceSetup.relayDeadline) { relay.output.contains("streaming the outbox from the WAL") }
         relay.signal(SIGTERM)
         #expect(try await relay.waitForExit() == 0, "\(relay.output.suffix(2000))")
         try await setup.expectExactlyOnce(ids)
