@@ -206,7 +206,7 @@ let package = Package(
         .executableTarget(
             name: "eventoutbox-bench",
             dependencies: [
-                "EventSourcing",
+                "EventSourcing", "CommandLineSupport",
                 "BankAccount", "EventStore", "OutboxRelay", "Projections", "KafkaClient", "PostgresClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
@@ -303,6 +303,13 @@ let package = Package(
         .testTarget(
             name: "ReliabilityTests",
             dependencies: ["BankAccount", "EventSourcing", "EventStore", "KafkaClient", "PostgresClient", "TestSupport"],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "CommandLineSupportTests",
+            dependencies: [
+                "CommandLineSupport", "TestSupport", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
             swiftSettings: strictSettings
         ),
         .testTarget(

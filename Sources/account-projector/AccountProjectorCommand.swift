@@ -13,6 +13,8 @@ import UnixSignals
 
 @main
 struct AccountProjectorCommand: AsyncParsableCommand {
+    static func main() async { await mainReadingEnvironment() }
+
     static let configuration = CommandConfiguration(
         commandName: "account-projector",
         abstract: "Build the bank's read models (account_balances, daily_volume) from Kafka, idempotently.",
@@ -37,7 +39,7 @@ struct AccountProjectorCommand: AsyncParsableCommand {
               account-projector --rebuild daily_volume
               account-projector --dead-letters
               account-projector --retry-dead-letter 7
-            """,
+            """ + "\n\n" + EnvironmentOptions.help("account-projector", example: "commit-interval", "0.5"),
         version: EventOutboxVersion.current
     )
 

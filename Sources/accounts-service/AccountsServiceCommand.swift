@@ -14,6 +14,8 @@ import UnixSignals
 
 @main
 struct AccountsServiceCommand: AsyncParsableCommand {
+    static func main() async { await mainReadingEnvironment() }
+
     static let configuration = CommandConfiguration(
         commandName: "accounts-service",
         abstract: "Serve the bank over HTTP: accounts, deposits and withdrawals as events with their outbox rows.",
@@ -43,7 +45,7 @@ struct AccountsServiceCommand: AsyncParsableCommand {
               TOKEN=$(accounts-service --jwt-secret-file jwt.secret --mint-token kim)
               curl -s -X POST localhost:8080/accounts -H "Authorization: Bearer $TOKEN" \\
                 -H 'Content-Type: application/json' -H 'Idempotency-Key: k1' -d '{"owner": "Kim"}'
-            """,
+            """ + "\n\n" + EnvironmentOptions.help("accounts-service", example: "port", "8080"),
         version: EventOutboxVersion.current)
 
     @OptionGroup var database: DatabaseOption

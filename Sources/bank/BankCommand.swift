@@ -8,6 +8,8 @@ import PostgresClient
 
 @main
 struct BankCommand: SubcommandGroup {
+    static func main() async { await mainReadingEnvironment() }
+
     static let configuration = CommandConfiguration(
         commandName: "bank",
         abstract: "The reference bank-account service: event-sourced accounts in PostgreSQL.",
@@ -25,7 +27,7 @@ struct BankCommand: SubcommandGroup {
               bank withdraw "$id" 99999          # rejected, recorded
               bank balance "$id" --at-version 2  # time travel
               bank history "$id"
-            """,
+            """ + "\n\n" + EnvironmentOptions.help("bank balance", example: "json", "true"),
         version: EventOutboxVersion.current,
         subcommands: [Open.self, Deposit.self, Withdraw.self, Balance.self, History.self]
     )

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandLineSupport
 import BankAccount
 import EventSourcing
 import EventStore
@@ -17,13 +18,15 @@ struct Sample: DomainEvent {
 
 @main
 struct BenchCommand: AsyncParsableCommand {
+    static func main() async { await mainReadingEnvironment() }
+
     static let configuration = CommandConfiguration(
         commandName: "eventoutbox-bench",
         abstract: "Measure EventOutbox against the servers in EVENTOUTBOX_DATABASE_URL and KAFKA_BROKERS.",
         discussion: """
             Each run works in a fresh schema (dropped afterwards) and a fresh topic. Use scripts/bench, which
             starts a throwaway PostgreSQL and the mock Kafka cluster and runs pgbench beside it as a baseline.
-            """,
+            """ + "\n\n" + EnvironmentOptions.help("eventoutbox-bench", example: "events", "1000"),
         version: EventOutboxVersion.current,
         subcommands: [Append.self, Drain.self, Latency.self, Project.self, Load.self, Visible.self]
     )

@@ -7,6 +7,8 @@ import PostgresClient
 
 @main
 struct EventOutboxCommand: SubcommandGroup {
+    static func main() async { await mainReadingEnvironment() }
+
     static let configuration = CommandConfiguration(
         commandName: "eventoutbox",
         abstract: "Administer an EventOutbox event store: schema migrations and raw streams.",
@@ -19,7 +21,7 @@ struct EventOutboxCommand: SubcommandGroup {
               eventoutbox outbox status         # rows waiting for the relay, oldest age, dead letters
               eventoutbox dead-letters list
               eventoutbox dead-letters retry 42
-            """,
+            """ + "\n\n" + EnvironmentOptions.help("eventoutbox migrate", example: "wal", "true"),
         version: EventOutboxVersion.current,
         subcommands: [Migrate.self, Stream.self, Outbox.self, DeadLetters.self, WAL.self]
     )

@@ -12,6 +12,8 @@ import UnixSignals
 
 @main
 struct OutboxRelayCommand: AsyncParsableCommand {
+    static func main() async { await mainReadingEnvironment() }
+
     static let configuration = CommandConfiguration(
         commandName: "outbox-relay",
         abstract: "Publish a service's committed outbox rows to Kafka, in order per stream, losing nothing.",
@@ -47,7 +49,7 @@ struct OutboxRelayCommand: AsyncParsableCommand {
 
             Example:
               outbox-relay --database-url postgresql:///app --brokers 127.0.0.1:9092 --metrics-port 9464
-            """,
+            """ + "\n\n" + EnvironmentOptions.help("outbox-relay", example: "batch-size", "500"),
         version: EventOutboxVersion.current
     )
 
