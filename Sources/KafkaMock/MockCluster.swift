@@ -50,6 +50,10 @@ public final class MockCluster: @unchecked Sendable {
     }
 
     /// Makes a broker close its connections and refuse new ones, as if it had crashed.
+    ///
+    /// librdkafka closes the broker's listening socket and binds its port again at once, without listening, so
+    /// the port stays the broker's while it is down. If anything takes the port in between, the mock aborts the
+    /// whole process (`rdkafka_mock.c`: "Failed to-create mock broker listener"): seen once in 35 test runs.
     public func setBrokerDown(_ brokerID: Int32) throws {
         try check(rd_kafka_mock_broker_set_down(cluster, brokerID), "set broker \(brokerID) down")
     }
@@ -57,6 +61,14 @@ public final class MockCluster: @unchecked Sendable {
     /// Makes a broker accept connections again.
     public func setBrokerUp(_ brokerID: Int32) throws {
         try check(rd_kafka_mock_broker_set_up(cluster, brokerID), "set broker \(brokerID) up")
+    }
+
+    /// The port of broker `brokerID`: librdkafka lists the brokers in `bootstrapServers` in the order of
+    /// their ids, 1...N.
+    public func port(of brokerID: Int32) -> UInt16? {
+        let servers = bootstrapServers.split(separator: ",")
+        guard brokerID >= 1, Int(brokerID) <= servers.count else { return nil }
+        return servers[Int(brokerID) - 1].split(separator: ":").last.flatMap { UInt16($0) }
     }
 
     /// Sets every broker down (the whole cluster unreachable).

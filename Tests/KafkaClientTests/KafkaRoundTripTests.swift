@@ -1,3 +1,7 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import KafkaClient
 import KafkaMock
 import TestSupport
@@ -200,6 +204,54 @@ struct KafkaFaultTests {
         }
         #expect(after?.offset ?? 0 >= 1)
         await producer.close()
+    }
+
+    @Test("a broker that is down refuses connections and keeps its port: no client can take it before it comes back")
+    func brokerDownKeepsItsPort() async throws {
+        let cluster = try MockCluster(brokers: 3)
+        let ports = (1...3).compactMap { cluster.port(of: Int32($0)) }
+        #expect(ports.count == 3 && Set(ports).count == 3, "\(cluster.bootstrapServers)")
+        #expect(cluster.port(of: 0) == nil && cluster.port(of: 4) == nil)
+
+        // Broker 2 has had no connection yet, so no TIME_WAIT socket holds its port: only the mock itself can.
+        try cluster.setBrokerDown(2)
+        // What a client's outgoing connection would need to be given the port as its own: a plain bind.
+        #expect(try loopbackBind(ports[1]) == EADDRINUSE, "the port of a broker that is down stays taken")
+        #expect(try loopbackConnect(ports[1]) == ECONNREFUSED, "broker 2 is down")
+        #expect(try loopbackConnect(ports[0]) == 0 && loopbackConnect(ports[2]) == 0, "the others are not")
+
+        try cluster.setBrokerUp(2)
+        #expect(try loopbackConnect(ports[1]) == 0, "broker 2 is back on its port")
+        try cluster.setAllBrokersDown()
+        #expect(try ports.map(loopbackConnect) == [ECONNREFUSED, ECONNREFUSED, ECONNREFUSED])
+        try cluster.setAllBrokersUp()
+        #expect(try ports.map(loopbackConnect) == [0, 0, 0])
+    }
+
+    /// Connects to 127.0.0.1:`port`; 0 or the errno.
+    private func loopbackConnect(_ port: UInt16) throws -> Int32 {
+        try onLoopbackSocket(port) { socket, address, length in connect(socket, address, length) }
+    }
+
+    /// Binds 127.0.0.1:`port` without SO_REUSEADDR; 0 or the errno.
+    private func loopbackBind(_ port: UInt16) throws -> Int32 {
+        try onLoopbackSocket(port) { socket, address, length in bind(socket, address, length) }
+    }
+
+    private func onLoopbackSocket(
+        _ port: UInt16, _ body: (Int32, UnsafePointer<sockaddr>, socklen_t) -> Int32
+    ) throws -> Int32 {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = port.bigEndian
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let result = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        return result == 0 ? 0 : errno
     }
 
     @Test("injected produce errors are retried by the idempotent producer without duplicates")
