@@ -33,7 +33,14 @@ public enum Observability {
         guard let metricsPort else { return nil }
         try ListenCheck.free(host: metricsHost, port: metricsPort, option: "--metrics-port")
         let registry = PrometheusCollectorRegistry()
-        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        var factory = PrometheusMetricsFactory(registry: registry)
+        // Commit → Kafka is milliseconds when all is well; the default buckets start at 5 ms.
+        factory.durationHistogramBuckets["eventoutbox_relay_commit_to_kafka_seconds"] = [
+            .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
+            .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5), .seconds(5), .seconds(10),
+            .seconds(30), .seconds(60),
+        ]
+        MetricsSystem.bootstrap(factory)
         // Which release runs, for dashboards and alerts (`eventoutbox_build_info{version="…"} 1`).
         Gauge(label: "eventoutbox_build_info", dimensions: [("version", EventOutboxVersion.current)]).record(1)
         return OperationsEndpoint(host: metricsHost, port: metricsPort, registry: registry, databaseURL: databaseURL)
@@ -69,6 +76,7 @@ public struct OperationsEndpoint: Service {
         router.get("metrics") { [registry] _, _ -> Response in
             var body: [UInt8] = []
             registry.emit(into: &body)
+            body = MetricHelp.adding(to: body)
             return Response(
                 status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: body)))
         }

@@ -274,6 +274,7 @@ struct AccountsServiceTests {
         #expect(exposition.contains(#"http_server_requests_total{method="POST",route="/accounts",status="201"} 1"#), "\(exposition.prefix(1500))")
         #expect(exposition.contains("http_server_request_duration_seconds_bucket"), "a histogram in seconds")
         #expect(!exposition.contains("hb_requests"))
+        #expect(Exposition.familiesWithoutHelp(exposition).isEmpty, "families without # HELP: \(Exposition.familiesWithoutHelp(exposition))")
         #expect(String(decoding: metrics, as: UTF8.self).contains(#"eventoutbox_build_info{version="\#(EventOutboxVersion.current)"} 1"#))
         kill(service.processIdentifier, SIGTERM)
         try await waitUntil("the service stops") { !service.isRunning }

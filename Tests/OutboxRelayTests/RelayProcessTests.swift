@@ -145,6 +145,11 @@ struct RelayProcessTests {
         let metrics = String(decoding: body, as: UTF8.self)
         #expect(metrics.contains("eventoutbox_relay_published_total"))
         #expect(metrics.contains("eventoutbox_relay_active 1"))
+        #expect(Exposition.familiesWithoutHelp(metrics).isEmpty, "families without # HELP: \(Exposition.familiesWithoutHelp(metrics))")
+        // Commit → Kafka, a histogram in seconds, one observation per acknowledged row.
+        let observed = Exposition.value("eventoutbox_relay_commit_to_kafka_seconds_count", in: metrics) ?? 0
+        #expect(observed >= 200, "\(metrics.split(separator: "\n").filter { $0.contains("commit_to_kafka") })")
+        #expect(metrics.contains(#"eventoutbox_relay_commit_to_kafka_seconds_bucket{le="0.001"}"#))
         // The sidecar's probes, on the same port.
         for probe in ["live", "ready"] {
             let (_, answer) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/health/\(probe)")!)

@@ -93,6 +93,7 @@ struct ProjectorProcessTests {
                 return false
             }
             let text = String(decoding: body, as: UTF8.self)
+            #expect(Exposition.familiesWithoutHelp(text).isEmpty, "families without # HELP: \(Exposition.familiesWithoutHelp(text))")
             return text.split(separator: "\n").contains { $0.hasPrefix("eventoutbox_projection_duplicates_skipped_total ") && $0.hasSuffix(" \(2 * total)") }
         }
         kill(second.processIdentifier, SIGTERM)

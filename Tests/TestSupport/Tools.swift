@@ -100,3 +100,24 @@ public enum Tools {
         return (process.terminationStatus, String(decoding: output, as: UTF8.self))
     }
 }
+
+/// Reading a Prometheus text exposition (a `/metrics` answer).
+public enum Exposition {
+    /// Families with a `# TYPE` line and no `# HELP` line before it.
+    public static func familiesWithoutHelp(_ text: String) -> [String] {
+        var helped: Set<String> = []
+        var missing: [String] = []
+        for line in text.split(separator: "\n") {
+            let words = line.split(separator: " ")
+            guard words.count >= 3, words[0] == "#" else { continue }
+            if words[1] == "HELP" { helped.insert(String(words[2])) }
+            if words[1] == "TYPE" && !helped.contains(String(words[2])) { missing.append(String(words[2])) }
+        }
+        return missing
+    }
+
+    /// The value of the sample `name` (with its labels as written, e.g. `x_count` or `x{a="b"}`), if served.
+    public static func value(_ name: String, in text: String) -> Double? {
+        text.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ").last ?? "") }
+    }
+}
