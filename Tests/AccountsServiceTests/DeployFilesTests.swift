@@ -33,6 +33,10 @@ struct DeployFilesTests {
         #expect(manifest.components(separatedBy: "allowPrivilegeEscalation: false").count - 1 == containers)
         #expect(manifest.components(separatedBy: "startupProbe:").count - 1 == containers - 1, "all but the migration job")
         #expect(!manifest.contains(":latest"))
+        // Every metrics port is scraped: the relay's and the projector's through pod annotations, the API's
+        // (set through the environment) through an annotated Service.
+        for port in ["9464", "9465", "9466"] { #expect(manifest.contains("prometheus.io/port: \"\(port)\""), "\(port)") }
+        #expect(manifest.contains("{ name: ACCOUNTS_SERVICE_METRICS_PORT, value: \"9466\" }"))
         #expect(manifest.components(separatedBy: "kind: PodDisruptionBudget").count - 1 == 2)
     }
 
