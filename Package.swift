@@ -38,6 +38,8 @@ let package = Package(
         // HS256 bearer tokens for accounts-service (verification only; swift-crypto is in the graph already).
         .package(url: "https://github.com/vapor/jwt-kit", from: "5.7.1"),
         .package(url: "https://github.com/apple/swift-distributed-tracing", from: "1.1.0"),
+        // OTLP trace export over HTTP only: the gRPC trait would add grpc-swift to every build.
+        .package(url: "https://github.com/swift-otel/swift-otel", from: "1.6.0", traits: ["OTLPHTTP"]),
     ],
     targets: [
         // C libraries, linked from the system (apt: libpq-dev, librdkafka-dev).
@@ -133,6 +135,8 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "OTel", package: "swift-otel"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
             ],
             swiftSettings: strictSettings
         ),
@@ -291,7 +295,7 @@ let package = Package(
             name: "AccountsServiceTests",
             dependencies: [
                 "AccountsService", "BankAccount", "EventSourcing", "EventStore", "PostgresClient", "TestSupport",
-                "OutboxRelay", "Projections", "KafkaClient",
+                "OutboxRelay", "Projections", "KafkaClient", "Observability",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "InMemoryLogging", package: "swift-log"),
                 .product(name: "Logging", package: "swift-log"),

@@ -39,7 +39,7 @@ struct AccountProjectorCommand: AsyncParsableCommand {
               account-projector --rebuild daily_volume
               account-projector --dead-letters
               account-projector --retry-dead-letter 7
-            """ + "\n\n" + EnvironmentOptions.help("account-projector", example: "commit-interval", "0.5"),
+            """ + "\n\n" + TraceExport.help + "\n\n" + EnvironmentOptions.help("account-projector", example: "commit-interval", "0.5"),
         version: EventOutboxVersion.current
     )
 
@@ -129,9 +129,12 @@ struct AccountProjectorCommand: AsyncParsableCommand {
             configuration: configuration,
             applier: ProjectionApplier(projections: AccountProjections.all, registry: BankEvents.registry),
             logger: logger)
+        // OTLP trace export when the OTEL_* environment asks for it; a setting it cannot honour is a usage error.
+        let traceExport: (any Service)?
+        do { traceExport = try TraceExport.bootstrap(serviceName: "account-projector") } catch { throw ValidationError("\(error)") }
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: consumer)] + (endpoint.map { [.init(service: $0)] } ?? []),
+                services: (traceExport.map { [.init(service: $0)] } ?? []) + [.init(service: consumer)] + (endpoint.map { [.init(service: $0)] } ?? []),
                 gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()
     }

@@ -45,7 +45,7 @@ struct AccountsServiceCommand: AsyncParsableCommand {
               TOKEN=$(accounts-service --jwt-secret-file jwt.secret --mint-token kim)
               curl -s -X POST localhost:8080/accounts -H "Authorization: Bearer $TOKEN" \\
                 -H 'Content-Type: application/json' -H 'Idempotency-Key: k1' -d '{"owner": "Kim"}'
-            """ + "\n\n" + EnvironmentOptions.help("accounts-service", example: "port", "8080"),
+            """ + "\n\n" + TraceExport.help + "\n\n" + EnvironmentOptions.help("accounts-service", example: "port", "8080"),
         version: EventOutboxVersion.current)
 
     @OptionGroup var database: DatabaseOption
@@ -162,9 +162,12 @@ struct AccountsServiceCommand: AsyncParsableCommand {
                 logger.info("serving the bank over HTTP", metadata: ["address": "\(host):\(channel.localAddress?.port ?? port)"])
             },
             logger: logger)
+        // OTLP trace export when the OTEL_* environment asks for it; a setting it cannot honour is a usage error.
+        let traceExport: (any Service)?
+        do { traceExport = try TraceExport.bootstrap(serviceName: "accounts-service") } catch { throw ValidationError("\(error)") }
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: app)] + (endpoint.map { [.init(service: $0)] } ?? []),
+                services: (traceExport.map { [.init(service: $0)] } ?? []) + [.init(service: app)] + (endpoint.map { [.init(service: $0)] } ?? []),
                 gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()
         await pool.close()

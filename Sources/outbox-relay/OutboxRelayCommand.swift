@@ -49,7 +49,7 @@ struct OutboxRelayCommand: AsyncParsableCommand {
 
             Example:
               outbox-relay --database-url postgresql:///app --brokers 127.0.0.1:9092 --metrics-port 9464
-            """ + "\n\n" + EnvironmentOptions.help("outbox-relay", example: "batch-size", "500"),
+            """ + "\n\n" + TraceExport.help + "\n\n" + EnvironmentOptions.help("outbox-relay", example: "batch-size", "500"),
         version: EventOutboxVersion.current
     )
 
@@ -230,9 +230,12 @@ struct OutboxRelayCommand: AsyncParsableCommand {
         let relay = OutboxRelay(configuration: configuration, logger: logger)
         var operations = endpoint
         operations?.readinessProblem = { relay.readinessProblem }
+        // OTLP trace export when the OTEL_* environment asks for it; a setting it cannot honour is a usage error.
+        let traceExport: (any Service)?
+        do { traceExport = try TraceExport.bootstrap(serviceName: "outbox-relay") } catch { throw ValidationError("\(error)") }
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: relay)] + (operations.map { [.init(service: $0)] } ?? []),
+                services: (traceExport.map { [.init(service: $0)] } ?? []) + [.init(service: relay)] + (operations.map { [.init(service: $0)] } ?? []),
                 gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()
     }
