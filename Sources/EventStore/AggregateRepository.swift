@@ -55,7 +55,7 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
     }
 
     /// Folds stored events into a state.
-    /// - Throws: ``EventDecodingError`` for an event that cannot be read; the aggregate's error for one it rejects.
+    /// - Throws: `EventDecodingError` for an event that cannot be read; the aggregate's error for one it rejects.
     public func replay(_ events: [RecordedEvent], onto start: VersionedState<State>) throws -> VersionedState<State> {
         var current = start
         for recorded in events {
@@ -65,8 +65,12 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
         return current
     }
 
-    /// Appends new events to a state loaded earlier; fails with ``ConcurrencyConflict`` if the stream moved on.
-    /// - Parameter alsoWriting: given the state after the events, statements that commit with them.
+    /// Appends new events to a state loaded earlier; fails with `ConcurrencyConflict` if the stream moved on.
+    /// - Parameters:
+    ///   - streamID: the aggregate's stream.
+    ///   - loaded: the state the events were decided on (its version is the one expected).
+    ///   - events: the new events, in order.
+    ///   - alsoWriting: given the state after the events, statements that commit with them.
     /// - Returns: the state after the events.
     @discardableResult
     public func save(
@@ -89,11 +93,15 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
 
     /// Runs a command: load, decide, save; on a concurrency conflict, reload and decide again, at most
     /// `maxAttempts` times.
-    /// - Parameter decide: returns the events the command produces from the current state (may be empty);
-    ///   throws to refuse the command without recording anything.
+    /// - Parameters:
+    ///   - streamID: the aggregate's stream.
+    ///   - metadata: recorded with each event (correlation, causation, actor, trace).
+    ///   - maxAttempts: how many times to decide again after a conflict before giving up.
+    ///   - alsoWriting: given the state after the decided events and the events, statements that commit
+    ///     with them (not called when the command decides no events).
+    ///   - decide: returns the events the command produces from the current state (may be empty);
+    ///     throws to refuse the command without recording anything.
     /// - Returns: the new state and the events that were recorded.
-    /// - Parameter alsoWriting: given the state after the decided events and the events, statements that commit
-    ///   with them (not called when the command decides no events).
     @discardableResult
     public func execute(
         _ streamID: String, metadata: EventMetadata = .init(), maxAttempts: Int = 10,

@@ -13,7 +13,7 @@ public struct AppendResult: Sendable, Hashable {
 
 /// Event streams in PostgreSQL, with a transactional outbox.
 ///
-/// Every ``append(_:to:category:expectedVersion:)`` writes the events and one outbox row per event in a single
+/// Every ``append(_:to:category:expectedVersion:alsoWriting:)`` writes the events and one outbox row per event in a single
 /// transaction, and sends `NOTIFY` on ``EventStoreSchema/outboxChannel``: either all of it commits or none.
 public struct EventStore: Sendable {
     public let pool: PostgresPool
@@ -34,11 +34,14 @@ public struct EventStore: Sendable {
 
     /// Appends events to a stream if its version is as expected.
     /// - Parameters:
+    ///   - events: the new events, in order (their versions follow the stream's).
+    ///   - streamID: the stream to append to.
     ///   - category: the kind of stream (routes the outbox messages to a topic, see ``OutboxRouting``).
-    /// - Throws: ``ConcurrencyConflict`` (nothing written) when the stream's version differs from
-    ///   `expectedVersion`; ``PostgresError`` for database failures (nothing written either).
-    ///   - alsoWriting: statements that commit in the same transaction as the events, and only with them (for
+    ///   - expectedVersion: the version the stream must have now (`ExpectedVersion`).
+    ///   - writes: statements that commit in the same transaction as the events, and only with them (for
     ///     example a service's idempotency record). A failure of one rolls the events back too.
+    /// - Throws: `ConcurrencyConflict` (nothing written) when the stream's version differs from
+    ///   `expectedVersion`; `PostgresError` for database failures (nothing written either).
     @discardableResult
     public func append(
         _ events: [NewEvent], to streamID: String, category: String, expectedVersion: ExpectedVersion,

@@ -34,7 +34,7 @@ public struct OutboxRow: Sendable, Hashable {
 
 extension OutboxRow {
     /// Reads a row of `outbox` (from a query, or an insert read from the WAL).
-    /// - Throws: ``OutboxRowError`` when its headers are not a JSON object of strings; ``PostgresError`` when a
+    /// - Throws: ``OutboxRowError`` when its headers are not a JSON object of strings; `PostgresError` when a
     ///   column is missing or does not decode.
     public init(row: PostgresRow) throws {
         let id = try row.decode(Int64.self, "id")
@@ -132,7 +132,9 @@ public struct OutboxTable: Sendable {
     ///   - cursor: 0 for a full scan; else the highest id the caller has already taken.
     ///   - alsoIDs: ids below the cursor to look at again (ids a cursor skipped: their transactions may
     ///     commit later); those still waiting come first.
+    ///   - limit: the most rows to return.
     ///   - partitions: only streams of these partitions (``OutboxPartitions``); every stream by default.
+    ///   - connection: the relay's connection.
     public func waitingRows(
         after cursor: Int64, alsoIDs: [Int64] = [], limit: Int, partitions: OutboxPartitions = .all,
         on connection: PostgresConnection
@@ -284,8 +286,12 @@ public struct OutboxTable: Sendable {
     /// Records a row as a dead letter from its content, and deletes it from the outbox if it is still there:
     /// for relays that read rows from the WAL, where the outbox row may already be gone. Recording the same
     /// row twice keeps the first record.
-    /// - Parameter heldBehind: for a row that did not fail itself but follows a dead letter of its stream:
-    ///   that dead letter's outbox id (retrying it retries this row too).
+    /// - Parameters:
+    ///   - row: the row, as read.
+    ///   - error: why it is set aside.
+    ///   - heldBehind: for a row that did not fail itself but follows a dead letter of its stream:
+    ///     that dead letter's outbox id (retrying it retries this row too).
+    ///   - connection: the relay's connection.
     public func deadLetter(_ row: OutboxRow, error: String, heldBehind: Int64? = nil, on connection: PostgresConnection)
         async throws
     {

@@ -14,7 +14,7 @@ public struct OutboxWAL: Sendable, Hashable {
 
     public static let defaultName = "eventoutbox_outbox"
 
-    /// - Throws: ``PostgresError`` when a name is not 1 to 63 lower-case letters, digits and underscores.
+    /// - Throws: `PostgresError` when a name is not 1 to 63 lower-case letters, digits and underscores.
     public init(publication: String = OutboxWAL.defaultName, slot: String = OutboxWAL.defaultName) throws {
         try ReplicationNames.validate(publication, what: "publication")
         try ReplicationNames.validate(slot, what: "replication slot")
@@ -102,7 +102,7 @@ public struct OutboxWAL: Sendable, Hashable {
 
     /// Creates the publication (inserts into this schema's `outbox` only: retention's deletes are not
     /// streamed) and the slot, each unless it exists. Returns what it created.
-    /// - Throws: ``WALSetupError`` when `wal_level` is not `logical`; ``PostgresError`` when the role may
+    /// - Throws: ``WALSetupError`` when `wal_level` is not `logical`; `PostgresError` when the role may
     ///   not create them (it needs `REPLICATION` and ownership of `outbox`, or superuser).
     @discardableResult
     public func setUp(on connection: PostgresConnection) async throws -> [String] {
@@ -128,7 +128,7 @@ public struct OutboxWAL: Sendable, Hashable {
 
     /// Drops the slot: the server frees the WAL it kept. Inserts not yet confirmed will not be published from
     /// the log (the outbox rows remain until retention). Returns `false` if there was no such slot.
-    /// - Throws: ``PostgresError`` with SQLSTATE 55006 while a relay is streaming from it.
+    /// - Throws: `PostgresError` with SQLSTATE 55006 while a relay is streaming from it.
     public func dropSlot(on connection: PostgresConnection) async throws -> Bool {
         try await connection.query(
             """

@@ -16,7 +16,13 @@ public final class KafkaAdmin: Sendable {
     }
 
     /// Creates a topic. With `ifNotExists` (the default), an existing topic is not an error.
-    /// - Parameter configs: topic configuration, e.g. `["cleanup.policy": "compact"]`.
+    /// - Parameters:
+    ///   - name: the topic.
+    ///   - partitions: its partition count.
+    ///   - replicationFactor: copies of each partition.
+    ///   - configs: topic configuration, e.g. `["cleanup.policy": "compact"]`.
+    ///   - ifNotExists: whether an existing topic is fine.
+    ///   - timeout: the longest wait for the broker's answer.
     /// - Throws: ``KafkaError`` from the broker (e.g. invalid replication factor) or ``KafkaError/Code/timedOut``.
     public func createTopic(
         _ name: String, partitions: Int32, replicationFactor: Int32 = 1, configs: [String: String] = [:],

@@ -26,7 +26,7 @@ public enum KafkaRebalanceEvent: Sendable, Equatable {
 /// counts as consumed only after your own processing has finished. A new group starts at the earliest offset.
 ///
 /// `rd_kafka_consumer_poll`, commit and close block; they run on the consumer's own thread
-/// (``SerialThread``), never on Swift's cooperative pool. Rebalances are handled (assign/revoke) inside poll and announced on
+/// (`SerialThread`), never on Swift's cooperative pool. Rebalances are handled (assign/revoke) inside poll and announced on
 /// ``rebalanceEvents``.
 public final class KafkaConsumer: Sendable {
     public static let defaultProperties: [String: String] = [

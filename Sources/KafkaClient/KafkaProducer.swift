@@ -36,6 +36,8 @@ public final class KafkaProducer: Sendable {
 
     /// Creates a producer.
     /// - Parameters:
+    ///   - configuration: the brokers and librdkafka properties (over the producer's defaults).
+    ///   - logger: where librdkafka's log lines go.
     ///   - deliveryReports: receives the report of every record enqueued with ``enqueue(_:messageID:)``, on
     ///     the producer's poll thread, in the order librdkafka produces them (per partition: the order the
     ///     records were enqueued). It must return quickly.
@@ -101,7 +103,9 @@ public final class KafkaProducer: Sendable {
 
     /// Hands a record to librdkafka without waiting for the broker; its report goes to the `deliveryReports`
     /// handler given at creation, carrying `messageID`. No allocation per record beyond librdkafka's own.
-    /// - Parameter messageID: the caller's id for the record, from 1 to 2^63 - 1.
+    /// - Parameters:
+    ///   - message: the record.
+    ///   - messageID: the caller's id for the record, from 1 to 2^63 - 1.
     /// - Throws: as ``enqueue(_:)``; the handler never hears of a record that was refused.
     public func enqueue(_ message: KafkaOutgoingMessage, messageID: UInt64) throws {
         precondition(router.hasHandler, "enqueue(_:messageID:) needs a producer created with a deliveryReports handler")

@@ -17,8 +17,8 @@ import Synchronization
 ///   marked in the database in one statement per group of reports, between fetches.
 /// - A row is marked published only after its delivery report says Kafka stored it. A crash between the two
 ///   publishes the row again (at-least-once); consumers dedupe by event id.
-/// - Per-stream order: the message key is the stream id; see ``PublishPipeline`` for the rules and README's
-///   design notes for the argument. On any failed delivery or fatal producer error the relay purges the
+/// - Per-stream order: the message key is the stream id; see `PublishPipeline` for the rules and the Design
+///   notes article (EventStore.docc) for the argument. On any failed delivery or fatal producer error the relay purges the
 ///   producer, marks what was stored, and resumes with a new producer from the rows still waiting.
 /// - A row Kafka can never accept (too large, invalid) moves to `outbox_dead_letters`; its stream waits
 ///   until it is retried (`eventoutbox dead-letters retry`); other streams go on.

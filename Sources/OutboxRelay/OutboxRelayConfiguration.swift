@@ -79,7 +79,7 @@ public struct OutboxRelayConfiguration: Sendable {
         public var deletesAtOnce: Bool { delete }
     }
 
-    /// librdkafka defaults of the relay, under the caller's properties. See README, "Design notes": the
+    /// librdkafka defaults of the relay, under the caller's properties. See the Design notes article (EventStore.docc): the
     /// idempotent producer with the gapless guarantee and no message timeout is what keeps each stream in
     /// order with many messages in flight; a broker that is down means waiting, not failing.
     public static let producerDefaults: [String: String] = [
@@ -125,7 +125,7 @@ public enum OutboxSource: Sendable, Hashable {
     case table
     /// Reads the outbox's inserts from the write-ahead log through a logical replication slot (`pgoutput`):
     /// rows are never updated, appends need no `NOTIFY`, transactions arrive in commit order. Needs
-    /// `wal_level = logical`, a role with `REPLICATION`, and ``OutboxWAL/setUp(on:)`` (`eventoutbox migrate --wal`).
+    /// `wal_level = logical`, a role with `REPLICATION`, and `OutboxWAL.setUp(on:)` (`eventoutbox migrate --wal`).
     /// One relay streams the slot at a time; others stand by.
     case wal(OutboxWAL)
 }

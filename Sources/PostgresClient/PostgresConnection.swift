@@ -7,7 +7,7 @@ import Synchronization
 /// libpq calls block the calling thread until the server answers. Running them on Swift's cooperative
 /// thread pool (one thread per core, two here) would stall every other task while a query waits; running
 /// them on libdispatch's bounded worker pool can deadlock once all workers wait on a lock that another
-/// connection's next statement would release. So each connection owns a thread (``SerialThread``): every
+/// connection's next statement would release. So each connection owns a thread (`SerialThread`): every
 /// libpq call on this connection runs there, one at a time, and the async caller is suspended (not
 /// blocked) meanwhile. That thread is also what makes the unsynchronized `PGconn` safe to share as `Sendable`.
 ///

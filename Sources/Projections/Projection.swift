@@ -30,7 +30,7 @@ public struct Projection: Sendable {
         /// idempotent (for example `ALTER TABLE {table} ALTER COLUMN total TYPE numeric`). A rebuild makes the
         /// table from `createSQL` instead.
         public var upgradeSQL: String?
-        /// - Precondition: `name` is a plain identifier (``SQLIdentifier/isPlain(_:)``): handlers splice it into SQL.
+        /// - Precondition: `name` is a plain identifier (`SQLIdentifier.isPlain(_:)`): handlers splice it into SQL.
         public init(name: String, createSQL: String, upgradeSQL: String? = nil) {
             precondition(SQLIdentifier.isPlain(name), "projection table '\(name)' must be a plain identifier: a-z, 0-9, _ (at most 63)")
             self.name = name

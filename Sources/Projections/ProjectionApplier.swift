@@ -36,7 +36,7 @@ public struct ProjectionApplier: Sendable {
     }
 
     /// Decodes `recorded` (with ``registry``) and applies it inside the caller's transaction.
-    /// - Throws: ``EventDecodingError`` if the event cannot be decoded (nothing written); database errors.
+    /// - Throws: `EventDecodingError` if the event cannot be decoded (nothing written); database errors.
     public func apply(_ recorded: RecordedEvent, topic: String?, suffix: String = "", on connection: PostgresConnection) async throws -> Outcome {
         try await apply([ProjectedEvent(event: try registry.decode(recorded), recorded: recorded, topic: topic)], suffix: suffix, on: connection)
     }

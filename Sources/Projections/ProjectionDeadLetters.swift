@@ -79,7 +79,7 @@ public enum ProjectionDeadLetters {
     /// none is named. It is applied even though later events of its stream were applied since (it never was:
     /// the transaction that failed on it wrote nothing).
     /// - Returns: the outcome, or `nil` if there is no dead letter `id`.
-    /// - Throws: why it still cannot be applied (nothing changes then): ``EventDecodingError``, the handler's
+    /// - Throws: why it still cannot be applied (nothing changes then): `EventDecodingError`, the handler's
     ///   error, or ``DeadLetterProjectionUnknown`` when `applier` lacks the projection it names.
     public static func retry(_ id: Int64, with applier: ProjectionApplier, on connection: PostgresConnection) async throws
         -> ProjectionApplier.Outcome?

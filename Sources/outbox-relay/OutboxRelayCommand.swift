@@ -36,7 +36,7 @@ struct OutboxRelayCommand: AsyncParsableCommand {
             back and brings the database in line before publishing, so read_committed consumers see every event \
             exactly once, whatever crashes (Java consumers: isolation.level=read_committed). A relay that lost its \
             lock or slot is fenced by the new owner's transactional.id and commits nothing more. Slower than \
-            at-least-once today (README, "Measurements").
+            at-least-once today (the Measurements article, EventStore.docc).
 
             With --source wal, the relay reads the outbox's inserts from the write-ahead log through a logical \
             replication slot instead: no UPDATE per row, no NOTIFY needed by appends, transactions in commit \

@@ -92,7 +92,7 @@ struct AuthenticationTests {
         #expect(try await service.events("AccountOpened") == 3)
         #expect(try await service.test.count("SELECT count(*) FROM idempotency_keys WHERE caller = 'alice'") == 1, "the expired answer was replaced")
         // Two Idempotency-Key headers: refused, nothing written (curl sends them as two header lines).
-        let curl = Process()
+        let curl = ChildProcess()
         curl.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         curl.arguments = [
             "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "http://127.0.0.1:\(service.port)/accounts",

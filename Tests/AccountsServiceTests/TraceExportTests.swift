@@ -18,7 +18,7 @@ private struct ExportedSpan: Decodable {
 
 /// `scripts/lib/otlp-receiver.py`, running: an OTLP/HTTP endpoint that prints every span it receives.
 private final class OTLPReceiver: Sendable {
-    let process: Process
+    let process: ChildProcess
     let output: URL
     let port: Int
 
@@ -27,7 +27,7 @@ private final class OTLPReceiver: Sendable {
             .appendingPathComponent("scripts/lib/otlp-receiver.py").path
         let output = FileManager.default.temporaryDirectory.appendingPathComponent(uniqueName("otlp") + ".jsonl")
         _ = FileManager.default.createFile(atPath: output.path, contents: nil)
-        let process = Process()
+        let process = ChildProcess()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = ["python3", script]
         process.standardOutput = try FileHandle(forWritingTo: output)
@@ -41,7 +41,7 @@ private final class OTLPReceiver: Sendable {
         return OTLPReceiver(process: process, output: output, port: listening)
     }
 
-    private init(process: Process, output: URL, port: Int) {
+    private init(process: ChildProcess, output: URL, port: Int) {
         self.process = process
         self.output = output
         self.port = port

@@ -11,7 +11,7 @@ import FoundationNetworking
 
 /// An `outbox-relay` process on a test schema.
 struct RelayProcess {
-    let process: Process
+    let process: ChildProcess
     let log: URL
     let name: String
 

@@ -8,7 +8,7 @@ import Testing
 struct TLSTests {
     /// Runs openssl in `directory`.
     func openssl(_ arguments: [String], in directory: String) throws {
-        let process = Process()
+        let process = ChildProcess()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
         process.arguments = arguments
         process.currentDirectoryURL = URL(fileURLWithPath: directory)

@@ -18,7 +18,7 @@ final class LongRunningTool {
     let tool: String
     let arguments: [String]
     let log: URL
-    private(set) var process: Process
+    private(set) var process: ChildProcess
     private(set) var port: Int
     private(set) var starts = 1
     private var earlierRuns: [String: Double] = [:]

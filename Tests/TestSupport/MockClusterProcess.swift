@@ -6,7 +6,7 @@ import Foundation
 public final class MockClusterProcess {
     public let bootstrapServers: String
     public let folder: String
-    private let process: Process
+    private let process: ChildProcess
     private var log: String { folder + "/cluster.log" }
     private var control: String { folder + "/control" }
 
@@ -29,7 +29,7 @@ public final class MockClusterProcess {
         return MockClusterProcess(bootstrapServers: servers, folder: folder, process: process)
     }
 
-    private init(bootstrapServers: String, folder: String, process: Process) {
+    private init(bootstrapServers: String, folder: String, process: ChildProcess) {
         self.bootstrapServers = bootstrapServers
         self.folder = folder
         self.process = process

@@ -24,8 +24,8 @@ public enum Tools {
     /// `output`, replaced, or added to the end with `appending`.
     public static func start(
         _ name: String, _ arguments: [String], environment: [String: String] = [:], output: URL? = nil, appending: Bool = false
-    ) throws -> Process {
-        let process = Process()
+    ) throws -> ChildProcess {
+        let process = ChildProcess()
         process.executableURL = URL(fileURLWithPath: try path(name))
         process.arguments = arguments
         process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
@@ -47,7 +47,7 @@ public enum Tools {
     public static func run(
         _ name: String, _ arguments: [String], environment: [String: String] = [:], timeout: Duration? = nil
     ) async throws -> ToolRun {
-        let process = Process()
+        let process = ChildProcess()
         process.executableURL = URL(fileURLWithPath: try path(name))
         process.arguments = arguments
         process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
@@ -87,7 +87,7 @@ public enum Tools {
     /// Runs a command found on `PATH` (a tool the test script installed: docker-compose, curl, Python modules)
     /// in `directory`, to completion; standard output and error together.
     public static func command(_ arguments: [String], in directory: URL) throws -> (status: Int32, output: String) {
-        let process = Process()
+        let process = ChildProcess()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = arguments
         process.currentDirectoryURL = directory

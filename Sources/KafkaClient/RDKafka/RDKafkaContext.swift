@@ -49,7 +49,7 @@ let rdKafkaLogCallback: @convention(c) (OpaquePointer?, Int32, UnsafePointer<CCh
     }
     let message = text.map { String(cString: $0) } ?? ""
     // librdkafka flags the gapless guarantee as experimental on every start; the relay relies on it on purpose
-    // (README, "Design notes"), so that notice is not worth a warning each time.
+    // (the Design notes article), so that notice is not worth a warning each time.
     if swiftLevel == .warning, message.contains("enable.gapless.guarantee is experimental") { swiftLevel = .debug }
     context.logger.log(
         level: swiftLevel,

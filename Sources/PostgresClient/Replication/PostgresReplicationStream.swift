@@ -6,7 +6,7 @@ import Foundation
 /// named publications, whole transactions in commit order.
 ///
 /// Opens a `replication=database` connection and runs `START_REPLICATION SLOT ... LOGICAL`. The slot keeps
-/// the server's WAL from its confirmed position on; ``confirm(_:)`` advances it, and a new stream resumes
+/// the server's WAL from its confirmed position on; ``confirm(_:received:requestingReply:)`` advances it, and a new stream resumes
 /// there (or at `startLSN` if that is later). A slot streams to one connection at a time: a second start
 /// fails with SQLSTATE 55006 while the first is connected.
 ///
