@@ -15,7 +15,7 @@ let package = Package(
         .library(name: "EventSourcing", targets: ["EventSourcing"]),
         .library(name: "EventStore", targets: ["EventStore"]),
         .library(name: "BankAccount", targets: ["BankAccount"]),
-        .executable(name: "kafka-mock-cluster", targets: ["kafka-mock-cluster"]),
+        .library(name: "BankProjections", targets: ["BankProjections"]),
         .executable(name: "bank", targets: ["bank"]),
         .executable(name: "eventoutbox", targets: ["eventoutbox"]),
         .executable(name: "outbox-relay", targets: ["outbox-relay"]),
@@ -93,7 +93,13 @@ let package = Package(
         ),
         .target(
             name: "BankAccount",
-            dependencies: ["BankDomain", "EventSourcing", "EventStore", "Projections", "PostgresClient"],
+            dependencies: ["BankDomain", "EventSourcing", "EventStore", "PostgresClient"],
+            swiftSettings: strictSettings
+        ),
+        // The bank's read models, for the projector (the service and the CLI do not link Kafka).
+        .target(
+            name: "BankProjections",
+            dependencies: ["BankDomain", "EventSourcing", "PostgresClient", "Projections"],
             swiftSettings: strictSettings
         ),
         // The bank's pure domain: events, the account aggregate and its rules; no database import.
@@ -172,7 +178,7 @@ let package = Package(
             name: "account-projector",
             dependencies: [
                 "CommandLineSupport",
-                "BankAccount", "EventSourcing", "Projections", "Observability", "KafkaClient", "PostgresClient",
+                "BankAccount", "BankProjections", "EventSourcing", "Projections", "Observability", "KafkaClient", "PostgresClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -213,7 +219,7 @@ let package = Package(
             name: "eventoutbox-bench",
             dependencies: [
                 "EventSourcing", "CommandLineSupport",
-                "BankAccount", "EventStore", "OutboxRelay", "Projections", "KafkaClient", "PostgresClient",
+                "BankAccount", "BankProjections", "EventStore", "OutboxRelay", "Projections", "KafkaClient", "PostgresClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strictSettings
@@ -240,7 +246,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "kafka-mock-cluster",
-            dependencies: ["EventSourcing", "KafkaMock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["EventSourcing", "KafkaClient", "KafkaMock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strictSettings
         ),
 
@@ -276,7 +282,7 @@ let package = Package(
         .testTarget(
             name: "OutboxRelayTests",
             dependencies: [
-                "OutboxRelay", "EventStore", "BankAccount", "Projections", "KafkaClient", "KafkaMock", "TestSupport", "Observability",
+                "OutboxRelay", "EventStore", "BankAccount", "BankProjections", "Projections", "KafkaClient", "KafkaMock", "TestSupport", "Observability",
                 .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -287,7 +293,7 @@ let package = Package(
         .testTarget(
             name: "ProjectionsTests",
             dependencies: [
-                "Projections", "BankAccount", "EventStore", "OutboxRelay", "KafkaClient", "TestSupport",
+                "Projections", "BankAccount", "BankProjections", "EventStore", "OutboxRelay", "KafkaClient", "TestSupport",
                 .product(name: "PropertyBased", package: "swift-property-based"),
                 .product(name: "InMemoryLogging", package: "swift-log"),
             ],
@@ -297,7 +303,7 @@ let package = Package(
             name: "AccountsServiceTests",
             dependencies: [
                 "AccountsService", "BankAccount", "EventSourcing", "EventStore", "PostgresClient", "TestSupport",
-                "OutboxRelay", "Projections", "KafkaClient", "Observability",
+                "OutboxRelay", "Projections", "BankProjections", "KafkaClient", "Observability",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "InMemoryLogging", package: "swift-log"),
                 .product(name: "Logging", package: "swift-log"),

@@ -1,5 +1,6 @@
 import ArgumentParser
 import BankAccount
+import BankProjections
 import CommandLineSupport
 import EventSourcing
 import Foundation

@@ -1,5 +1,6 @@
 import AccountsService
 import BankAccount
+import BankProjections
 import EventSourcing
 import EventStore
 import Foundation

@@ -1,4 +1,5 @@
 import BankAccount
+import BankProjections
 import EventSourcing
 import EventStore
 import Foundation

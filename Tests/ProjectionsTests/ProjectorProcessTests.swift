@@ -1,4 +1,5 @@
 import BankAccount
+import BankProjections
 import EventStore
 import Foundation
 import KafkaClient

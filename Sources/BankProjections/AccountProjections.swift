@@ -1,3 +1,4 @@
+import BankDomain
 import EventSourcing
 import Foundation
 import PostgresClient
