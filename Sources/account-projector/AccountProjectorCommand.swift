@@ -74,28 +74,13 @@ struct AccountProjectorCommand: AsyncParsableCommand {
     @Option(help: "Seconds between Kafka offset commits while records flow (they follow the database commits).")
     var commitInterval: Double = 0.5
 
-    @Option(help: "Serve Prometheus metrics at http://HOST:PORT/metrics.")
-    var metricsPort: Int?
-
-    @Option(help: "Address the metrics endpoint binds to.")
-    var metricsHost: String = "127.0.0.1"
-
-    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
-    var logLevel: String = "info"
-
-
-    @Option(help: ArgumentHelp("Log as text lines or one JSON object a line (default: $EVENTOUTBOX_LOG_FORMAT, else text).", valueName: "text|json"))
-
-    var logFormat: String?
+    @OptionGroup var operations: OperationsOptions
 
     func validate() throws {
         if let rebuild, !AccountProjections.all.contains(where: { $0.name == rebuild }) {
             throw ValidationError("unknown projection '\(rebuild)'; known: \(AccountProjections.all.map(\.name).joined(separator: ", "))")
         }
-        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
-        do { _ = try LogFormat.resolve(logFormat) } catch { throw ValidationError("\(error)") }
         try OptionCheck.seconds(commitInterval, "--commit-interval", in: 0.001...3600)
-        try OptionCheck.port(metricsPort, "--metrics-port")
     }
 
     func run() async throws {
@@ -103,9 +88,7 @@ struct AccountProjectorCommand: AsyncParsableCommand {
             return try await reportingFailures { try await administerDeadLetters() }
         }
         let url = try database.url()
-        let endpoint = try Observability.bootstrap(
-            logLevel: Logger.Level(rawValue: logLevel) ?? .info, logFormat: try LogFormat.resolve(logFormat), metricsHost: metricsHost,
-            metricsPort: rebuild == nil ? metricsPort : nil, databaseURL: url)
+        let processOperations = try operations.bootstrap(serviceName: "account-projector", databaseURL: url, asService: rebuild == nil)
         let logger = Logger(label: "account-projector")
 
         if let name = rebuild, let projection = AccountProjections.all.first(where: { $0.name == name }) {
@@ -130,13 +113,7 @@ struct AccountProjectorCommand: AsyncParsableCommand {
             configuration: configuration,
             applier: ProjectionApplier(projections: AccountProjections.all, registry: BankEvents.registry),
             logger: logger)
-        // OTLP trace export when the OTEL_* environment asks for it; a setting it cannot honour is a usage error.
-        let traceExport: (any Service)?
-        do { traceExport = try TraceExport.bootstrap(serviceName: "account-projector") } catch { throw ValidationError("\(error)") }
-        let group = ServiceGroup(
-            configuration: .init(
-                services: (traceExport.map { [.init(service: $0)] } ?? []) + [.init(service: consumer)] + (endpoint.map { [.init(service: $0)] } ?? []),
-                gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        let group = processOperations.serviceGroup([consumer], logger: logger)
         try await group.run()
     }
 

@@ -63,12 +63,7 @@ struct AccountsServiceCommand: AsyncParsableCommand {
     var idleTimeout: Double = 30
     @Option(help: "HTTP connections open at once; one more is closed as soon as it is accepted.")
     var maxOpenConnections = 1024
-    @Option(help: "Serve Prometheus metrics at http://HOST:PORT/metrics.") var metricsPort: Int?
-    @Option(help: "Address the metrics endpoint binds to.") var metricsHost = "127.0.0.1"
-    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
-
-    @Option(help: ArgumentHelp("Log as text lines or one JSON object a line (default: $EVENTOUTBOX_LOG_FORMAT, else text).", valueName: "text|json"))
-    var logFormat: String?
+    @OptionGroup var operations: OperationsOptions
 
     @Option(help: ArgumentHelp(
         "Require bearer tokens (HS256 JWTs) signed with the secret in this file (at least 32 bytes): a caller (the token's sub) acts on the accounts it opened, or on any with the scope accounts:admin, and is the actor of its events.",
@@ -96,10 +91,7 @@ struct AccountsServiceCommand: AsyncParsableCommand {
         if let mintToken, mintToken.isEmpty || mintToken.utf8.count > 200 { throw ValidationError("--mint-token takes a subject of 1 to 200 bytes") }
         try OptionCheck.seconds(tokenLifetime, "--token-lifetime", in: 1...31_622_400)
         try OptionCheck.seconds(idempotencyKeyLifetime, "--idempotency-key-lifetime", in: 1...31_622_400)
-        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
-        do { _ = try LogFormat.resolve(logFormat) } catch { throw ValidationError("\(error)") }
         try OptionCheck.port(port, "--port")
-        try OptionCheck.port(metricsPort, "--metrics-port")
         try OptionCheck.integer(maxConnections, "--max-connections", in: 1...1000)
         try OptionCheck.integer(maxWaiting, "--max-waiting", in: 0...100_000)
         try OptionCheck.seconds(poolTimeout, "--pool-timeout", in: 0.001...3600)
@@ -126,8 +118,7 @@ struct AccountsServiceCommand: AsyncParsableCommand {
             return
         }
         let url = try database.url()
-        let endpoint = try Observability.bootstrap(
-            logLevel: Logger.Level(rawValue: logLevel) ?? .info, logFormat: try LogFormat.resolve(logFormat), metricsHost: metricsHost, metricsPort: metricsPort, databaseURL: url)
+        let processOperations = try operations.bootstrap(serviceName: "accounts-service", databaseURL: url)
         let logger = Logger(label: "accounts-service")
         // A stalled database sheds load (503, Retry-After) instead of queueing requests without bound.
         let pool = PostgresPool(PostgresPool.Configuration(
@@ -162,13 +153,7 @@ struct AccountsServiceCommand: AsyncParsableCommand {
                 logger.info("serving the bank over HTTP", metadata: ["address": "\(host):\(channel.localAddress?.port ?? port)"])
             },
             logger: logger)
-        // OTLP trace export when the OTEL_* environment asks for it; a setting it cannot honour is a usage error.
-        let traceExport: (any Service)?
-        do { traceExport = try TraceExport.bootstrap(serviceName: "accounts-service") } catch { throw ValidationError("\(error)") }
-        let group = ServiceGroup(
-            configuration: .init(
-                services: (traceExport.map { [.init(service: $0)] } ?? []) + [.init(service: app)] + (endpoint.map { [.init(service: $0)] } ?? []),
-                gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        let group = processOperations.serviceGroup([app], logger: logger)
         try await group.run()
         await pool.close()
     }

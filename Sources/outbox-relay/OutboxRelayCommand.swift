@@ -135,19 +135,7 @@ struct OutboxRelayCommand: AsyncParsableCommand {
             valueName: "key=value"))
     var kafkaProperties: [String] = []
 
-    @Option(help: "Serve Prometheus metrics at http://HOST:PORT/metrics.")
-    var metricsPort: Int?
-
-    @Option(help: "Address the metrics endpoint binds to.")
-    var metricsHost: String = "127.0.0.1"
-
-    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
-    var logLevel: String = "info"
-
-
-    @Option(help: ArgumentHelp("Log as text lines or one JSON object a line (default: $EVENTOUTBOX_LOG_FORMAT, else text).", valueName: "text|json"))
-
-    var logFormat: String?
+    @OptionGroup var operations: OperationsOptions
 
     func validate() throws {
         try OptionCheck.integer(batchSize, "--batch-size", in: 1...100_000)
@@ -158,7 +146,6 @@ struct OutboxRelayCommand: AsyncParsableCommand {
         try OptionCheck.seconds(housekeepingInterval, "--housekeeping-interval", in: 0.001...86_400)
         try OptionCheck.seconds(shutdownTimeout, "--shutdown-timeout", in: 0...3600)
         try OptionCheck.seconds(retention, "--retention", in: 0...315_360_000)
-        try OptionCheck.port(metricsPort, "--metrics-port")
         // The relays' keys run from K-1 to K+N-1 (see AdvisoryLockClass).
         try OptionCheck.integer(lockKey, "--lock-key", in: (Int64.min + 1)...(Int64.max - Int64(partitions)))
         guard let guarantee = DeliveryGuarantee(rawValue: delivery) else {
@@ -196,15 +183,12 @@ struct OutboxRelayCommand: AsyncParsableCommand {
             }
             do { _ = try OutboxWAL(publication: publication, slot: slot) } catch { throw ValidationError("\(error)") }
         }
-        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
-        do { _ = try LogFormat.resolve(logFormat) } catch { throw ValidationError("\(error)") }
     }
 
     func run() async throws {
         let url = try database.url()
         let brokers = try kafka.bootstrapServers()
-        let endpoint = try Observability.bootstrap(
-            logLevel: Logger.Level(rawValue: logLevel) ?? .info, logFormat: try LogFormat.resolve(logFormat), metricsHost: metricsHost, metricsPort: metricsPort, databaseURL: url)
+        var processOperations = try operations.bootstrap(serviceName: "outbox-relay", databaseURL: url)
         let logger = Logger(label: "outbox-relay")
 
         var configuration = OutboxRelayConfiguration(
@@ -228,15 +212,8 @@ struct OutboxRelayCommand: AsyncParsableCommand {
         configuration.retention = OptionCheck.duration(retention)
 
         let relay = OutboxRelay(configuration: configuration, logger: logger)
-        var operations = endpoint
-        operations?.readinessProblem = { relay.readinessProblem }
-        // OTLP trace export when the OTEL_* environment asks for it; a setting it cannot honour is a usage error.
-        let traceExport: (any Service)?
-        do { traceExport = try TraceExport.bootstrap(serviceName: "outbox-relay") } catch { throw ValidationError("\(error)") }
-        let group = ServiceGroup(
-            configuration: .init(
-                services: (traceExport.map { [.init(service: $0)] } ?? []) + [.init(service: relay)] + (operations.map { [.init(service: $0)] } ?? []),
-                gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        processOperations.endpoint?.readinessProblem = { relay.readinessProblem }
+        let group = processOperations.serviceGroup([relay], logger: logger)
         try await group.run()
     }
 }
