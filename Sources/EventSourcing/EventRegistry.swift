@@ -21,13 +21,17 @@ public struct EventDecodingError: Error, CustomStringConvertible, Sendable {
     public var schemaVersion: Int
     public var streamID: String
     public var reason: String
+    /// The error behind `reason`, when there was one (a `DecodingError` from the payload, an upcaster's own
+    /// error), for callers that look into it; `reason` already says what it was.
+    public var underlying: (any Error)?
 
-    public init(eventID: UUID, eventType: String, schemaVersion: Int, streamID: String, reason: String) {
+    public init(eventID: UUID, eventType: String, schemaVersion: Int, streamID: String, reason: String, underlying: (any Error)? = nil) {
         self.eventID = eventID
         self.eventType = eventType
         self.schemaVersion = schemaVersion
         self.streamID = streamID
         self.reason = reason
+        self.underlying = underlying
     }
 
     public var description: String {
@@ -60,10 +64,10 @@ public struct EventRegistry: Sendable {
 
     /// Decodes a stored event into its current Swift type, upcasting older schema versions first.
     public func decode(_ recorded: RecordedEvent) throws(EventDecodingError) -> any DomainEvent {
-        func failure(_ reason: String) -> EventDecodingError {
+        func failure(_ reason: String, _ underlying: (any Error)? = nil) -> EventDecodingError {
             EventDecodingError(
                 eventID: recorded.eventID, eventType: recorded.eventType, schemaVersion: recorded.schemaVersion,
-                streamID: recorded.streamID, reason: reason)
+                streamID: recorded.streamID, reason: reason, underlying: underlying)
         }
         guard let entry = decoders[recorded.eventType] else {
             throw failure("the event type is not registered (known: \(decoders.keys.sorted().joined(separator: ", ")))")
@@ -85,15 +89,15 @@ public struct EventRegistry: Sendable {
             } catch let error as EventDecodingError {
                 throw error
             } catch {
-                throw failure("upcasting failed: \(error)")
+                throw failure("upcasting failed: \(error)", error)
             }
         }
         do {
             return try entry.decode(data)
         } catch let error as DecodingError {
-            throw failure("payload does not match the type: \(Self.describe(error))")
+            throw failure("payload does not match the type: \(Self.describe(error))", error)
         } catch {
-            throw failure("payload does not decode: \(error)")
+            throw failure("payload does not decode: \(error)", error)
         }
     }
 

@@ -551,7 +551,8 @@ private final class PublishedRowMarker: @unchecked Sendable {
     private var pending: [OutboxTable.Delivery] = []
     private var running: Task<Void, Never>?
     private let runningDone = Atomic<Bool>(true)
-    private let failure = Mutex<PostgresError?>(nil)
+    /// The error of the last statement that failed, as it was thrown.
+    private let failure = Mutex<(any Error)?>(nil)
 
     init(connection: PostgresConnection, deletes: Bool, wakeup: Wakeup) {
         self.connection = connection
@@ -582,7 +583,7 @@ private final class PublishedRowMarker: @unchecked Sendable {
                     try await table.markPublished(batch, on: connection)
                 }
             } catch {
-                failure.withLock { $0 = error as? PostgresError ?? PostgresError(code: .server, message: "\(error)") }
+                failure.withLock { $0 = error }
             }
         }
     }

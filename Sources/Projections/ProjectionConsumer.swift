@@ -326,13 +326,13 @@ public final class ProjectionConsumer: Service, Sendable {
             do {
                 return try CloudEventsBinding.recordedEvent(headers: headers, value: value)
             } catch {
-                throw EnvelopeError("not an EventOutbox CloudEvent: \(error)")
+                throw EnvelopeError("not an EventOutbox CloudEvent: \(error)", underlying: error)
             }
         }
         do {
             return try OutboxEnvelope.recordedEvent(from: value)
         } catch {
-            throw EnvelopeError("not an EventOutbox envelope: \(error)")
+            throw EnvelopeError("not an EventOutbox envelope: \(error)", underlying: error)
         }
     }
 
@@ -442,7 +442,12 @@ public final class ProjectionConsumer: Service, Sendable {
 
 struct EnvelopeError: Error, CustomStringConvertible {
     var description: String
-    init(_ description: String) { self.description = description }
+    /// The parser's own error, kept for whoever looks into it.
+    var underlying: (any Error)?
+    init(_ description: String, underlying: (any Error)? = nil) {
+        self.description = description
+        self.underlying = underlying
+    }
 }
 
 private final class ConsumerCounts: Sendable {

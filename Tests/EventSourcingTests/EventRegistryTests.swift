@@ -25,6 +25,7 @@ struct EventRegistryTests {
         #expect(error?.description.contains("InterestAccrued") == true)
         #expect(error?.description.contains(#"stream-"quoted""#) == true)
         #expect(error?.description.contains("not registered") == true)
+        #expect(error?.underlying == nil, "no error behind an unregistered type")
     }
 
     @Test("a payload that does not fit the type names the missing field")
@@ -33,6 +34,8 @@ struct EventRegistryTests {
             try BankEvents.registry.decode(recorded("MoneyWithdrawn", version: 1, payload: #"{"amount": "lots"}"#))
         }
         #expect(error?.description.contains("amount") == true)
+        // The cause is kept, not only its text.
+        #expect(error?.underlying is DecodingError, "\(String(describing: error?.underlying))")
         let malformed = #expect(throws: EventDecodingError.self) {
             try BankEvents.registry.decode(recorded("MoneyWithdrawn", version: 1, payload: #"{"amount": 5"#))
         }
