@@ -239,7 +239,7 @@ public struct EventStore: Sendable {
 
 extension RecordedEvent {
     /// Reads a row of `events` (all its columns, `payload` and `metadata` as text).
-    /// - Throws: ``EventDecodingError`` naming the event when its metadata is not an ``EventMetadata`` object
+    /// - Throws: `EventDecodingError` naming the event when its metadata is not an `EventMetadata` object
     ///   (it is never replaced by empty metadata: the correlation and trace ids would be lost unnoticed).
     public init(row: PostgresRow) throws {
         let metadataText = try row.decode(String.self, "metadata")
