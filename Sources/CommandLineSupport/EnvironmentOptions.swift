@@ -3,10 +3,15 @@ import Foundation
 
 /// Options from the environment, the way operators give them (a Kubernetes `env:` list, a compose file).
 ///
-/// Every option of every command can also be set as an environment variable named after the command's path
-/// and the option's long name, in capitals with `_` for `-`: `outbox-relay --batch-size 500` is
-/// `OUTBOX_RELAY_BATCH_SIZE=500`, `eventoutbox dead-letters list --limit 5` is
-/// `EVENTOUTBOX_DEAD_LETTERS_LIST_LIMIT=5`. A flag takes `true`/`false` (or `1`/`0`, `yes`/`no`); a repeatable
+/// Every option of every command can also be set as an environment variable: `EVENTOUTBOX_`, then the command
+/// as typed and the option's long name, in capitals with `_` for `-`: `outbox-relay --batch-size 500` is
+/// `EVENTOUTBOX_OUTBOX_RELAY_BATCH_SIZE=500`, `eventoutbox migrate --wal` is `EVENTOUTBOX_MIGRATE_WAL=true`
+/// (the `eventoutbox` of `eventoutbox` and `eventoutbox-bench` is not repeated).
+///
+/// The project's own prefix keeps these apart from what a platform puts in a process's environment. Kubernetes,
+/// for one, gives every pod `<SERVICE>_PORT=tcp://10.0.0.1:8080` and `<SERVICE>_SERVICE_HOST` for each Service
+/// of its namespace: with the bare executable name as the prefix, a Service named `accounts-service` would
+/// have set `accounts-service --port` to `tcp://…` and kept the service from starting. A flag takes `true`/`false` (or `1`/`0`, `yes`/`no`); a repeatable
 /// option takes one value a line. The command line wins over the environment, the environment over the
 /// defaults. The variables the commands share (`EVENTOUTBOX_DATABASE_URL`, `KAFKA_BROKERS`,
 /// `EVENTOUTBOX_LOG_FORMAT`, `EVENTOUTBOX_KAFKA_PROPERTIES_FILE`) keep working beside these.
@@ -103,7 +108,15 @@ public enum EnvironmentOptions {
         "EVENTOUTBOX_DATABASE_URL", "EVENTOUTBOX_LOG_FORMAT", "EVENTOUTBOX_KAFKA_PROPERTIES_FILE", "EVENTOUTBOX_BIN_DIR",
     ]
 
-    private static func prefix(_ path: [String]) -> String { path.map(name).joined(separator: "_") + "_" }
+    private static func prefix(_ path: [String]) -> String {
+        var parts = path
+        if parts.first == "eventoutbox" {
+            parts.removeFirst()
+        } else if let root = parts.first, root.hasPrefix("eventoutbox-") {
+            parts[0] = String(root.dropFirst("eventoutbox-".count))
+        }
+        return (["EVENTOUTBOX"] + parts.map(name)).joined(separator: "_") + "_"
+    }
 
     private static func name(_ text: String) -> String {
         String(text.uppercased().map { $0.isLetter || $0.isNumber ? $0 : "_" })

@@ -36,7 +36,9 @@ struct DeployFilesTests {
         // Every metrics port is scraped: the relay's and the projector's through pod annotations, the API's
         // (set through the environment) through an annotated Service.
         for port in ["9464", "9465", "9466"] { #expect(manifest.contains("prometheus.io/port: \"\(port)\""), "\(port)") }
-        #expect(manifest.contains("{ name: ACCOUNTS_SERVICE_METRICS_PORT, value: \"9466\" }"))
+        #expect(manifest.contains("{ name: EVENTOUTBOX_ACCOUNTS_SERVICE_METRICS_PORT, value: \"9466\" }"))
+        // Every pod: no service-link variables (`ACCOUNTS_SERVICE_PORT=tcp://…` for the Service accounts-service).
+        #expect(manifest.components(separatedBy: "enableServiceLinks: false").count - 1 == manifest.components(separatedBy: "runAsNonRoot: true").count - 1)
         #expect(manifest.components(separatedBy: "kind: PodDisruptionBudget").count - 1 == 2)
     }
 
