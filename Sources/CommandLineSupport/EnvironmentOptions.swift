@@ -182,9 +182,9 @@ extension EnvironmentOptions {
     public static func help(_ command: String, example option: String, _ value: String) -> String {
         let example = variable(commandPath: command.split(separator: " ").map(String.init), option: option)
         return """
-            Every option can also come from the environment, named after the command and the option in capitals \
-            with '_' for '-': \(example)=\(value). Flags take true or false, repeatable options one value a \
-            line; the command line wins.
+            Every option can also come from the environment: EVENTOUTBOX_, then the command and the option in \
+            capitals with '_' for '-', as in \(example)=\(value). Flags take true or false, repeatable options \
+            one value a line; the command line wins.
             """
     }
 }
