@@ -1,7 +1,8 @@
 import CRdKafka
 
 /// An error from librdkafka or from this wrapper: the librdkafka error code, its message, and what failed.
-public struct KafkaError: Error, CustomStringConvertible, Sendable {
+/// Two errors are equal when code, message and flags are.
+public struct KafkaError: Error, CustomStringConvertible, Sendable, Equatable {
     /// A librdkafka error code (`rd_kafka_resp_err_t`), kept opaque so no C type leaks into the API.
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         package let rawValue: Int32

@@ -176,41 +176,24 @@ public final class OutboxRelay: Service, Sendable {
         return false
     }
 
-    /// Publishes while this relay holds the lock: one producer after another, each until it fails or the
-    /// relay stops. A NOTIFY listener on a second connection wakes the loop when rows are committed.
-    private func lead(_ connection: PostgresConnection, _ initialOwnership: PartitionOwnership?) async throws {
+    /// Publishes while this relay holds the lock (or a share of the partitions): the at-least-once engine over
+    /// the outbox table. A NOTIFY listener on a second connection wakes it when rows are committed.
+    private func lead(_ connection: PostgresConnection, _ ownership: PartitionOwnership?) async throws {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { await self.listenForAppends() }
             defer { group.cancelAll() }
-            var backoff = Backoff(max: configuration.maxBackoff)
-            var housekeeping = HousekeepingClock(interval: configuration.housekeepingInterval)
-            var ownership = initialOwnership
             // Marks go over a second connection, so that marking one group overlaps fetching the next batch.
             let marker = PublishedRowMarker(
                 connection: try await PostgresConnection.connect(to: configuration.databaseURL),
                 deletes: configuration.publishedRows.deletesAtOnce, wakeup: wakeup)
-            while !isStopping {
-                let inbox = ProducerInbox(wakeup: wakeup)
-                let producer = try makeProducer(inbox)
-                let end: GenerationEnd
-                do {
-                    end = try await publish(producer, inbox, connection, marker, &housekeeping, &ownership)
-                } catch {
-                    producer.purge()
-                    await producer.close(timeout: .seconds(1))
-                    throw error
-                }
-                await producer.close(timeout: .seconds(1))
-                guard case .failed(let error, let onlyDeadLetters) = end else { return }
-                if !onlyDeadLetters { producerFailed(error) }
-                counters.producerRestarts.add(1, ordering: .relaxed)
-                metrics.producerRestarts.increment()
-                let delay = onlyDeadLetters ? Duration.zero : backoff.next()
-                logger.warning(
-                    "Kafka producer failed; starting a new one from the rows still waiting",
-                    metadata: ["kafka.error": "\(error)", "retry.in": "\(delay)"])
-                await sleepUnlessStopping(delay)
+            var source = TablePipelinedSource(relay: self, connection: connection, marker: marker, ownership: ownership)
+            do {
+                try await PipelinedPublisher(relay: self).run(&source)
+            } catch {
+                await marker.close()
+                throw error
             }
+            await marker.close()
         }
     }
 
@@ -237,237 +220,6 @@ public final class OutboxRelay: Service, Sendable {
                 metrics.kafkaErrors.increment()
                 inbox.error(error)
             })
-    }
-
-    private enum GenerationEnd {
-        case stopped
-        /// The producer is done for; `onlyDeadLetters` when the sole failures were rows now dead-lettered.
-        case failed(KafkaError, onlyDeadLetters: Bool)
-    }
-
-    /// Runs one producer: fetch, enqueue, mark, until it fails or the relay stops.
-    private func publish(
-        _ producer: KafkaProducer, _ inbox: ProducerInbox, _ connection: PostgresConnection,
-        _ marker: PublishedRowMarker, _ housekeeping: inout HousekeepingClock, _ ownership: inout PartitionOwnership?
-    ) async throws -> GenerationEnd {
-        var pipeline = PublishPipeline(tracksGaps: ownership == nil)
-        var lastBalance: ContinuousClock.Instant?
-        // A share to give back once nothing is in flight: fetching pauses until then.
-        var releasePending = false
-        var purged = false
-        var retriableFailures = 0
-        var lastFullScan = ContinuousClock.now
-        var shutdownDeadline: ContinuousClock.Instant?
-        while true {
-            retriableFailures += try await settle(inbox.take(), &pipeline, connection, marker)
-            try marker.startIfIdle()
-            if let fatal = inbox.fatalError { pipeline.abandon(fatal) }
-            if let failure = pipeline.failure {
-                if !purged {
-                    producer.purge()
-                    purged = true
-                }
-                if pipeline.isIdle {
-                    try await marker.flush()
-                    return .failed(failure, onlyDeadLetters: retriableFailures == 0 && inbox.fatalError == nil)
-                }
-                await wakeup.wait(timeout: .milliseconds(100))
-                continue
-            }
-            if isStopping {
-                let deadline = shutdownDeadline ?? ContinuousClock.now + configuration.shutdownTimeout
-                shutdownDeadline = deadline
-                if pipeline.isIdle {
-                    try await marker.flush()
-                    return .stopped
-                }
-                if ContinuousClock.now >= deadline && !purged {
-                    logger.warning(
-                        "shutdown timeout: rows without a delivery report stay waiting and go out again later",
-                        metadata: ["outbox.in_flight": "\(pipeline.inFlight.count)"])
-                    producer.purge()
-                    purged = true
-                }
-                await wakeup.wait(timeout: min(.milliseconds(50), max(.milliseconds(1), deadline - ContinuousClock.now)))
-                continue
-            }
-            if housekeeping.isDue {
-                try await self.housekeeping(connection)
-                housekeeping.ran()
-            }
-            // Partitioned relays: take free partitions at any time, give back a surplus only with nothing in
-            // flight (fetching pauses for that below).
-            if var partitioned = ownership,
-                (releasePending && pipeline.isIdle)
-                    || lastBalance.map({ ContinuousClock.now - $0 >= configuration.standbyRetryInterval }) ?? true
-            {
-                if pipeline.isIdle { try await marker.flush() }
-                let change = try await partitioned.rebalance(mayRelease: pipeline.isIdle, on: connection)
-                if change.changed {
-                    logger.info("publishing outbox partitions", metadata: [
-                        "outbox.partitions": "\(partitioned.owned)", "outbox.partition_count": "\(partitioned.count)"])
-                    // New partitions' waiting rows may lie behind the cursor.
-                    if pipeline.isIdle { pipeline.rescan() } else { pipeline.requestRescan() }
-                }
-                releasePending = change.mustRelease
-                ownership = partitioned
-                lastBalance = .now
-                setActive(!partitioned.owned.isEmpty)
-                metrics.partitionsOwned.record(partitioned.owned.count)
-            }
-            // Rows of late commits lie behind the cursor. With nothing in flight, start again from the first
-            // waiting row (free then). Under load, after a hole or once per poll interval, fetch the waiting
-            // rows behind the cursor that are not in flight, without stopping the pipeline.
-            if pipeline.isIdle && pipeline.cursor > 0 {
-                try await marker.flush()
-                pipeline.rescan()
-                lastFullScan = .now
-            }
-            let room = configuration.maxInFlight - pipeline.inFlight.count
-            let partitions = ownership?.partitions ?? .all
-            if partitions.owned.isEmpty {
-                // A partitioned relay with no share yet (or none free): a standby until the next rebalance.
-                await wakeup.wait(timeout: configuration.standbyRetryInterval)
-                continue
-            }
-            if releasePending && !pipeline.isIdle {
-                await wakeup.wait(timeout: configuration.pollInterval)
-                continue
-            }
-            if room > 0 && !pipeline.isIdle
-                && (pipeline.needsRescan || ContinuousClock.now - lastFullScan >= configuration.pollInterval)
-            {
-                // Delivered rows not yet marked would come back as waiting: write them first.
-                try await marker.flush()
-                pipeline.beginCatchUp()
-                lastFullScan = .now
-                let limit = min(configuration.batchSize, room)
-                guard let rows = try await fetch(connection, { [cursor = pipeline.cursor, inFlight = Array(pipeline.inFlight.keys)] in
-                    try await self.table.waitingRows(
-                        through: cursor, excluding: inFlight, limit: limit, partitions: partitions, on: connection)
-                }) else { continue }
-                let holes = try await table.streamsWithWaitingRows(in: pipeline.rangesToCheck(rows), on: connection)
-                try await enqueue(pipeline.admit(rows, holes: holes), producer, &pipeline, connection)
-                if rows.count == limit { pipeline.requestRescan() }
-                continue
-            }
-            if room > 0 {
-                let limit = min(configuration.batchSize, room)
-                let cursor = pipeline.cursor
-                let gaps = pipeline.gapsToRecheck()
-                guard let rows = try await fetch(connection, {
-                    try await self.table.waitingRows(after: cursor, alsoIDs: gaps, limit: limit, partitions: partitions, on: connection)
-                }) else { continue }
-                pipeline.noteFetched(rows, after: cursor)
-                let holes = try await table.streamsWithWaitingRows(in: pipeline.rangesToCheck(rows), on: connection)
-                try await enqueue(pipeline.admit(rows, holes: holes), producer, &pipeline, connection)
-                if rows.count == limit { continue }
-            }
-            await wakeup.wait(timeout: configuration.pollInterval)
-        }
-    }
-
-    /// Runs a fetch of waiting rows. An unreadable row must not stall the outbox: it goes to dead letters (its
-    /// stream waits behind it) and `nil` is returned, so that the caller fetches again without it.
-    private func fetch(
-        _ connection: PostgresConnection, _ body: @Sendable () async throws -> [OutboxRow]
-    ) async throws -> [OutboxRow]? {
-        do {
-            return try await body()
-        } catch let error as OutboxRowError {
-            try await table.moveToDeadLetters(error.outboxID, error: "\(error)", on: connection)
-            metrics.deadLettered.increment()
-            logger.error(
-                "outbox row cannot be read; moved to dead letters, its stream is held back",
-                metadata: ["outbox.id": "\(error.outboxID)", "error": "\(error)"])
-            return nil
-        }
-    }
-
-    /// Hands admitted rows to the producer in order. A row refused for good is dead-lettered; its stream's
-    /// later rows wait for the next pass.
-    private func enqueue(
-        _ rows: [OutboxRow], _ producer: KafkaProducer, _ pipeline: inout PublishPipeline, _ connection: PostgresConnection
-    ) async throws {
-        await producer.prepare(topics: Array(Set(rows.map(\.topic))))
-        for row in rows where pipeline.mayEnqueue(row) {
-            let message = row.kafkaMessage(format: configuration.format)
-            while true {
-                do {
-                    try producer.enqueue(message, messageID: UInt64(row.id))
-                    pipeline.sent(row)
-                } catch let error as KafkaError where error.code == .queueFull {
-                    // librdkafka's own queue is full (its limits are below maxInFlight): let reports drain it.
-                    try await Task.sleep(for: .milliseconds(1))
-                    continue
-                } catch let error as KafkaError where error.isPermanentForRecord {
-                    pipeline.refused(row)
-                    counters.failed.add(1, ordering: .relaxed)
-                    metrics.deliveryErrors.increment()
-                    try await deadLetter(row, error, connection)
-                } catch let error as KafkaError {
-                    pipeline.refused(row)
-                    pipeline.abandon(error)
-                } catch {
-                    pipeline.refused(row)
-                    pipeline.abandon(KafkaError(code: .invalidArgument, message: "cannot enqueue outbox row \(row.id): \(error)"))
-                }
-                break
-            }
-        }
-    }
-
-    /// Applies delivery reports: hands what Kafka stored to the marker, dead-letters what it never will.
-    /// Returns how many deliveries failed for reasons a new attempt may fix.
-    private func settle(
-        _ reports: [KafkaDeliveryReport], _ pipeline: inout PublishPipeline, _ connection: PostgresConnection,
-        _ marker: PublishedRowMarker
-    ) async throws -> Int {
-        guard !reports.isEmpty else { return 0 }
-        var deliveries: [OutboxTable.Delivery] = []
-        deliveries.reserveCapacity(reports.count)
-        var deadLetters: [(OutboxRow, KafkaError)] = []
-        var retriable = 0
-        let violationsBefore = pipeline.orderViolations
-        for report in reports {
-            switch pipeline.record(report) {
-            case .delivered(let delivery): deliveries.append(delivery)
-            case .deadLetter(let row, let error): deadLetters.append((row, error))
-            case .retry:
-                if report.error?.code.isPurge == false {
-                    retriable += 1
-                    counters.failed.add(1, ordering: .relaxed)
-                    metrics.deliveryErrors.increment()
-                }
-            case .unknown: break
-            }
-        }
-        if pipeline.orderViolations > violationsBefore {
-            metrics.orderViolations.increment(by: pipeline.orderViolations - violationsBefore)
-            logger.error(
-                "Kafka stored a row after an earlier row of its stream failed on the same producer; consumers may see that stream out of order",
-                metadata: ["outbox.order_violations": "\(pipeline.orderViolations)"])
-        }
-        marker.add(deliveries)
-        counters.published.add(deliveries.count, ordering: .relaxed)
-        metrics.published.increment(by: deliveries.count)
-        for (row, error) in deadLetters {
-            counters.failed.add(1, ordering: .relaxed)
-            metrics.deliveryErrors.increment()
-            try await deadLetter(row, error, connection)
-        }
-        return retriable
-    }
-
-    func deadLetter(_ row: OutboxRow, _ error: KafkaError, _ connection: PostgresConnection) async throws {
-        try await table.moveToDeadLetters(row.id, error: "\(error)", on: connection)
-        metrics.deadLettered.increment()
-        logger.error(
-            "outbox row moved to dead letters; later events of its stream are held back until it is retried",
-            metadata: [
-                "outbox.id": "\(row.id)", "event.id": "\(row.eventID)", "stream.id": "\(row.streamID)",
-                "stream.version": "\(row.streamVersion)", "kafka.error": "\(error)",
-            ])
     }
 
     /// Gauges of the outbox and retention of published rows (a bounded amount per run, so a backlog keeps
@@ -536,66 +288,6 @@ final class ProducerInbox: Sendable {
     func take() -> [KafkaDeliveryReport] { reports.withLock { reports in defer { reports = [] }; return reports } }
 
     var fatalError: KafkaError? { fatal.withLock { $0 } }
-}
-
-/// Writes delivered rows to the outbox (marked, or deleted) on a connection of its own, one statement at a
-/// time covering every delivery that arrived meanwhile, while the publish loop goes on fetching.
-///
-/// Used by the publish loop only (not concurrently): `add`, `startIfIdle` and `flush` are called from that one
-/// task; the statement runs in a child task that signals the loop's wakeup when done.
-private final class PublishedRowMarker: @unchecked Sendable {
-    private let connection: PostgresConnection
-    private let deletes: Bool
-    private let wakeup: Wakeup
-    private let table = OutboxTable()
-    private var pending: [OutboxTable.Delivery] = []
-    private var running: Task<Void, Never>?
-    private let runningDone = Atomic<Bool>(true)
-    /// The error of the last statement that failed, as it was thrown.
-    private let failure = Mutex<(any Error)?>(nil)
-
-    init(connection: PostgresConnection, deletes: Bool, wakeup: Wakeup) {
-        self.connection = connection
-        self.deletes = deletes
-        self.wakeup = wakeup
-    }
-
-    func add(_ deliveries: [OutboxTable.Delivery]) { pending += deliveries }
-
-    /// Starts writing what is pending unless a statement is still running. Rethrows a finished statement's error.
-    func startIfIdle() throws {
-        guard runningDone.load(ordering: .acquiring) else { return }
-        running = nil
-        if let error = failure.withLock({ $0 }) { throw error }
-        guard !pending.isEmpty else { return }
-        let batch = pending
-        pending = []
-        runningDone.store(false, ordering: .releasing)
-        running = Task { [self] in
-            defer {
-                runningDone.store(true, ordering: .releasing)
-                wakeup.signal()
-            }
-            do {
-                if deletes {
-                    try await table.deletePublished(batch, on: connection)
-                } else {
-                    try await table.markPublished(batch, on: connection)
-                }
-            } catch {
-                failure.withLock { $0 = error }
-            }
-        }
-    }
-
-    /// Waits until every delivery added so far is written.
-    func flush() async throws {
-        while true {
-            await running?.value
-            try startIfIdle()
-            if running == nil { return }
-        }
-    }
 }
 
 /// When housekeeping is next due.

@@ -20,7 +20,8 @@ protocol TransactionalSource {
     mutating func nextBatch(limit: Int) async throws -> SourceBatch?
     /// The batch's transaction committed: record that in the database.
     mutating func committed(_ batch: SourceBatch, deliveries: [OutboxTable.Delivery]) async throws
-    /// A row Kafka will never accept: set it aside so that its stream waits behind it.
+    /// A row Kafka will never accept: set it aside in the database so that its stream waits behind it (the
+    /// engine counts and logs it).
     mutating func deadLetter(_ row: OutboxRow, error: KafkaError) async throws
     /// Whether this relay still owns the unit (its lock or slot). Checked before a new producer fences
     /// whoever else uses the unit's `transactional.id`.
@@ -108,8 +109,7 @@ struct TransactionalPublisher {
             } catch let error as KafkaError {
                 producer.purge()
                 await producer.close(timeout: .seconds(1))
-                relay.counters.producerRestarts.add(1, ordering: .relaxed)
-                relay.metrics.producerRestarts.increment()
+                relay.recordProducerRestart()
                 relay.producerFailed(error)
                 if error.isFenced {
                     relay.metrics.fenced.increment()
@@ -174,19 +174,13 @@ struct TransactionalPublisher {
             await producer.prepare(topics: Array(Set(batch.rows.map(\.topic))))
             for row in batch.rows {
                 let message = row.kafkaMessage(format: configuration.format, transaction: round.label)
-                while true {
-                    do {
-                        try producer.enqueue(message, messageID: nextMessageID)
-                        round.sent(row, messageID: nextMessageID)
-                        spans.started(row, messageID: nextMessageID)
-                        nextMessageID += 1
-                    } catch let error as KafkaError where error.code == .queueFull {
-                        try await Task.sleep(for: .milliseconds(1))
-                        continue
-                    } catch let error as KafkaError {
-                        round.refused(row, error)
-                    }
-                    break
+                switch try await producer.send(message, messageID: nextMessageID) {
+                case .queued:
+                    round.sent(row, messageID: nextMessageID)
+                    spans.started(row, messageID: nextMessageID)
+                    nextMessageID += 1
+                case .refusedForGood(let error), .refused(let error):
+                    round.refused(row, error)
                 }
                 if case .abort = round.next { break }
             }
@@ -244,9 +238,8 @@ struct TransactionalPublisher {
             try await abort(producer, error, deadLetters: [], &source)
             return
         }
-        relay.counters.published.add(deliveries.count, ordering: .relaxed)
+        relay.recordPublished(deliveries.count)
         relay.counters.transactions.add(1, ordering: .relaxed)
-        relay.metrics.published.increment(by: deliveries.count)
         relay.metrics.transactionsCommitted.increment()
         try await source.committed(batch, deliveries: deliveries)
     }
@@ -260,15 +253,11 @@ struct TransactionalPublisher {
         try await producer.abortTransaction(timeout: configuration.transactionTimeout)
         relay.counters.aborted.add(1, ordering: .relaxed)
         relay.metrics.transactionsAborted.increment()
-        if deadLetters.isEmpty {
-            relay.counters.failed.add(1, ordering: .relaxed)
-            relay.metrics.deliveryErrors.increment()
-        }
+        if deadLetters.isEmpty { relay.recordFailedDelivery() }
         logger.warning("Kafka transaction aborted; its rows are published again", metadata: ["kafka.error": "\(reason)"])
         for row in deadLetters {
-            relay.counters.failed.add(1, ordering: .relaxed)
-            relay.metrics.deliveryErrors.increment()
             try await source.deadLetter(row, error: reason)
+            relay.recordDeadLetter(row, reason)
         }
         try await resume(&source)
     }

@@ -3,7 +3,7 @@ import KafkaClient
 
 /// What a relay has handed to one Kafka producer, and the rules that keep every stream in order.
 ///
-/// Pure state, no I/O: ``OutboxRelay`` feeds it fetched rows and delivery reports and acts on what it answers.
+/// Pure state, no I/O: ``TablePipelinedSource`` feeds it fetched rows and delivery reports and acts on what it answers.
 ///
 /// Order per stream rests on three rules:
 /// - A row is sent only if no earlier row of its stream is still waiting unsent. The pipeline remembers the
@@ -19,8 +19,6 @@ import KafkaClient
 ///   n+1 of a partition be stored once record n has failed. A delivery that contradicts that is counted in
 ///   ``orderViolations`` (it would come from a setting such as `message.timeout.ms` > 0).
 struct PublishPipeline {
-    /// Open publish spans of rows in flight that carry a trace.
-    private var spans = PublishSpans()
     /// The highest outbox id taken; the next fetch continues above it.
     private(set) var cursor: Int64 = 0
     /// Rows handed to the producer whose reports have not arrived, by outbox id (the Kafka message id).
@@ -127,7 +125,6 @@ struct PublishPipeline {
     /// The producer accepted `row`.
     mutating func sent(_ row: OutboxRow) {
         inFlight[row.id] = row
-        spans.started(row, messageID: UInt64(row.id))
     }
 
     /// The producer refused `row` before enqueueing it: its stream sends nothing more until the rescan.
@@ -153,7 +150,6 @@ struct PublishPipeline {
 
     mutating func record(_ report: KafkaDeliveryReport) -> ReportOutcome {
         guard let row = inFlight.removeValue(forKey: Int64(report.messageID)) else { return .unknown }
-        spans.finished(messageID: report.messageID, error: report.error)
         guard let error = report.error else {
             if failedStreams.contains(row.streamID) { orderViolations += 1 }
             return .delivered(.init(id: row.id, partition: report.partition, offset: report.offset ?? -1))

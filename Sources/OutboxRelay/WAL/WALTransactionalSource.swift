@@ -133,10 +133,6 @@ struct WALTransactionalSource: TransactionalSource {
     mutating func deadLetter(_ row: OutboxRow, error: KafkaError) async throws {
         try await relay.table.deadLetter(row, error: "\(error)", on: connection)
         heldStreams.insert(row.streamID)
-        relay.metrics.deadLettered.increment()
-        logger.error(
-            "outbox row moved to dead letters; later events of its stream are held back until it is retried",
-            metadata: ["outbox.id": "\(row.id)", "event.id": "\(row.eventID)", "stream.id": "\(row.streamID)", "kafka.error": "\(error)"])
     }
 
     /// Confirms the slot to what Kafka holds; with nothing read and pending, to the server's position (so an idle
@@ -154,15 +150,7 @@ struct WALTransactionalSource: TransactionalSource {
     }
 
     mutating func housekeeping() async throws {
-        let status = try await wal.status(on: connection)
-        relay.metrics.walRetainedBytes.record(status.slot?.retainedBytes ?? 0)
-        heldStreams = try await relay.table.streamsWithDeadLetters(on: connection)
-        relay.metrics.deadLetters.record(try await relay.table.deadLetters(on: connection).count)
-        for _ in 0..<10 {
-            let deleted = try await relay.table.deleteRows(
-                olderThan: relay.configuration.retention, limit: relay.configuration.retentionBatchSize, on: connection)
-            if deleted < relay.configuration.retentionBatchSize || relay.isStopping { break }
-        }
+        heldStreams = try await relay.walHousekeeping(wal, on: connection)
     }
 }
 

@@ -52,11 +52,7 @@ struct TableTransactionalSource: TransactionalSource {
             rows = try await table.waitingRows(after: 0, limit: limit, partitions: partitions, on: connection)
         } catch let error as OutboxRowError {
             // An unreadable row must not stall the outbox: its stream waits behind it in the dead letters.
-            try await table.moveToDeadLetters(error.outboxID, error: "\(error)", on: connection)
-            relay.metrics.deadLettered.increment()
-            relay.logger.error(
-                "outbox row cannot be read; moved to dead letters, its stream is held back",
-                metadata: ["outbox.id": "\(error.outboxID)", "error": "\(error)"])
+            try await relay.deadLetterUnreadable(error.outboxID, "\(error)", on: connection)
             return nil
         }
         guard !rows.isEmpty else {
@@ -75,7 +71,7 @@ struct TableTransactionalSource: TransactionalSource {
     }
 
     func deadLetter(_ row: OutboxRow, error: KafkaError) async throws {
-        try await relay.deadLetter(row, error, connection)
+        try await table.moveToDeadLetters(row.id, error: "\(error)", on: connection)
     }
 
     func stillOwned() async -> Bool {
