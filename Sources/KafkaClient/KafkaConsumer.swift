@@ -116,6 +116,9 @@ public final class KafkaConsumer: Sendable {
 
     /// Makes librdkafka raise a fatal error on this consumer (`rd_kafka_test_fatal_error`), as a fenced member
     /// would see one: the next ``poll(timeout:)`` throws it. For tests of what callers do then.
+    /// librdkafka's name of this client, e.g. `rdkafka#consumer-3` (its log lines carry it).
+    package var clientName: String { handle.name }
+
     @_spi(Testing) public func raiseFatalErrorForTesting(_ reason: String) {
         _ = rd_kafka_test_fatal_error(handle.pointer, RD_KAFKA_RESP_ERR__INVALID_ARG, reason)
     }

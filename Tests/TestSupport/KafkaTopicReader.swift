@@ -27,7 +27,10 @@ public final class KafkaTopicReader {
             guard ContinuousClock.now < deadline else {
                 throw DeadlineExceeded(what: "\(what) (received \(messages.count) messages)", timeout: timeout)
             }
-            if let message = try await consumer.poll(timeout: .milliseconds(100)) {
+            // Everything already fetched, in one hop to the consumer's thread. Taking one record per hop, a reader
+            // once had 1,435 of 10,000 records after 120 s, connected all along, while the whole suite ran on two
+            // busy cores (every record the relay had sent was stored).
+            for message in try await consumer.poll(upTo: 1000, timeout: .milliseconds(100)) {
                 messages.append(message)
                 if let id = message.header("event-id")?.stringValue { eventIDs.insert(id) }
             }

@@ -1,5 +1,6 @@
 import CRdKafka
 import Foundation
+import Synchronization
 
 /// Builds an `rd_kafka_conf_t` from property names and values, failing with the name librdkafka rejected.
 package enum RDKafkaConfig {
@@ -58,19 +59,45 @@ package final class RDKafkaHandle: @unchecked Sendable {
     }
 
     deinit {
+        let pointer = UnsafeSendablePointer(pointer)
+        let context = self.context
+        if Self.mustNotDestroy(pointer.value) {
+            // librdkafka 2.0.2 never finishes destroying a consumer after a fatal error: its group cannot reach its
+            // terminated state, and rdk:main waits for that, waking every millisecond: a core at 100% for the
+            // rest of the process (seen starving a whole test run). Such a consumer fetches and commits nothing
+            // more; it is left to the process's exit, its context kept for callbacks that may still come.
+            Self.abandoned.withLock { $0.append((pointer, context)) }
+            return
+        }
         // rd_kafka_destroy waits for librdkafka's threads and outstanding requests (seconds, or longer when a
         // broker never answers). The last reference may be dropped on Swift's cooperative pool, which must not
         // block, so destruction happens on a thread of its own. The context stays alive until then because
         // callbacks can still fire during destroy.
-        let pointer = UnsafeSendablePointer(pointer)
-        let context = self.context
+        let name = String(cString: rd_kafka_name(pointer.value))
+        Self.destroying.withLock { _ = $0.insert(name) }
         let thread = Thread {
             rd_kafka_destroy(pointer.value)
             withExtendedLifetime(context) {}
+            Self.destroying.withLock { _ = $0.remove(name) }
         }
         thread.name = "eventoutbox-kafka-destroy"
         thread.start()
     }
+
+    /// Whether `client` is a consumer that hit a fatal error (see `deinit`).
+    private static func mustNotDestroy(_ client: OpaquePointer) -> Bool {
+        rd_kafka_type(client) == RD_KAFKA_CONSUMER && rd_kafka_fatal_error(client, nil, 0) != RD_KAFKA_RESP_ERR_NO_ERROR
+    }
+
+    /// Clients (`rd_kafka_name`) whose `rd_kafka_destroy` has not returned yet.
+    package static var clientsBeingDestroyed: Set<String> { destroying.withLock { $0 } }
+    /// Clients left undestroyed (see `deinit`).
+    package static var abandonedClientCount: Int { abandoned.withLock { $0.count } }
+    private static let destroying = Mutex<Set<String>>([])
+    private static let abandoned = Mutex<[(UnsafeSendablePointer, RDKafkaContext)]>([])
+
+    /// librdkafka's name of this client, e.g. `rdkafka#consumer-3`.
+    package var name: String { String(cString: rd_kafka_name(pointer)) }
 
     /// The context of the client that a callback belongs to.
     static func context(of client: OpaquePointer?) -> RDKafkaContext? {
