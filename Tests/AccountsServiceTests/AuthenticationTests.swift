@@ -92,18 +92,12 @@ struct AuthenticationTests {
         #expect(try await service.events("AccountOpened") == 3)
         #expect(try await service.test.count("SELECT count(*) FROM idempotency_keys WHERE caller = 'alice'") == 1, "the expired answer was replaced")
         // Two Idempotency-Key headers: refused, nothing written (curl sends them as two header lines).
-        let curl = ChildProcess()
-        curl.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        curl.arguments = [
+        let curl = try await Tools.command([
             "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "http://127.0.0.1:\(service.port)/accounts",
             "-H", "Authorization: \(alice["Authorization"]!)", "-H", "Content-Type: application/json",
             "-H", "Idempotency-Key: k2", "-H", "Idempotency-Key: k3", "-d", #"{"owner": "B"}"#,
-        ]
-        let out = Pipe()
-        curl.standardOutput = out
-        try curl.run()
-        curl.waitUntilExit()
-        #expect(String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self) == "400")
+        ], in: URL(fileURLWithPath: "/tmp"))
+        #expect(curl.output == "400")
         #expect(try await service.events("AccountOpened") == 3)
         try await service.stop()
     }

@@ -9,8 +9,8 @@ struct ContractTests {
     static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
 
     @Test("openapi-spec-validator accepts openapi.yaml (OpenAPI 3.1)")
-    func specIsValid() throws {
-        let result = try run(["python3", "-m", "openapi_spec_validator", "openapi.yaml"])
+    func specIsValid() async throws {
+        let result = try await run(["python3", "-m", "openapi_spec_validator", "openapi.yaml"])
         #expect(result.status == 0, "\(result.output)")
         #expect(result.output.contains("OK"))
     }
@@ -32,11 +32,11 @@ struct ContractTests {
             "accounts-service", ["--jwt-secret-file", secret.path, "--mint-token", "schemathesis", "--token-scope", "accounts:admin"]
         ).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         try await waitUntil("the service answers", timeout: .seconds(60)) {
-            (try? run(["curl", "-sf", "http://127.0.0.1:\(port)/health/ready"]).status) == 0
+            (try? await run(["curl", "-sf", "http://127.0.0.1:\(port)/health/ready"]).status) == 0
         }
         // Bounded: 40 examples per operation and phase, 10 s per request.
         // Through Python, not the `st` script: where pip puts scripts differs between Python installations.
-        let result = try run([
+        let result = try await run([
             "python3", "-c", "import sys; from schemathesis.cli import schemathesis as main; sys.argv[0] = 'st'; main()", "run", "openapi.yaml", "--url", "http://127.0.0.1:\(port)", "-H", "Authorization: Bearer \(token)",
             "--checks", "all", "--max-examples", "40", "--request-timeout", "10", "--no-color", "--seed", "20261202",
         ])
@@ -52,5 +52,5 @@ struct ContractTests {
         try await test.drop()
     }
 
-    func run(_ arguments: [String]) throws -> (status: Int32, output: String) { try Tools.command(arguments, in: Self.root) }
+    func run(_ arguments: [String]) async throws -> (status: Int32, output: String) { try await Tools.command(arguments, in: Self.root) }
 }

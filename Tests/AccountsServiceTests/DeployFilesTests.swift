@@ -7,11 +7,11 @@ import Testing
 struct DeployFilesTests {
     static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
 
-    func run(_ arguments: [String]) throws -> (status: Int32, output: String) { try Tools.command(arguments, in: Self.root) }
+    func run(_ arguments: [String]) async throws -> (status: Int32, output: String) { try await Tools.command(arguments, in: Self.root) }
 
     @Test("docker-compose config accepts deploy/docker-compose.yml; it runs the service, relay and projector on apache/kafka")
-    func compose() throws {
-        let result = try run(["docker-compose", "-f", "deploy/docker-compose.yml", "config"])
+    func compose() async throws {
+        let result = try await run(["docker-compose", "-f", "deploy/docker-compose.yml", "config"])
         #expect(result.status == 0, "\(result.output)")
         for service in ["postgres:", "kafka:", "migrate:", "accounts-service:", "outbox-relay:", "account-projector:"] {
             #expect(result.output.contains("  \(service)"), "\(service)")
@@ -20,8 +20,8 @@ struct DeployFilesTests {
     }
 
     @Test("kubernetes-validate accepts deploy/kubernetes/eventoutbox.yaml; probes use the service's health endpoints")
-    func kubernetes() throws {
-        let result = try run(["python3", "-m", "kubernetes_validate", "--strict", "deploy/kubernetes/eventoutbox.yaml"])
+    func kubernetes() async throws {
+        let result = try await run(["python3", "-m", "kubernetes_validate", "--strict", "deploy/kubernetes/eventoutbox.yaml"])
         #expect(result.status == 0, "\(result.output)")
         let manifest = try String(contentsOf: Self.root.appendingPathComponent("deploy/kubernetes/eventoutbox.yaml"), encoding: .utf8)
         #expect(manifest.contains("path: /health/ready") && manifest.contains("path: /health/live"))

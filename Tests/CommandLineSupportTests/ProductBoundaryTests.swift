@@ -9,7 +9,7 @@ struct ProductBoundaryTests {
         for (tool, linksKafka) in [
             ("accounts-service", false), ("bank", false), ("eventoutbox", false), ("outbox-relay", true), ("account-projector", true),
         ] {
-            let ldd = try Tools.command(["ldd", try Tools.path(tool)], in: URL(fileURLWithPath: "/tmp"))
+            let ldd = try await Tools.command(["ldd", try Tools.path(tool)], in: URL(fileURLWithPath: "/tmp"))
             #expect(ldd.status == 0, "\(ldd.output)")
             #expect(ldd.output.contains("libpq.so"), "\(tool) talks to PostgreSQL: \(ldd.output)")
             #expect(ldd.output.contains("librdkafka") == linksKafka, "\(tool): \(ldd.output)")

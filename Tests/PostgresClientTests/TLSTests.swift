@@ -6,17 +6,12 @@ import Testing
 /// TLS to PostgreSQL: a throwaway server with `ssl = on` and certificates made for the test (openssl).
 @Suite("TLS to PostgreSQL (a throwaway server with its own certificates)")
 struct TLSTests {
-    /// Runs openssl in `directory`.
-    func openssl(_ arguments: [String], in directory: String) throws {
-        let process = ChildProcess()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-        process.arguments = arguments
-        process.currentDirectoryURL = URL(fileURLWithPath: directory)
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else { throw ThrowawayPostgresError(description: "openssl \(arguments.joined(separator: " ")) failed") }
+    /// Runs openssl in `directory` (off the cooperative threads: RSA key generation takes a while).
+    func openssl(_ arguments: [String], in directory: String) async throws {
+        let result = try await Tools.command(["openssl"] + arguments, in: URL(fileURLWithPath: directory))
+        guard result.status == 0 else {
+            throw ThrowawayPostgresError(description: "openssl \(arguments.joined(separator: " ")) failed: \(result.output)")
+        }
     }
 
     @Test("sslmode=verify-full connects with the server's CA (and the session is encrypted); another CA is a clear error")
@@ -25,12 +20,12 @@ struct TLSTests {
         try FileManager.default.createDirectory(atPath: certificates, withIntermediateDirectories: false)
         defer { try? FileManager.default.removeItem(atPath: certificates) }
         for ca in ["ca", "other-ca"] {
-            try openssl(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=EventOutbox test \(ca)",
+            try await openssl(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=EventOutbox test \(ca)",
                          "-keyout", "\(ca).key", "-out", "\(ca).crt"], in: certificates)
         }
         try "subjectAltName=DNS:localhost\n".write(toFile: certificates + "/san.ext", atomically: true, encoding: .utf8)
-        try openssl(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr"], in: certificates)
-        try openssl(["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+        try await openssl(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr"], in: certificates)
+        try await openssl(["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
                      "-extfile", "san.ext", "-out", "server.crt"], in: certificates)
 
         let port = testPort()

@@ -27,13 +27,13 @@ struct CloudEventsTests {
         }
 
         // A reader no one here wrote: kcat dumps the topic, the CloudEvents SDK parses each record.
-        let dump = try Tools.command(["kcat", "-C", "-J", "-e", "-q", "-b", pipeline.brokers, "-t", pipeline.topic], in: URL(fileURLWithPath: "/tmp"))
+        let dump = try await Tools.command(["kcat", "-C", "-J", "-e", "-q", "-b", pipeline.brokers, "-t", pipeline.topic], in: URL(fileURLWithPath: "/tmp"))
         #expect(dump.status == 0, "\(dump.output.prefix(500))")
         let input = FileManager.default.temporaryDirectory.appendingPathComponent(uniqueName("records") + ".jsonl")
         try Data(dump.output.utf8).write(to: input)
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
             .appendingPathComponent("scripts/lib/read-cloudevents.py").path
-        let parsed = try Tools.command(["sh", "-c", "python3 '\(script)' < '\(input.path)'"], in: URL(fileURLWithPath: "/tmp"))
+        let parsed = try await Tools.command(["sh", "-c", "python3 '\(script)' < '\(input.path)'"], in: URL(fileURLWithPath: "/tmp"))
         try? FileManager.default.removeItem(at: input)
         #expect(parsed.status == 0, "\(parsed.output.prefix(1000))")
         let lines = parsed.output.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }

@@ -86,7 +86,11 @@ public enum Tools {
 
     /// Runs a command found on `PATH` (a tool the test script installed: docker-compose, curl, Python modules)
     /// in `directory`, to completion; standard output and error together.
-    public static func command(_ arguments: [String], in directory: URL) throws -> (status: Int32, output: String) {
+    ///
+    /// The wait happens on a thread of its own: the whole suite shares two cooperative threads, and a tool that
+    /// ran there (Schemathesis for a minute, kubernetes-validate for seconds) once stalled every other test in
+    /// the process at the same time (no log line for 17 s, then timeouts in unrelated suites).
+    public static func command(_ arguments: [String], in directory: URL) async throws -> (status: Int32, output: String) {
         let process = ChildProcess()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = arguments
@@ -95,8 +99,13 @@ public enum Tools {
         process.standardOutput = pipe
         process.standardError = pipe
         try process.run()
-        let output = pipe.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
+        let waiter = SerialThread(name: "tool-command")
+        defer { waiter.stop() }
+        let output = await waiter.run { () -> Data in
+            let output = pipe.fileHandleForReading.readDataToEndOfFile()
+            process.waitUntilExit()
+            return output
+        }
         return (process.terminationStatus, String(decoding: output, as: UTF8.self))
     }
 }
