@@ -11,7 +11,9 @@ import Testing
 struct BankTests {
     @Test("50 concurrent withdrawals: never negative, one event per accepted withdrawal, conflicts retried")
     func concurrentWithdrawals() async throws {
-        let test = try await TestEventStore.create(maxConnections: 8)
+        // 50 callers on 8 connections, each retrying on conflicts: with the whole suite running on two busy cores a
+        // caller waited more than the pool's default 30 s (fresh-clone run 52). The wait is not what is tested.
+        let test = try await TestEventStore.create(maxConnections: 8, acquireTimeout: .seconds(600))
         let bank = Bank(store: test.store)
         let initial: Int64 = 1_000
         let id = try await bank.open(owner: "Race", initialDeposit: initial)
