@@ -52,10 +52,18 @@ public final class MockCluster: @unchecked Sendable {
     /// Makes a broker close its connections and refuse new ones, as if it had crashed.
     ///
     /// librdkafka closes the broker's listening socket and binds its port again at once, without listening, so
-    /// the port stays the broker's while it is down. If anything takes the port in between, the mock aborts the
-    /// whole process (`rdkafka_mock.c`: "Failed to-create mock broker listener"): seen once in 35 test runs.
+    /// the port stays the broker's while it is down. Had another socket been given the port in between, the mock
+    /// would abort the whole process (`rdkafka_mock.c`: "Failed to-create mock broker listener"); a connection
+    /// held across the call keeps the port bound (``BrokerPortHold``).
     public func setBrokerDown(_ brokerID: Int32) throws {
-        try check(rd_kafka_mock_broker_set_down(cluster, brokerID), "set broker \(brokerID) down")
+        guard let port = port(of: brokerID) else {
+            throw KafkaError(code: .invalidArgument, message: "mock cluster has no broker \(brokerID) (brokers 1...\(brokerCount))")
+        }
+        // Closed only after the call returns: by then the mock has bound the port again.
+        let hold = try BrokerPortHold(port: port)
+        try withExtendedLifetime(hold) {
+            try check(rd_kafka_mock_broker_set_down(cluster, brokerID), "set broker \(brokerID) down")
+        }
     }
 
     /// Makes a broker accept connections again.

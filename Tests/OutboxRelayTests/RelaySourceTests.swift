@@ -219,9 +219,9 @@ struct RelaySourceTests {
         let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic), databaseURL: try await kind.databaseURL())
         let source = try await RelaySource.prepare(kind, test)
         var ids = try await test.appendTicks(streams: 10, perStream: 50)
-        // Responses delayed past the message timeout, rather than brokers set down: librdkafka 2.0.2's mock
-        // aborts the process when a broker set up again cannot re-bind its port (seen once in CI), and a
-        // delay needs no re-bind. The relay sees the same thing: deliveries that time out.
+        // Responses delayed past the message timeout: brokers that keep their connections but never answer in
+        // time, a fault of its own beside brokers set down (tested in RelayFaultTests). The relay sees
+        // deliveries that time out.
         func delay(_ milliseconds: Int32) throws {
             for broker in 1...3 { try cluster.setRoundTrip(broker: Int32(broker), milliseconds: milliseconds) }
         }

@@ -24,6 +24,9 @@ ensure_packages() {
     command -v kcat >/dev/null || missing+=(kcat)
     command -v curl >/dev/null || missing+=(curl)
     command -v pkg-config >/dev/null || missing+=(pkg-config)
+    # unshare and ip: the mock broker port test runs in a network namespace of its own.
+    command -v unshare >/dev/null || missing+=(util-linux)
+    command -v ip >/dev/null || missing+=(iproute2)
     if [ ${#missing[@]} -gt 0 ]; then
         log "installing ${missing[*]}"
         as_root apt-get update -qq
