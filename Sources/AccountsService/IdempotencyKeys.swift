@@ -2,6 +2,39 @@ import EventStore
 import Foundation
 import PostgresClient
 
+/// The service's own table, `idempotency_keys`: the `SchemaModule` named `accounts-service`, which
+/// `accounts-service` applies when it starts (after `eventoutbox migrate` made the event store's).
+public enum AccountsServiceSchema {
+    public static let module = SchemaModule("accounts-service", migrations: [
+        SchemaMigration(
+            version: 1, name: "idempotency keys",
+            sql: """
+                -- A service's answer to a request that carried an Idempotency-Key, written in the transaction of
+                -- the events it caused: a retry with the same key gets the same answer and writes nothing.
+                CREATE TABLE idempotency_keys (
+                    key          text        PRIMARY KEY,
+                    -- The request in a canonical form (method, path, decoded body): the same key with another
+                    -- request is refused.
+                    request      text        NOT NULL,
+                    status       int         NOT NULL,
+                    body         text        NOT NULL,
+                    location     text,
+                    created_at   timestamptz NOT NULL DEFAULT now()
+                );
+                """),
+        SchemaMigration(
+            version: 2, name: "idempotency keys per caller, with expiry",
+            sql: """
+                -- A key is the caller's own (the token's subject; '' without authentication): another caller's
+                -- same key is another request. Answers expire (accounts-service --idempotency-key-lifetime).
+                ALTER TABLE idempotency_keys ADD COLUMN caller text NOT NULL DEFAULT '';
+                ALTER TABLE idempotency_keys DROP CONSTRAINT idempotency_keys_pkey;
+                ALTER TABLE idempotency_keys ADD CONSTRAINT idempotency_keys_pkey PRIMARY KEY (caller, key);
+                CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
+                """),
+    ])
+}
+
 /// The answers to requests that carried an `Idempotency-Key`, in `idempotency_keys`.
 ///
 /// Keys are per caller (the token's subject; empty without authentication) and live for a configurable time.

@@ -13,7 +13,7 @@
 /// Before this registry, `migrate` took the `bigint` key 7240511001, which is the default relay key minus one:
 /// the membership lock of partitioned relays, so a migration waited for as long as they ran.
 public enum AdvisoryLockClass: Int32, CaseIterable, Sendable {
-    /// ``EventStoreSchema/migrate(_:)``: one migrator per schema at a time (transaction lock).
+    /// ``SchemaMigrator/migrate(_:)``: one migrator per schema at a time (transaction lock).
     case migrate = 72_405_110
     /// A projector preparing its tables and back-filling new projections, per schema.
     case projectorPrepare = 72_405_113

@@ -1,4 +1,5 @@
 import EventSourcing
+import EventStore
 import Foundation
 import PostgresClient
 
@@ -103,8 +104,15 @@ public struct ProjectionContext: Sendable {
 }
 
 /// Creates missing projection tables, and records what exists.
-enum ProjectionSchema {
-    static let deadLettersSQL = """
+public enum ProjectionSchema {
+    /// The projector's own table, `projection_dead_letters`: the `SchemaModule` named `projections`, which
+    /// ``ProjectionConsumer/prepare()`` applies. (A projection's tables are its own, made from its ``Projection/Table``s.)
+    public static let module = SchemaModule("projections", migrations: [
+        // IF NOT EXISTS: up to 0.9.0, the projector made this table on its own, unrecorded.
+        SchemaMigration(version: 1, name: "projection dead letters", sql: deadLettersSQL)
+    ])
+
+    private static let deadLettersSQL = """
         CREATE TABLE IF NOT EXISTS projection_dead_letters (
             id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
             consumer    text        NOT NULL,

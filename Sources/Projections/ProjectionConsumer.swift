@@ -104,7 +104,7 @@ public final class ProjectionConsumer: Service, Sendable {
             throw error
         }
         do {
-            try await pool.withConnection { try await $0.executeScript(ProjectionSchema.deadLettersSQL) }
+            try await SchemaMigrator([ProjectionSchema.module]).migrate(pool)
             for projection in applier.projections {
                 let exists = try await pool.withConnection { try await ProjectionSchema.exists(projection, on: $0) }
                 if exists {

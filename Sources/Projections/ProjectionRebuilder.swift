@@ -57,9 +57,9 @@ public struct ProjectionRebuilder: Sendable {
             "SELECT pg_advisory_lock($1, hashtext(current_schema() || '.' || $2))",
             [.int32(AdvisoryLockClass.rebuild.rawValue), .text(projection.name)],
             statement: "rebuild: lock")
+        try await SchemaMigrator([ProjectionSchema.module]).migrate(pool)
         let olderDeadLetters = try await pool.withConnection { connection in
             try await ProjectionSchema.create(projection, suffix: suffix, on: connection)
-            try await connection.executeScript(ProjectionSchema.deadLettersSQL)
             return try await connection.queryOne(
                 "SELECT coalesce(max(id), 0) AS last FROM projection_dead_letters", statement: "rebuild: dead letters so far"
             ).decode(Int64.self, "last")

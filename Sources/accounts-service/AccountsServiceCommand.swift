@@ -37,7 +37,8 @@ struct AccountsServiceCommand: AsyncParsableCommand {
               GET  /accounts/{id}/history
               GET  /health/live, /health/ready
 
-            The API is described in openapi.yaml. The tables come from `eventoutbox migrate`.
+            The API is described in openapi.yaml. The event store's tables come from `eventoutbox migrate`; the
+            service applies its own (idempotency_keys) when it starts.
 
             Example:
               head -c 48 /dev/urandom | base64 > jwt.secret
@@ -125,11 +126,15 @@ struct AccountsServiceCommand: AsyncParsableCommand {
             url: url, maxConnections: maxConnections, acquireTimeout: OptionCheck.duration(poolTimeout), maxWaiters: maxWaiting,
             statementTimeout: OptionCheck.duration(statementTimeout)))
         try await reportingFailures {
-            let migrated = try await pool.withConnection {
-                try await $0.queryOne("SELECT to_regclass('idempotency_keys') IS NOT NULL AS present").decode(Bool.self, "present")
+            let missing = try await SchemaMigrator(EventStoreSchema.modules).pending(pool)
+            guard missing.isEmpty else {
+                throw ValidationError(
+                    "the event store tables are missing or out of date (\(missing.map(String.init(describing:)).joined(separator: ", "))): "
+                        + "run `eventoutbox migrate` first")
             }
-            guard migrated else {
-                throw ValidationError("the event store tables are missing or out of date: run `eventoutbox migrate` first")
+            // The service's own table: its module, applied here (safe with several replicas starting at once).
+            for migration in try await SchemaMigrator([AccountsServiceSchema.module]).migrate(pool) {
+                logger.info("applied schema migration", metadata: ["migration": "\(migration)"])
             }
         }
         if !authentication.isEnabled {

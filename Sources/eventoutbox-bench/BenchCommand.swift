@@ -54,7 +54,7 @@ struct Environment {
         let topic = schema
         defer { _ = admin }
         do {
-            try await EventStoreSchema.migrate(pool)
+            try await SchemaMigrator(EventStoreSchema.modules).migrate(pool)
             let value = try await body(url, EventStore(pool: pool, routing: OutboxRouting(defaultTopic: topic)))
             await pool.close()
             try await admin.executeScript("DROP SCHEMA \(schema) CASCADE")

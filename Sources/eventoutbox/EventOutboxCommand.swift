@@ -29,8 +29,14 @@ struct EventOutboxCommand: SubcommandGroup {
 
 struct Migrate: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Create or upgrade the event store tables (events, outbox, snapshots). Safe to run twice.",
+        abstract: "Create or upgrade the event store's and the relay's tables. Safe to run twice, and at once.",
         discussion: """
+            Applies the migrations of two schema modules, each once, in one transaction: event-store (events, \
+            outbox, snapshots) and outbox-relay (outbox_dead_letters, after event-store). Each module numbers its \
+            own; what was applied is recorded per module in eventoutbox_schema_migrations. Services and projectors \
+            apply their own modules when they start (accounts-service: idempotency_keys; account-projector: \
+            projection_dead_letters).
+
             With --wal, also create what `outbox-relay --source wal` reads: a publication of the outbox's inserts \
             and a logical replication slot (pgoutput). Needs wal_level = logical and a role with REPLICATION (or \
             superuser). The slot keeps WAL from now on until a relay confirms it: run the relay, or drop the slot \
@@ -40,12 +46,20 @@ struct Migrate: AsyncParsableCommand {
     @OptionGroup var wal: WALNames
     @Flag(name: .customLong("wal"), help: "Also create the publication and replication slot for `outbox-relay --source wal`.")
     var withWAL = false
+    @Flag(help: "Only list the migrations that are missing (one per line: module, version, name); change nothing.")
+    var dryRun = false
 
     func run() async throws {
         try await reportingFailures {
             let pool = try database.pool()
-            let applied = try await EventStoreSchema.migrate(pool)
-            print(applied.isEmpty ? "schema is up to date" : "applied migrations \(applied.map(String.init).joined(separator: ", "))")
+            let migrator = SchemaMigrator(EventStoreSchema.modules)
+            if dryRun {
+                let pending = try await migrator.pending(pool)
+                print(pending.isEmpty ? "schema is up to date" : pending.map { "missing: \($0)" }.joined(separator: "\n"))
+                return
+            }
+            let applied = try await migrator.migrate(pool)
+            print(applied.isEmpty ? "schema is up to date" : applied.map { "applied migration \($0)" }.joined(separator: "\n"))
             if withWAL {
                 let names = try wal.names()
                 let created = try await pool.withConnection { try await names.setUp(on: $0) }

@@ -43,7 +43,7 @@ struct Service {
     static func start(
         authentication: CallerAuthentication = .disabled, idempotencyKeyLifetime: Duration = .seconds(86_400)
     ) async throws -> Service {
-        let test = try await TestEventStore.create(maxConnections: 8)
+        let test = try await TestEventStore.create(maxConnections: 8, modules: [AccountsServiceSchema.module])
         let api = AccountsAPI(
             bank: Bank(store: test.store), authentication: authentication, idempotencyKeyLifetime: idempotencyKeyLifetime)
         let port = testPort()
@@ -241,6 +241,7 @@ struct AccountsServiceTests {
         let refused = try await Tools.run("accounts-service", ["--insecure-no-auth", "--port", "0"], environment: ["EVENTOUTBOX_DATABASE_URL": schema.url])
         #expect(refused.status != 0)
         #expect(refused.stderr.contains("eventoutbox migrate"), "\(refused.stderr)")
+        #expect(refused.stderr.contains("event-store 1 (events, outbox, snapshots)"), "names what is missing: \(refused.stderr)")
         try await schema.drop()
 
         // Running: the API on one port, metrics and probes on another; SIGTERM stops it with status 0.
@@ -263,6 +264,8 @@ struct AccountsServiceTests {
             throw error
         }
         try #require(service.isRunning, "accounts-service exited: \((try? String(contentsOf: log, encoding: .utf8)) ?? "")")
+        // The service applied its own schema module when it started.
+        #expect(try await test.count("SELECT count(*) FROM eventoutbox_schema_migrations WHERE module = 'accounts-service'") == 2)
         var request = URLRequest(url: URL(string: "http://127.0.0.1:\(port)/accounts")!)
         request.httpMethod = "POST"
         request.httpBody = Data(#"{"owner": "Process"}"#.utf8)

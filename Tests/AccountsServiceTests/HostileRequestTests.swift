@@ -77,7 +77,7 @@ struct HostileRequestTests {
 
     @Test("a stalled database (events locked): 20 deposits get 503 with Retry-After within the bounds, never 500; then they succeed")
     func stalledDatabase() async throws {
-        let test = try await TestEventStore.create()
+        let test = try await TestEventStore.create(modules: [AccountsServiceSchema.module])
         let pool = PostgresPool(PostgresPool.Configuration(
             url: test.schema.url, maxConnections: 2, acquireTimeout: .seconds(1), maxWaiters: 4, statementTimeout: .seconds(1)))
         let bank = Bank(store: EventStore(pool: pool))
@@ -116,7 +116,7 @@ struct HostileRequestTests {
 
     @Test("connections that hold on: one above the cap is closed at once, a silent one after the idle timeout; the service still answers")
     func connectionLimits() async throws {
-        let test = try await TestEventStore.create()
+        let test = try await TestEventStore.create(modules: [AccountsServiceSchema.module])
         let port = testPort()
         let limits = ConnectionLimits(idleTimeout: .seconds(1), maxOpenConnections: 3)
         let app = Application(

@@ -28,7 +28,7 @@ struct TracingTests {
         tracer.watch(traceID)
 
         let topic = uniqueName("traced")
-        let test = try await TestEventStore.create(maxConnections: 8, routing: OutboxRouting(defaultTopic: topic))
+        let test = try await TestEventStore.create(maxConnections: 8, routing: OutboxRouting(defaultTopic: topic), modules: [AccountsServiceSchema.module])
         let brokers = try TestEnvironment.kafkaBrokers()
         let bank = Bank(store: test.store, topic: topic)
         let account = try await bank.open(owner: "Traced", initialDeposit: 1)

@@ -108,9 +108,10 @@ struct EventStoreTests {
     @Test("migrate is safe to run twice, and concurrently")
     func migrateTwice() async throws {
         let test = try await TestEventStore.create()
-        #expect(try await EventStoreSchema.migrate(test.pool).isEmpty)
-        async let first = EventStoreSchema.migrate(test.pool)
-        async let second = EventStoreSchema.migrate(test.pool)
+        let migrator = SchemaMigrator(EventStoreSchema.modules)
+        #expect(try await migrator.migrate(test.pool).isEmpty)
+        async let first = migrator.migrate(test.pool)
+        async let second = migrator.migrate(test.pool)
         let (a, b) = try await (first, second)
         #expect(a.isEmpty && b.isEmpty)
         try await test.drop()

@@ -49,6 +49,13 @@ struct GettingStartedGuideTests {
         let databaseURL = test.schema.url
         let brokers = try TestEnvironment.kafkaBrokers()
 
+        let taskSchema = SchemaModule("task-service", dependencies: ["event-store"], migrations: [
+            SchemaMigration(version: 1, name: "task labels", sql: "CREATE TABLE task_labels (list_id text PRIMARY KEY, label text NOT NULL)"),
+        ])
+        try await SchemaMigrator(EventStoreSchema.modules + [taskSchema]).migrate(pool)
+        #expect(try await test.count("SELECT count(*) FROM eventoutbox_schema_migrations WHERE module = 'task-service'") == 1)
+        #expect(try await test.count("SELECT count(*) FROM task_labels") == 0)
+
         var registry = EventRegistry()
         registry.register(TaskAdded.self)
         registry.register(TaskDone.self)

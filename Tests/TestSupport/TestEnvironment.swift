@@ -107,15 +107,17 @@ public struct TestEventStore: Sendable {
     public let pool: PostgresPool
     public let store: EventStore
 
-    /// - Parameter acquireTimeout: the pool's longest wait for a connection. A test that queues more callers than
-    ///   connections on purpose raises it: how long the queue takes depends on the machine, not on what is tested.
+    /// - Parameters:
+    ///   - acquireTimeout: the pool's longest wait for a connection. A test that queues more callers than
+    ///     connections on purpose raises it: how long the queue takes depends on the machine, not on what is tested.
+    ///   - modules: schema modules to apply beside the toolkit's (a service's own tables).
     public static func create(
         maxConnections: Int = 4, acquireTimeout: Duration = .seconds(30), routing: OutboxRouting = OutboxRouting(),
-        databaseURL: String? = nil
+        databaseURL: String? = nil, modules: [SchemaModule] = []
     ) async throws -> TestEventStore {
         let schema = try await TestSchema.create("es", base: databaseURL)
         let pool = PostgresPool(url: schema.url, maxConnections: maxConnections, acquireTimeout: acquireTimeout)
-        try await EventStoreSchema.migrate(pool)
+        try await SchemaMigrator(EventStoreSchema.modules + modules).migrate(pool)
         return TestEventStore(schema: schema, pool: pool, store: EventStore(pool: pool, routing: routing))
     }
 
