@@ -44,7 +44,7 @@ struct KafkaMockClusterCommand: ParsableCommand {
         help: ArgumentHelp("Create a topic at start, as NAME:PARTITIONS (repeatable).", valueName: "name:partitions"))
     var topics: [TopicSpec] = []
 
-    @Option(help: "Write the bootstrap servers to this file once the cluster is ready (written atomically).")
+    @Option(help: "Write the bootstrap servers to this file once the cluster (and its --control pipe) is ready; written atomically.")
     var bootstrapFile: String?
 
     @Option(help: ArgumentHelp("Take fault-injection commands from this named pipe (created if missing); see above.", valueName: "path"))
@@ -59,6 +59,13 @@ struct KafkaMockClusterCommand: ParsableCommand {
         for topic in topics {
             try cluster.createTopic(topic.name, partitions: topic.partitions, replicationFactor: 1)
         }
+        // The pipe first: the bootstrap file says "ready", and a reader that then opens --control for writing
+        // must find the FIFO, not create a plain file of that name.
+        var createdPipe = false
+        if let control {
+            createdPipe = try ControlPipe.prepare(control)
+            ControlPipe.serve(control, cluster)
+        }
         if let bootstrapFile {
             // Write then rename, so a reader never sees a half-written file.
             let temporary = bootstrapFile + ".tmp"
@@ -69,11 +76,6 @@ struct KafkaMockClusterCommand: ParsableCommand {
         }
         print(cluster.bootstrapServers)
         FileHandle.standardOutput.synchronizeFile()
-        var createdPipe = false
-        if let control {
-            createdPipe = try ControlPipe.prepare(control)
-            ControlPipe.serve(control, cluster)
-        }
 
         let stop = DispatchSemaphore(value: 0)
         var sources: [any DispatchSourceSignal] = []
