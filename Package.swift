@@ -23,6 +23,7 @@ let package = Package(
         .executable(name: "accounts-service", targets: ["accounts-service"]),
         .library(name: "Projections", targets: ["Projections"]),
         .library(name: "OutboxRelay", targets: ["OutboxRelay"]),
+        .library(name: "OutboxRelayStore", targets: ["OutboxRelayStore"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -109,11 +110,18 @@ let package = Package(
             swiftSettings: strictSettings
         ),
 
+        // The relay's tables and statements (outbox_dead_letters, the outbox cursor and marks, the WAL slot):
+        // no Kafka, so that `eventoutbox` can migrate and retry dead letters without linking librdkafka.
+        .target(
+            name: "OutboxRelayStore",
+            dependencies: ["EventSourcing", "EventStore", "PostgresClient"],
+            swiftSettings: strictSettings
+        ),
         // The relay: publishes outbox rows to Kafka.
         .target(
             name: "OutboxRelay",
             dependencies: [
-                "EventSourcing", "EventStore", "KafkaClient", "PostgresClient",
+                "EventSourcing", "EventStore", "KafkaClient", "OutboxRelayStore", "PostgresClient",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -165,7 +173,7 @@ let package = Package(
             name: "outbox-relay",
             dependencies: [
                 "EventSourcing",
-                "CommandLineSupport", "EventStore",
+                "CommandLineSupport", "EventStore", "OutboxRelayStore",
                 "OutboxRelay", "Observability", "KafkaClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -194,7 +202,7 @@ let package = Package(
             name: "accounts-service",
             dependencies: [
                 "EventSourcing",
-                "AccountsService", "CommandLineSupport", "Observability", "BankAccount", "EventStore", "PostgresClient",
+                "AccountsService", "CommandLineSupport", "Observability", "BankAccount", "EventStore", "OutboxRelayStore", "PostgresClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Logging", package: "swift-log"),
@@ -221,7 +229,7 @@ let package = Package(
             name: "eventoutbox-bench",
             dependencies: [
                 "EventSourcing", "CommandLineSupport",
-                "BankAccount", "BankProjections", "EventStore", "OutboxRelay", "Projections", "KafkaClient", "PostgresClient",
+                "BankAccount", "BankProjections", "EventStore", "OutboxRelayStore", "OutboxRelay", "Projections", "KafkaClient", "PostgresClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strictSettings
@@ -241,7 +249,7 @@ let package = Package(
             dependencies: [
                 "EventSourcing",
                 "CommandLineSupport",
-                "EventStore", "PostgresClient",
+                "EventStore", "OutboxRelayStore", "PostgresClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strictSettings
@@ -256,7 +264,7 @@ let package = Package(
         .target(
             name: "TestSupport",
             dependencies: [
-                "PostgresClient", "KafkaClient", "EventStore", "EventSourcing", "BlockingIO",
+                "PostgresClient", "KafkaClient", "EventStore", "OutboxRelayStore", "EventSourcing", "BlockingIO",
                 .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
             ],
@@ -276,7 +284,7 @@ let package = Package(
         .testTarget(
             name: "EventStoreTests",
             dependencies: [
-                "EventSourcing", "EventStore", "BankAccount", "PostgresClient", "TestSupport",
+                "EventSourcing", "EventStore", "OutboxRelayStore", "BankAccount", "PostgresClient", "TestSupport",
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ],
             swiftSettings: strictSettings
@@ -284,7 +292,9 @@ let package = Package(
         .testTarget(
             name: "OutboxRelayTests",
             dependencies: [
-                "OutboxRelay", "EventStore", "BankAccount", "BankProjections", "Projections", "KafkaClient", "KafkaMock", "TestSupport", "Observability",
+                "OutboxRelay", "EventSourcing", "EventStore", "OutboxRelayStore", "BankAccount", "BankProjections", "Projections", "KafkaClient", "KafkaMock",
+                "PostgresClient", "TestSupport", "Observability",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -295,7 +305,9 @@ let package = Package(
         .testTarget(
             name: "ProjectionsTests",
             dependencies: [
-                "Projections", "BankAccount", "BankProjections", "EventStore", "OutboxRelay", "KafkaClient", "TestSupport",
+                "Projections", "BankAccount", "BankProjections", "EventSourcing", "EventStore", "OutboxRelayStore", "OutboxRelay", "KafkaClient",
+                "PostgresClient", "TestSupport",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "PropertyBased", package: "swift-property-based"),
                 .product(name: "InMemoryLogging", package: "swift-log"),
             ],
@@ -310,13 +322,14 @@ let package = Package(
                 .product(name: "InMemoryLogging", package: "swift-log"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
             ],
             swiftSettings: strictSettings
         ),
         // The fault suite: the real executables under crashes and outages, with figures for RELIABILITY.md.
         .testTarget(
             name: "ReliabilityTests",
-            dependencies: ["BankAccount", "EventSourcing", "EventStore", "KafkaClient", "PostgresClient", "TestSupport"],
+            dependencies: ["BankAccount", "EventSourcing", "EventStore", "OutboxRelayStore", "KafkaClient", "PostgresClient", "TestSupport"],
             swiftSettings: strictSettings
         ),
         .testTarget(

@@ -1,13 +1,10 @@
 /// The event store's tables, `events`, `snapshots` and `outbox`: the ``SchemaModule`` named `event-store`.
 ///
-/// `eventoutbox migrate` applies ``modules``, this one and the relay's; a service of your own adds its modules
-/// to the same ``SchemaMigrator``.
+/// `eventoutbox migrate` applies it with the relay's module (`EventOutboxSchema.modules`, in OutboxRelayStore); a
+/// service of your own adds its modules to the same ``SchemaMigrator``.
 public enum EventStoreSchema {
     /// The channel on which every append transaction sends `NOTIFY` (payload: the number of outbox rows).
     public static let outboxChannel = "eventoutbox_outbox"
-
-    /// The toolkit's modules, for `eventoutbox migrate`: the event store and the relay's tables.
-    public static let modules: [SchemaModule] = [module, OutboxRelaySchema.module]
 
     public static let module = SchemaModule("event-store", migrations: [
         SchemaMigration(

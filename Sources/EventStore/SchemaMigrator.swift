@@ -24,7 +24,7 @@ public struct SchemaMigration: Sendable, Equatable {
 /// let orders = SchemaModule("orders-service", dependencies: ["event-store"], migrations: [
 ///     SchemaMigration(version: 1, name: "order numbers", sql: "CREATE TABLE order_numbers (...)"),
 /// ])
-/// try await SchemaMigrator(EventStoreSchema.modules + [orders]).migrate(pool)
+/// try await SchemaMigrator(EventOutboxSchema.modules + [orders]).migrate(pool)
 /// ```
 public struct SchemaModule: Sendable {
     /// Unique among the modules of one database schema; recorded with each applied migration.
@@ -137,11 +137,10 @@ public struct SchemaMigrator: Sendable {
     public func pending(_ pool: PostgresPool) async throws -> [ModuleMigration] {
         let order = try ordered()
         let done = try await pool.withConnection { connection -> Set<Key> in
-            let present = try await connection.queryOne(
-                "SELECT to_regclass('eventoutbox_schema_migrations') IS NOT NULL AS present", statement: "migrate: bookkeeping present"
-            ).decode(Bool.self, "present")
-            if present { return try await Self.applied(connection) }
-            return try await Self.legacyApplied(connection)
+            if try await Self.tableExists("eventoutbox_schema_migrations", on: connection) {
+                return try await Self.applied(connection)
+            }
+            return Set((try await Self.legacyRecords(connection) ?? []).map { Key(module: $0.migration.module, version: $0.migration.version) })
         }
         return order.flatMap { module in
             module.migrations.filter { !done.contains(Key(module: module.name, version: $0.version)) }
@@ -155,10 +154,7 @@ public struct SchemaMigrator: Sendable {
     }
 
     private static func prepareBookkeeping(_ connection: PostgresConnection) async throws {
-        let present = try await connection.queryOne(
-            "SELECT to_regclass('eventoutbox_schema_migrations') IS NOT NULL AS present", statement: "migrate: bookkeeping present"
-        ).decode(Bool.self, "present")
-        guard !present else { return }
+        guard try await !tableExists("eventoutbox_schema_migrations", on: connection) else { return }
         try await connection.executeScript(
             """
             CREATE TABLE eventoutbox_schema_migrations (
@@ -190,36 +186,37 @@ public struct SchemaMigrator: Sendable {
         6: ModuleMigration(module: "accounts-service", version: 2, name: "idempotency keys per caller, with expiry"),
     ]
 
-    private static func legacyApplied(_ connection: PostgresConnection) async throws -> Set<Key> {
-        let present = try await connection.queryOne(
-            "SELECT to_regclass('eventoutbox_migrations') IS NOT NULL AS present", statement: "migrate: old bookkeeping present"
-        ).decode(Bool.self, "present")
-        guard present else { return [] }
-        let versions = try await connection.query("SELECT version FROM eventoutbox_migrations", statement: "migrate: old applied")
-            .map { try $0.decode(Int.self, "version") }
-        return Set(versions.compactMap { legacyMigrations[$0] }.map { Key(module: $0.module, version: $0.version) })
-    }
-
-    /// Records, once, what the old list had applied as the modules' migrations.
-    private static func adoptLegacyRecords(_ connection: PostgresConnection) async throws {
-        let present = try await connection.queryOne(
-            "SELECT to_regclass('eventoutbox_migrations') IS NOT NULL AS present", statement: "migrate: old bookkeeping present"
-        ).decode(Bool.self, "present")
-        guard present else { return }
-        let old = try await connection.query(
-            "SELECT version FROM eventoutbox_migrations ORDER BY version", statement: "migrate: old applied")
-        for row in old {
+    /// What the old list records, each version as the module migration it became; `nil` without the old table.
+    /// A version that no release wrote is refused: the schema was changed by something this build cannot vouch for.
+    private static func legacyRecords(_ connection: PostgresConnection) async throws -> [(version: Int, migration: ModuleMigration)]? {
+        guard try await tableExists("eventoutbox_migrations", on: connection) else { return nil }
+        return try await connection.query(
+            "SELECT version FROM eventoutbox_migrations ORDER BY version", statement: "migrate: old applied"
+        ).map { row in
             let version = try row.decode(Int.self, "version")
             guard let migration = legacyMigrations[version] else {
                 throw SchemaModuleError(
                     message: "eventoutbox_migrations records version \(version), which no version of EventOutbox wrote: "
                         + "the schema was changed by hand or by a newer build; resolve it before migrating")
             }
+            return (version, migration)
+        }
+    }
+
+    /// Records, once, what the old list had applied as the modules' migrations.
+    private static func adoptLegacyRecords(_ connection: PostgresConnection) async throws {
+        for (version, migration) in try await legacyRecords(connection) ?? [] {
             try await connection.execute(
                 "INSERT INTO eventoutbox_schema_migrations (module, version, name, applied_at) "
                     + "SELECT $1, $2, $3, applied_at FROM eventoutbox_migrations WHERE version = $4",
                 [.text(migration.module), .int(migration.version), .text(migration.name), .int(version)],
                 statement: "migrate: adopt old record")
         }
+    }
+
+    private static func tableExists(_ table: String, on connection: PostgresConnection) async throws -> Bool {
+        try await connection.queryOne(
+            "SELECT to_regclass($1) IS NOT NULL AS present", [.text(table)], statement: "migrate: is there a table \(table)"
+        ).decode(Bool.self, "present")
     }
 }

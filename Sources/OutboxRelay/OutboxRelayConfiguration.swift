@@ -1,5 +1,6 @@
 import EventStore
 import KafkaClient
+import OutboxRelayStore
 
 /// Settings of an ``OutboxRelay``.
 public struct OutboxRelayConfiguration: Sendable {

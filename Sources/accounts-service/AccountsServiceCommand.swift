@@ -8,6 +8,7 @@ import Foundation
 import Hummingbird
 import Logging
 import Observability
+import OutboxRelayStore
 import PostgresClient
 import ServiceLifecycle
 import UnixSignals
@@ -126,7 +127,7 @@ struct AccountsServiceCommand: AsyncParsableCommand {
             url: url, maxConnections: maxConnections, acquireTimeout: OptionCheck.duration(poolTimeout), maxWaiters: maxWaiting,
             statementTimeout: OptionCheck.duration(statementTimeout)))
         try await reportingFailures {
-            let missing = try await SchemaMigrator(EventStoreSchema.modules).pending(pool)
+            let missing = try await SchemaMigrator(EventOutboxSchema.modules).pending(pool)
             guard missing.isEmpty else {
                 throw ValidationError(
                     "the event store tables are missing or out of date (\(missing.map(String.init(describing:)).joined(separator: ", "))): "

@@ -6,6 +6,7 @@ import EventStore
 import Foundation
 import KafkaClient
 import OutboxRelay
+import OutboxRelayStore
 import PostgresClient
 import Projections
 import Synchronization
@@ -54,7 +55,7 @@ struct Environment {
         let topic = schema
         defer { _ = admin }
         do {
-            try await SchemaMigrator(EventStoreSchema.modules).migrate(pool)
+            try await SchemaMigrator(EventOutboxSchema.modules).migrate(pool)
             let value = try await body(url, EventStore(pool: pool, routing: OutboxRouting(defaultTopic: topic)))
             await pool.close()
             try await admin.executeScript("DROP SCHEMA \(schema) CASCADE")

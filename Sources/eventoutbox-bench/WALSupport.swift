@@ -1,6 +1,7 @@
 import ArgumentParser
 import EventStore
 import Foundation
+import OutboxRelayStore
 import PostgresClient
 
 /// A publication and slot of a bench schema's own (`--source wal`), dropped afterwards.

@@ -3,6 +3,7 @@ import CommandLineSupport
 import EventSourcing
 import EventStore
 import Foundation
+import OutboxRelayStore
 import PostgresClient
 
 @main
@@ -52,7 +53,7 @@ struct Migrate: AsyncParsableCommand {
     func run() async throws {
         try await reportingFailures {
             let pool = try database.pool()
-            let migrator = SchemaMigrator(EventStoreSchema.modules)
+            let migrator = SchemaMigrator(EventOutboxSchema.modules)
             if dryRun {
                 let pending = try await migrator.pending(pool)
                 print(pending.isEmpty ? "schema is up to date" : pending.map { "missing: \($0)" }.joined(separator: "\n"))

@@ -7,6 +7,7 @@ import KafkaClient
 import Logging
 import Observability
 import OutboxRelay
+import OutboxRelayStore
 import ServiceLifecycle
 import UnixSignals
 

@@ -2,6 +2,7 @@ import BankAccount
 import EventSourcing
 import EventStore
 import Foundation
+import OutboxRelayStore
 import PostgresClient
 import TestSupport
 import Testing
@@ -108,7 +109,7 @@ struct EventStoreTests {
     @Test("migrate is safe to run twice, and concurrently")
     func migrateTwice() async throws {
         let test = try await TestEventStore.create()
-        let migrator = SchemaMigrator(EventStoreSchema.modules)
+        let migrator = SchemaMigrator(EventOutboxSchema.modules)
         #expect(try await migrator.migrate(test.pool).isEmpty)
         async let first = migrator.migrate(test.pool)
         async let second = migrator.migrate(test.pool)

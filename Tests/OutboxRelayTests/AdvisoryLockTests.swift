@@ -5,6 +5,7 @@ import EventStore
 import Foundation
 import KafkaClient
 import OutboxRelay
+import OutboxRelayStore
 import PostgresClient
 import Projections
 import TestSupport
@@ -51,7 +52,7 @@ struct AdvisoryLockTests {
                     return relay.publishedCount >= 1 && balances == 1
                 }
                 let pool = PostgresPool(url: bounded, maxConnections: 1)
-                let applied = try await SchemaMigrator(EventStoreSchema.modules).migrate(pool)
+                let applied = try await SchemaMigrator(EventOutboxSchema.modules).migrate(pool)
                 await pool.close()
                 #expect(applied.isEmpty)
                 let cli = try await Tools.run("eventoutbox", ["migrate"], environment: ["EVENTOUTBOX_DATABASE_URL": bounded])

@@ -2,6 +2,7 @@ import EventStore
 import Foundation
 import KafkaClient
 import KafkaMock
+import OutboxRelayStore
 import PostgresClient
 import TestSupport
 import Testing

@@ -4,6 +4,7 @@ import Foundation
 import KafkaClient
 import KafkaMock
 import OutboxRelay
+import OutboxRelayStore
 import PostgresClient
 import TestSupport
 import Testing

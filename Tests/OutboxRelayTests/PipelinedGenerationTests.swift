@@ -2,6 +2,7 @@ import EventStore
 import Foundation
 import KafkaClient
 @testable import OutboxRelay
+import OutboxRelayStore
 import Testing
 
 private func row(_ id: Int64, _ stream: String = "s", _ version: Int64 = 1) -> OutboxRow {

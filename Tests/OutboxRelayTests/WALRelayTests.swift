@@ -5,6 +5,7 @@ import InMemoryTracing
 import KafkaClient
 import KafkaMock
 import OutboxRelay
+import OutboxRelayStore
 import PostgresClient
 import TestSupport
 import Testing

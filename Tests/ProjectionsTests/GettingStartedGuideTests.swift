@@ -2,6 +2,7 @@ import EventSourcing
 import EventStore
 import Foundation
 import KafkaClient
+import OutboxRelayStore
 import PostgresClient
 import Projections
 import TestSupport
@@ -52,7 +53,7 @@ struct GettingStartedGuideTests {
         let taskSchema = SchemaModule("task-service", dependencies: ["event-store"], migrations: [
             SchemaMigration(version: 1, name: "task labels", sql: "CREATE TABLE task_labels (list_id text PRIMARY KEY, label text NOT NULL)"),
         ])
-        try await SchemaMigrator(EventStoreSchema.modules + [taskSchema]).migrate(pool)
+        try await SchemaMigrator(EventOutboxSchema.modules + [taskSchema]).migrate(pool)
         #expect(try await test.count("SELECT count(*) FROM eventoutbox_schema_migrations WHERE module = 'task-service'") == 1)
         #expect(try await test.count("SELECT count(*) FROM task_labels") == 0)
 

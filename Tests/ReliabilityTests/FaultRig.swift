@@ -3,6 +3,7 @@ import EventSourcing
 import EventStore
 import Foundation
 import KafkaClient
+import OutboxRelayStore
 import PostgresClient
 import TestSupport
 import Testing
@@ -190,7 +191,7 @@ final class FaultRig {
             databaseURL = schema.url
         }
         pool = PostgresPool(url: databaseURL, maxConnections: 4)
-        try await SchemaMigrator(EventStoreSchema.modules).migrate(pool)
+        try await SchemaMigrator(EventOutboxSchema.modules).migrate(pool)
         bank = Bank(store: EventStore(pool: pool), topic: topic)
         cluster = try await MockClusterProcess.start(brokers: 3, topics: [(topic, Self.partitions), (progressTopic, 1)])
         // Exactly-once: the mock checks a transactional producer's sequence numbers, so a record reported

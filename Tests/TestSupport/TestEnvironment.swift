@@ -1,5 +1,6 @@
 import Foundation
 import EventStore
+import OutboxRelayStore
 import PostgresClient
 import Synchronization
 
@@ -86,6 +87,19 @@ public struct TestSchema: Sendable {
         return TestSchema(name: name, url: base + separator + "options=-csearch_path%3D\(name)", base: base)
     }
 
+    /// Runs `body` with a pool on a fresh schema, then closes the pool and drops the schema, also when `body` throws.
+    public static func withPool<R: Sendable>(
+        _ prefix: String = "t", maxConnections: Int = 2, _ body: (PostgresPool) async throws -> R
+    ) async throws -> R {
+        let schema = try await create(prefix)
+        let pool = PostgresPool(url: schema.url, maxConnections: maxConnections)
+        let result: Result<R, any Error>
+        do { result = .success(try await body(pool)) } catch { result = .failure(error) }
+        await pool.close()
+        try await schema.drop()
+        return try result.get()
+    }
+
     /// Drops the schema and everything in it.
     public func drop() async throws {
         let admin = try await PostgresConnection.connect(to: base)
@@ -117,7 +131,7 @@ public struct TestEventStore: Sendable {
     ) async throws -> TestEventStore {
         let schema = try await TestSchema.create("es", base: databaseURL)
         let pool = PostgresPool(url: schema.url, maxConnections: maxConnections, acquireTimeout: acquireTimeout)
-        try await SchemaMigrator(EventStoreSchema.modules + modules).migrate(pool)
+        try await SchemaMigrator(EventOutboxSchema.modules + modules).migrate(pool)
         return TestEventStore(schema: schema, pool: pool, store: EventStore(pool: pool, routing: routing))
     }
 

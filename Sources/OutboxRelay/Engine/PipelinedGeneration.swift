@@ -1,5 +1,6 @@
 import EventStore
 import KafkaClient
+import OutboxRelayStore
 
 /// One producer of the at-least-once engine: what it has in flight, how it failed, and what the engine does
 /// next. Pure: ``PipelinedPublisher`` does the I/O and feeds it what happened.

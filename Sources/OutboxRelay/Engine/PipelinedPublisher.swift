@@ -1,6 +1,7 @@
 import EventStore
 import KafkaClient
 import Logging
+import OutboxRelayStore
 
 /// Where an at-least-once relay takes its rows from: the outbox table, or the outbox's inserts in the WAL.
 /// The engine (``PipelinedPublisher``) sends whatever a source hands it, keeps up to

@@ -3,6 +3,7 @@ import EventStore
 import Foundation
 import KafkaClient
 import Metrics
+import OutboxRelayStore
 import Tracing
 
 /// What the relay observes of each row in flight: a span per row that carries a trace (its `traceparent`

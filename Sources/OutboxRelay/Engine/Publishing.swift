@@ -2,6 +2,7 @@ import EventStore
 import KafkaClient
 import Logging
 import Metrics
+import OutboxRelayStore
 import PostgresClient
 import Synchronization
 

@@ -1,5 +1,6 @@
 import EventStore
 import KafkaClient
+import OutboxRelayStore
 
 /// The bookkeeping of one Kafka transaction of the exactly-once relay: which rows it sent, which reports came
 /// back, and what to do next. Pure: the engine (``TransactionalPublisher``) does the I/O.

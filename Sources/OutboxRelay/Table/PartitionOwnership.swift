@@ -1,4 +1,5 @@
 import EventStore
+import OutboxRelayStore
 import PostgresClient
 
 /// Which outbox partitions this relay publishes when several relays split one database's streams

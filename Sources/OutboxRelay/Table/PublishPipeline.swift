@@ -1,5 +1,6 @@
 import EventStore
 import KafkaClient
+import OutboxRelayStore
 
 /// What a relay has handed to one Kafka producer, and the rules that keep every stream in order.
 ///

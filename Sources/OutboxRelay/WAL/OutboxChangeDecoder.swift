@@ -1,5 +1,6 @@
 import EventStore
 import Foundation
+import OutboxRelayStore
 import PostgresClient
 
 /// What a WAL relay does something about, read from the replication stream.

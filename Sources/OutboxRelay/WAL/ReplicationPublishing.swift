@@ -3,6 +3,7 @@ import Foundation
 import KafkaClient
 import Logging
 import Metrics
+import OutboxRelayStore
 import PostgresClient
 import Synchronization
 

@@ -3,6 +3,7 @@ import Foundation
 import KafkaClient
 import Logging
 import Metrics
+import OutboxRelayStore
 import PostgresClient
 
 /// `--source wal` for the at-least-once engine: the outbox's inserts read from the logical replication slot in

@@ -3,6 +3,7 @@ import Foundation
 import KafkaClient
 import Logging
 import Metrics
+import OutboxRelayStore
 import PostgresClient
 
 /// `--source wal` for the exactly-once engine: whole PostgreSQL transactions read from the replication slot, as

@@ -1,7 +1,9 @@
-/// The relay's own table, `outbox_dead_letters`: the ``SchemaModule`` named `outbox-relay`.
+import EventStore
+
+/// The relay's own table, `outbox_dead_letters`: the `SchemaModule` named `outbox-relay`.
 ///
-/// It lives in this module, not in OutboxRelay, because `eventoutbox migrate` and `eventoutbox dead-letters` use
-/// it and must not link librdkafka.
+/// It lives in OutboxRelayStore, not in OutboxRelay, because `eventoutbox migrate` and `eventoutbox dead-letters`
+/// use it and must not link librdkafka.
 public enum OutboxRelaySchema {
     public static let module = SchemaModule("outbox-relay", dependencies: ["event-store"], migrations: [
         SchemaMigration(
