@@ -93,11 +93,17 @@ public struct TestSchema: Sendable {
     ) async throws -> R {
         let schema = try await create(prefix)
         let pool = PostgresPool(url: schema.url, maxConnections: maxConnections)
-        let result: Result<R, any Error>
-        do { result = .success(try await body(pool)) } catch { result = .failure(error) }
-        await pool.close()
-        try await schema.drop()
-        return try result.get()
+        do {
+            let result = try await body(pool)
+            await pool.close()
+            try await schema.drop()
+            return result
+        } catch {
+            // The body's failure is the one to report; a failed drop only leaves a schema behind.
+            await pool.close()
+            try? await schema.drop()
+            throw error
+        }
     }
 
     /// Drops the schema and everything in it.
