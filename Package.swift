@@ -10,10 +10,12 @@ let package = Package(
     name: "EventOutbox",
     platforms: [.macOS(.v15)],
     products: [
-        .library(name: "PostgresClient", targets: ["PostgresClient"]),
+        .library(name: "LibPQ", targets: ["LibPQ"]),
         .library(name: "KafkaClient", targets: ["KafkaClient"]),
         .library(name: "EventSourcing", targets: ["EventSourcing"]),
         .library(name: "EventStore", targets: ["EventStore"]),
+        .library(name: "EventStoreSQL", targets: ["EventStoreSQL"]),
+        .library(name: "EventStorePostgresNIO", targets: ["EventStorePostgresNIO"]),
         .library(name: "BankAccount", targets: ["BankAccount"]),
         .library(name: "BankProjections", targets: ["BankProjections"]),
         .executable(name: "bank", targets: ["bank"]),
@@ -39,6 +41,8 @@ let package = Package(
         // HS256 bearer tokens for accounts-service (verification only; swift-crypto is in the graph already).
         .package(url: "https://github.com/vapor/jwt-kit", from: "5.7.1"),
         .package(url: "https://github.com/apple/swift-distributed-tracing", from: "1.1.0"),
+        // For EventStorePostgresNIO only: services that already talk to PostgreSQL through postgres-nio.
+        .package(url: "https://github.com/vapor/postgres-nio", from: "1.33.2"),
         // OTLP trace export over HTTP only: the gRPC trait would add grpc-swift to every build.
         .package(url: "https://github.com/swift-otel/swift-otel", from: "1.6.0", traits: ["OTLPHTTP"]),
         // `swift package generate-documentation`: a plugin only, built when it is used.
@@ -62,7 +66,7 @@ let package = Package(
 
         // Thin wrappers: the only modules that import C.
         .target(
-            name: "PostgresClient",
+            name: "LibPQ",
             dependencies: ["CLibPQ", "BlockingIO", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strictSettings
         ),
@@ -84,23 +88,39 @@ let package = Package(
             dependencies: [.product(name: "Tracing", package: "swift-distributed-tracing")],
             swiftSettings: strictSettings
         ),
+        // The event store's statements and rows, for any driver: the libpq EventStore and the postgres-nio adapter
+        // run the same SQL, so they write the same events and outbox rows.
+        .target(
+            name: "EventStoreSQL",
+            dependencies: ["EventSourcing", .product(name: "Tracing", package: "swift-distributed-tracing")],
+            swiftSettings: strictSettings
+        ),
+        // Appends and reads on a postgres-nio connection, inside the caller's own transaction (no libpq).
+        .target(
+            name: "EventStorePostgresNIO",
+            dependencies: [
+                "EventSourcing", "EventStoreSQL", .product(name: "Logging", package: "swift-log"),
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+            ],
+            swiftSettings: strictSettings
+        ),
         .target(
             name: "EventStore",
             dependencies: [
-                "EventSourcing", "PostgresClient", .product(name: "Logging", package: "swift-log"),
+                "EventSourcing", "EventStoreSQL", "LibPQ", .product(name: "Logging", package: "swift-log"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
             ],
             swiftSettings: strictSettings
         ),
         .target(
             name: "BankAccount",
-            dependencies: ["BankDomain", "EventSourcing", "EventStore", "PostgresClient"],
+            dependencies: ["EventStoreSQL", "BankDomain", "EventSourcing", "EventStore", "LibPQ"],
             swiftSettings: strictSettings
         ),
         // The bank's read models, for the projector (the service and the CLI do not link Kafka).
         .target(
             name: "BankProjections",
-            dependencies: ["BankDomain", "EventSourcing", "PostgresClient", "Projections"],
+            dependencies: ["BankDomain", "EventSourcing", "LibPQ", "Projections"],
             swiftSettings: strictSettings
         ),
         // The bank's pure domain: events, the account aggregate and its rules; no database import.
@@ -114,14 +134,14 @@ let package = Package(
         // no Kafka, so that `eventoutbox` can migrate and retry dead letters without linking librdkafka.
         .target(
             name: "OutboxRelayStore",
-            dependencies: ["EventSourcing", "EventStore", "PostgresClient"],
+            dependencies: ["EventStoreSQL", "EventSourcing", "EventStore", "LibPQ"],
             swiftSettings: strictSettings
         ),
         // The relay: publishes outbox rows to Kafka.
         .target(
             name: "OutboxRelay",
-            dependencies: [
-                "EventSourcing", "EventStore", "KafkaClient", "OutboxRelayStore", "PostgresClient",
+            dependencies: ["EventStoreSQL",
+                "EventSourcing", "EventStore", "KafkaClient", "OutboxRelayStore", "LibPQ",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -133,7 +153,7 @@ let package = Package(
         .target(
             name: "Projections",
             dependencies: [
-                "EventSourcing", "EventStore", "KafkaClient", "PostgresClient",
+                "EventSourcing", "EventStore", "KafkaClient", "LibPQ",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -145,7 +165,7 @@ let package = Package(
         .target(
             name: "Observability",
             dependencies: [
-                "EventSourcing", "PostgresClient",
+                "EventSourcing", "LibPQ",
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -163,7 +183,7 @@ let package = Package(
         .target(
             name: "CommandLineSupport",
             dependencies: [
-                "EventStore", "PostgresClient", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                "EventStore", "LibPQ", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strictSettings
         ),
@@ -188,7 +208,7 @@ let package = Package(
             name: "account-projector",
             dependencies: [
                 "CommandLineSupport",
-                "BankAccount", "BankProjections", "EventSourcing", "Projections", "Observability", "KafkaClient", "PostgresClient",
+                "BankAccount", "BankProjections", "EventSourcing", "Projections", "Observability", "KafkaClient", "LibPQ",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -202,7 +222,7 @@ let package = Package(
             name: "accounts-service",
             dependencies: [
                 "EventSourcing",
-                "AccountsService", "CommandLineSupport", "Observability", "BankAccount", "EventStore", "OutboxRelayStore", "PostgresClient",
+                "AccountsService", "CommandLineSupport", "Observability", "BankAccount", "EventStore", "OutboxRelayStore", "LibPQ",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Logging", package: "swift-log"),
@@ -214,7 +234,7 @@ let package = Package(
         .target(
             name: "AccountsService",
             dependencies: [
-                "BankAccount", "EventSourcing", "EventStore", "PostgresClient",
+                "BankAccount", "EventSourcing", "EventStore", "LibPQ",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdCore", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
@@ -227,9 +247,9 @@ let package = Package(
         ),
         .executableTarget(
             name: "eventoutbox-bench",
-            dependencies: [
+            dependencies: ["EventStoreSQL",
                 "EventSourcing", "CommandLineSupport",
-                "BankAccount", "BankProjections", "EventStore", "OutboxRelayStore", "OutboxRelay", "Projections", "KafkaClient", "PostgresClient",
+                "BankAccount", "BankProjections", "EventStore", "OutboxRelayStore", "OutboxRelay", "Projections", "KafkaClient", "LibPQ",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strictSettings
@@ -239,7 +259,7 @@ let package = Package(
             dependencies: [
                 "EventSourcing",
                 "CommandLineSupport",
-                "BankAccount", "EventStore", "PostgresClient",
+                "BankAccount", "EventStore", "LibPQ",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strictSettings
@@ -249,7 +269,7 @@ let package = Package(
             dependencies: [
                 "EventSourcing",
                 "CommandLineSupport",
-                "EventStore", "OutboxRelayStore", "PostgresClient",
+                "EventStore", "OutboxRelayStore", "LibPQ",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strictSettings
@@ -263,17 +283,36 @@ let package = Package(
         // Tests. Those that touch servers need `scripts/test` (EVENTOUTBOX_DATABASE_URL, KAFKA_BROKERS).
         .target(
             name: "TestSupport",
-            dependencies: [
-                "PostgresClient", "KafkaClient", "EventStore", "OutboxRelayStore", "EventSourcing", "BlockingIO",
+            dependencies: ["EventStoreSQL",
+                "LibPQ", "KafkaClient", "EventStore", "OutboxRelayStore", "EventSourcing", "BlockingIO",
                 .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
             ],
             path: "Tests/TestSupport",
             swiftSettings: strictSettings
         ),
+        // An example service on postgres-nio (built and tested, never shipped): see Examples/PostgresNIOLedger.
+        .target(
+            name: "PostgresNIOLedger",
+            dependencies: [
+                "BankDomain", "EventSourcing", "EventStorePostgresNIO", "EventStoreSQL",
+                .product(name: "Logging", package: "swift-log"), .product(name: "PostgresNIO", package: "postgres-nio"),
+            ],
+            path: "Examples/PostgresNIOLedger",
+            swiftSettings: strictSettings
+        ),
         .testTarget(
-            name: "PostgresClientTests",
-            dependencies: ["PostgresClient", "BlockingIO", "TestSupport"],
+            name: "EventStorePostgresNIOTests",
+            dependencies: [
+                "BankDomain", "EventSourcing", "EventStore", "EventStorePostgresNIO", "EventStoreSQL", "LibPQ",
+                "PostgresNIOLedger", "TestSupport", .product(name: "Logging", package: "swift-log"),
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "LibPQTests",
+            dependencies: ["LibPQ", "BlockingIO", "TestSupport"],
             swiftSettings: strictSettings
         ),
         .testTarget(
@@ -283,17 +322,17 @@ let package = Package(
         ),
         .testTarget(
             name: "EventStoreTests",
-            dependencies: [
-                "EventSourcing", "EventStore", "OutboxRelayStore", "BankAccount", "PostgresClient", "TestSupport",
+            dependencies: ["EventStoreSQL",
+                "EventSourcing", "EventStore", "OutboxRelayStore", "BankAccount", "LibPQ", "TestSupport",
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ],
             swiftSettings: strictSettings
         ),
         .testTarget(
             name: "OutboxRelayTests",
-            dependencies: [
+            dependencies: ["EventStoreSQL",
                 "OutboxRelay", "EventSourcing", "EventStore", "OutboxRelayStore", "BankAccount", "BankProjections", "Projections", "KafkaClient", "KafkaMock",
-                "PostgresClient", "TestSupport", "Observability",
+                "LibPQ", "TestSupport", "Observability",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
@@ -304,9 +343,9 @@ let package = Package(
         ),
         .testTarget(
             name: "ProjectionsTests",
-            dependencies: [
+            dependencies: ["EventStoreSQL",
                 "Projections", "BankAccount", "BankProjections", "EventSourcing", "EventStore", "OutboxRelayStore", "OutboxRelay", "KafkaClient",
-                "PostgresClient", "TestSupport",
+                "LibPQ", "TestSupport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "PropertyBased", package: "swift-property-based"),
                 .product(name: "InMemoryLogging", package: "swift-log"),
@@ -315,8 +354,8 @@ let package = Package(
         ),
         .testTarget(
             name: "AccountsServiceTests",
-            dependencies: [
-                "AccountsService", "BankAccount", "EventSourcing", "EventStore", "PostgresClient", "TestSupport",
+            dependencies: ["EventStoreSQL",
+                "AccountsService", "BankAccount", "EventSourcing", "EventStore", "LibPQ", "TestSupport",
                 "OutboxRelay", "Projections", "BankProjections", "KafkaClient", "Observability",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "InMemoryLogging", package: "swift-log"),
@@ -329,7 +368,7 @@ let package = Package(
         // The fault suite: the real executables under crashes and outages, with figures for RELIABILITY.md.
         .testTarget(
             name: "ReliabilityTests",
-            dependencies: ["BankAccount", "EventSourcing", "EventStore", "OutboxRelayStore", "KafkaClient", "PostgresClient", "TestSupport"],
+            dependencies: ["BankAccount", "EventSourcing", "EventStore", "OutboxRelayStore", "KafkaClient", "LibPQ", "TestSupport"],
             swiftSettings: strictSettings
         ),
         .testTarget(

@@ -5,7 +5,7 @@ import Foundation
 import HTTPTypes
 import Hummingbird
 import Logging
-import PostgresClient
+import LibPQ
 
 /// The bank over HTTP: every command commits its events and outbox rows through ``Bank`` exactly as the `bank`
 /// CLI does. Errors are `application/problem+json`; every POST honours an `Idempotency-Key` header.

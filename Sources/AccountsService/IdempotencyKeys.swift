@@ -1,6 +1,6 @@
 import EventStore
 import Foundation
-import PostgresClient
+import LibPQ
 
 /// The service's own table, `idempotency_keys`: the `SchemaModule` named `accounts-service`, which
 /// `accounts-service` applies when it starts (after `eventoutbox migrate` made the event store's).
@@ -43,7 +43,7 @@ public enum AccountsServiceSchema {
 /// key with another request is refused; two requests racing with one key write the events once (the second
 /// insert of the key fails, its transaction rolls back, and it then finds the first one's answer).
 struct IdempotencyKeys: Sendable {
-    let pool: PostgresPool
+    let pool: PQPool
     /// How long an answer is replayed; older keys are free again (and deleted as new ones are recorded).
     let lifetime: Duration
 
@@ -90,6 +90,6 @@ struct IdempotencyKeys: Sendable {
 
     /// `true` if `error` is the insert of a key another request recorded first.
     static func isTaken(_ error: any Error) -> Bool {
-        (error as? PostgresError)?.constraint == "idempotency_keys_pkey"
+        (error as? PQError)?.constraint == "idempotency_keys_pkey"
     }
 }

@@ -4,7 +4,7 @@ import EventStore
 import Foundation
 import HTTPTypes
 import Hummingbird
-import PostgresClient
+import LibPQ
 
 /// An error answer in the form of RFC 9457 (`application/problem+json`).
 public struct Problem: Error, Sendable, Equatable {
@@ -41,13 +41,13 @@ public struct Problem: Error, Sendable, Equatable {
         case let conflict as ConcurrencyConflict:
             return Problem(
                 .conflict, "Concurrent changes", detail: "the account kept changing while the command was retried (\(conflict)); try again")
-        case let error as PostgresError where error.isOverloaded:
+        case let error as PQError where error.isOverloaded:
             var problem = Problem(
                 .serviceUnavailable, "Busy", detail: "the database is too busy to answer in time; nothing was recorded; retry after a second",
                 type: "/problems/busy")
             problem.retryAfterSeconds = 1
             return problem
-        case let error as PostgresError where error.isRetriable:
+        case let error as PQError where error.isRetriable:
             return Problem(.serviceUnavailable, "Database unavailable", detail: "the database cannot be reached right now; try again")
         default:
             return Problem(.internalServerError, "Internal error", detail: "the request failed on the server; nothing was recorded unless its answer said so")

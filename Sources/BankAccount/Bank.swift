@@ -1,5 +1,6 @@
 import EventSourcing
 import EventStore
+import EventStoreSQL
 import Foundation
 
 /// A command the bank refuses without recording anything (invalid input, unknown account).

@@ -1,7 +1,7 @@
 import BankDomain
 import EventSourcing
 import Foundation
-import PostgresClient
+import LibPQ
 import Projections
 
 /// The bank's read models. Both handlers take a batch and write its effects in set-based statements: a batch of

@@ -1,7 +1,7 @@
 import ArgumentParser
 import EventStore
 import Foundation
-import PostgresClient
+import LibPQ
 
 /// `--database-url`, falling back to `EVENTOUTBOX_DATABASE_URL`.
 public struct DatabaseOption: ParsableArguments {
@@ -19,8 +19,8 @@ public struct DatabaseOption: ParsableArguments {
     }
 
     /// A small pool on ``url()``.
-    public func pool(maxConnections: Int = 2) throws -> PostgresPool {
-        PostgresPool(url: try url(), maxConnections: maxConnections)
+    public func pool(maxConnections: Int = 2) throws -> PQPool {
+        PQPool(url: try url(), maxConnections: maxConnections)
     }
 }
 

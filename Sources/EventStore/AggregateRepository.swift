@@ -1,7 +1,8 @@
 import EventSourcing
+import EventStoreSQL
 import Foundation
 import Logging
-import PostgresClient
+import LibPQ
 
 /// Loads and saves one kind of aggregate: latest snapshot + the events after it, and appends with
 /// optimistic concurrency. Writes a snapshot every ``snapshotInterval`` events.

@@ -3,9 +3,6 @@
 /// `eventoutbox migrate` applies it with the relay's module (`EventOutboxSchema.modules`, in OutboxRelayStore); a
 /// service of your own adds its modules to the same ``SchemaMigrator``.
 public enum EventStoreSchema {
-    /// The channel on which every append transaction sends `NOTIFY` (payload: the number of outbox rows).
-    public static let outboxChannel = "eventoutbox_outbox"
-
     public static let module = SchemaModule("event-store", migrations: [
         SchemaMigration(
             version: 1, name: "events, outbox, snapshots",

@@ -1,4 +1,4 @@
-import PostgresClient
+import LibPQ
 
 /// One named, numbered change to the tables of a ``SchemaModule``.
 public struct SchemaMigration: Sendable, Equatable {
@@ -110,7 +110,7 @@ public struct SchemaMigrator: Sendable {
 
     /// Applies the migrations that are missing, in one transaction. Returns what it applied (empty if up to date).
     @discardableResult
-    public func migrate(_ pool: PostgresPool) async throws -> [ModuleMigration] {
+    public func migrate(_ pool: PQPool) async throws -> [ModuleMigration] {
         let order = try ordered()
         return try await pool.withTransaction { connection in
             try await connection.query(
@@ -134,7 +134,7 @@ public struct SchemaMigrator: Sendable {
     }
 
     /// The migrations that ``migrate(_:)`` would apply, without changing anything.
-    public func pending(_ pool: PostgresPool) async throws -> [ModuleMigration] {
+    public func pending(_ pool: PQPool) async throws -> [ModuleMigration] {
         let order = try ordered()
         let done = try await pool.withConnection { connection -> Set<Key> in
             if try await Self.tableExists("eventoutbox_schema_migrations", on: connection) {
@@ -153,7 +153,7 @@ public struct SchemaMigrator: Sendable {
         var version: Int
     }
 
-    private static func prepareBookkeeping(_ connection: PostgresConnection) async throws {
+    private static func prepareBookkeeping(_ connection: PQConnection) async throws {
         guard try await !tableExists("eventoutbox_schema_migrations", on: connection) else { return }
         try await connection.executeScript(
             """
@@ -167,7 +167,7 @@ public struct SchemaMigrator: Sendable {
         try await adoptLegacyRecords(connection)
     }
 
-    private static func applied(_ connection: PostgresConnection) async throws -> Set<Key> {
+    private static func applied(_ connection: PQConnection) async throws -> Set<Key> {
         Set(
             try await connection.query("SELECT module, version FROM eventoutbox_schema_migrations", statement: "migrate: applied")
                 .map { Key(module: try $0.decode(String.self, "module"), version: try $0.decode(Int.self, "version")) })
@@ -188,7 +188,7 @@ public struct SchemaMigrator: Sendable {
 
     /// What the old list records, each version as the module migration it became; `nil` without the old table.
     /// A version that no release wrote is refused: the schema was changed by something this build cannot vouch for.
-    private static func legacyRecords(_ connection: PostgresConnection) async throws -> [(version: Int, migration: ModuleMigration)]? {
+    private static func legacyRecords(_ connection: PQConnection) async throws -> [(version: Int, migration: ModuleMigration)]? {
         guard try await tableExists("eventoutbox_migrations", on: connection) else { return nil }
         return try await connection.query(
             "SELECT version FROM eventoutbox_migrations ORDER BY version", statement: "migrate: old applied"
@@ -204,7 +204,7 @@ public struct SchemaMigrator: Sendable {
     }
 
     /// Records, once, what the old list had applied as the modules' migrations.
-    private static func adoptLegacyRecords(_ connection: PostgresConnection) async throws {
+    private static func adoptLegacyRecords(_ connection: PQConnection) async throws {
         for (version, migration) in try await legacyRecords(connection) ?? [] {
             try await connection.execute(
                 "INSERT INTO eventoutbox_schema_migrations (module, version, name, applied_at) "
@@ -214,7 +214,7 @@ public struct SchemaMigrator: Sendable {
         }
     }
 
-    private static func tableExists(_ table: String, on connection: PostgresConnection) async throws -> Bool {
+    private static func tableExists(_ table: String, on connection: PQConnection) async throws -> Bool {
         try await connection.queryOne(
             "SELECT to_regclass($1) IS NOT NULL AS present", [.text(table)], statement: "migrate: is there a table \(table)"
         ).decode(Bool.self, "present")

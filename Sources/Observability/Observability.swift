@@ -6,7 +6,7 @@ import EventSourcing
 import Hummingbird
 import Logging
 import Metrics
-import PostgresClient
+import LibPQ
 import Prometheus
 import ServiceLifecycle
 
@@ -103,7 +103,7 @@ public struct OperationsEndpoint: Service {
     /// `true` if a new connection to `url` answers `SELECT 1` (and when there is no database to ask).
     private static func databaseAnswers(_ url: String?) async -> Bool {
         guard let url else { return true }
-        guard let connection = try? await PostgresConnection.connect(to: url) else { return false }
+        guard let connection = try? await PQConnection.connect(to: url) else { return false }
         let answered = (try? await connection.query("SELECT 1", statement: "readiness")) != nil
         await connection.close()
         return answered

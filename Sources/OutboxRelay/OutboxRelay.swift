@@ -1,10 +1,11 @@
 import EventStore
+import EventStoreSQL
 import Foundation
 import KafkaClient
 import Logging
 import Metrics
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import ServiceLifecycle
 import Synchronization
 
@@ -124,7 +125,7 @@ public final class OutboxRelay: Service, Sendable {
         var backoff = Backoff(max: configuration.maxBackoff)
         while !isStopping {
             do {
-                let connection = try await PostgresConnection.connect(to: configuration.databaseURL)
+                let connection = try await PQConnection.connect(to: configuration.databaseURL)
                 if configuration.delivery == .exactlyOnce {
                     try await leadExactlyOnce(connection, backoff: &backoff)
                     setActive(false)
@@ -160,7 +161,7 @@ public final class OutboxRelay: Service, Sendable {
     }
 
     /// Waits for the advisory lock. Returns `false` if asked to stop first.
-    func becomeActive(_ connection: PostgresConnection) async throws -> Bool {
+    func becomeActive(_ connection: PQConnection) async throws -> Bool {
         var announced = false
         while !isStopping {
             let acquired = try await connection.queryOne(
@@ -179,13 +180,13 @@ public final class OutboxRelay: Service, Sendable {
 
     /// Publishes while this relay holds the lock (or a share of the partitions): the at-least-once engine over
     /// the outbox table. A NOTIFY listener on a second connection wakes it when rows are committed.
-    private func lead(_ connection: PostgresConnection, _ ownership: PartitionOwnership?) async throws {
+    private func lead(_ connection: PQConnection, _ ownership: PartitionOwnership?) async throws {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { await self.listenForAppends() }
             defer { group.cancelAll() }
             // Marks go over a second connection, so that marking one group overlaps fetching the next batch.
             let marker = PublishedRowMarker(
-                connection: try await PostgresConnection.connect(to: configuration.databaseURL),
+                connection: try await PQConnection.connect(to: configuration.databaseURL),
                 deletes: configuration.publishedRows.deletesAtOnce, wakeup: wakeup)
             var source = TablePipelinedSource(relay: self, connection: connection, marker: marker, ownership: ownership)
             do {
@@ -225,7 +226,7 @@ public final class OutboxRelay: Service, Sendable {
 
     /// Gauges of the outbox and retention of published rows (a bounded amount per run, so a backlog keeps
     /// draining meanwhile).
-    func housekeeping(_ connection: PostgresConnection) async throws {
+    func housekeeping(_ connection: PQConnection) async throws {
         let status = try await table.status(on: connection)
         latestStatus.withLock { $0 = status }
         metrics.waiting.record(status.waiting)
@@ -243,8 +244,8 @@ public final class OutboxRelay: Service, Sendable {
     func listenForAppends() async {
         while !Task.isCancelled && !isStopping {
             do {
-                let listener = try await PostgresConnection.connect(to: configuration.databaseURL)
-                try await listener.listen(EventStoreSchema.outboxChannel)
+                let listener = try await PQConnection.connect(to: configuration.databaseURL)
+                try await listener.listen(EventTables.outboxChannel)
                 while !Task.isCancelled && !isStopping {
                     if try await !listener.notifications(timeout: .milliseconds(250)).isEmpty { signalAll() }
                 }

@@ -1,7 +1,8 @@
 import EventStore
 import EventSourcing
+import EventStoreSQL
 import Foundation
-import PostgresClient
+import LibPQ
 
 /// An outbox row waiting to be published.
 public struct OutboxRow: Sendable, Hashable {
@@ -35,9 +36,9 @@ public struct OutboxRow: Sendable, Hashable {
 
 extension OutboxRow {
     /// Reads a row of `outbox` (from a query, or an insert read from the WAL).
-    /// - Throws: ``OutboxRowError`` when its headers are not a JSON object of strings; `PostgresError` when a
+    /// - Throws: ``OutboxRowError`` when its headers are not a JSON object of strings; `PQError` when a
     ///   column is missing or does not decode.
-    public init(row: PostgresRow) throws {
+    public init(row: PQRow) throws {
         let id = try row.decode(Int64.self, "id")
         let headersText = try row.decode(String.self, "headers")
         guard let headers = JSONText.stringObject(headersText) else {
@@ -82,7 +83,7 @@ public struct OutboxPartitions: Sendable, Hashable {
     }
 
     /// The partition of one stream, as PostgreSQL computes it.
-    public static func partition(of streamID: String, count: Int, on connection: PostgresConnection) async throws -> Int {
+    public static func partition(of streamID: String, count: Int, on connection: PQConnection) async throws -> Int {
         try await connection.queryOne(
             "SELECT \(sql("$1::text", count: "$2::int")) AS p", [.text(streamID), .int(count)], statement: "outbox: stream partition"
         ).decode(Int.self, "p")
@@ -138,7 +139,7 @@ public struct OutboxTable: Sendable {
     ///   - connection: the relay's connection.
     public func waitingRows(
         after cursor: Int64, alsoIDs: [Int64] = [], limit: Int, partitions: OutboxPartitions = .all,
-        on connection: PostgresConnection
+        on connection: PQConnection
     ) async throws -> [OutboxRow] {
         try await selectWaiting(
             alsoIDs.isEmpty ? ["o.id > $2"] : ["o.id > $2", "o.id = ANY($3::bigint[])"],
@@ -151,7 +152,7 @@ public struct OutboxTable: Sendable {
     /// them. Lets a busy relay catch up on those without waiting for its pipeline to empty.
     public func waitingRows(
         through cursor: Int64, excluding excluded: [Int64], limit: Int, partitions: OutboxPartitions = .all,
-        on connection: PostgresConnection
+        on connection: PQConnection
     ) async throws -> [OutboxRow] {
         try await selectWaiting(
             ["o.id <= $2 AND NOT EXISTS (SELECT 1 FROM unnest($3::bigint[]) AS f(id) WHERE f.id = o.id)"],
@@ -163,8 +164,8 @@ public struct OutboxTable: Sendable {
     /// of its own, so no branch turns the ordered scan into a sort of the whole backlog), in id order. `$1` is
     /// the limit; the conditions use `binds` as `$2`, `$3`, ...
     private func selectWaiting(
-        _ conditions: [String], _ binds: [PostgresBind], limit: Int, partitions: OutboxPartitions, statement: String,
-        on connection: PostgresConnection
+        _ conditions: [String], _ binds: [PQBind], limit: Int, partitions: OutboxPartitions, statement: String,
+        on connection: PQConnection
     ) async throws -> [OutboxRow] {
         let partitionCount = "$\(binds.count + 2)::int"
         let filters = """
@@ -203,7 +204,7 @@ public struct OutboxTable: Sendable {
     /// Of the given ranges, the streams that have a waiting row inside theirs: one statement for any number.
     /// A relay asks this for a row it is about to send whose predecessor it has not sent itself; a waiting row
     /// in between is a hole (a late commit) that must go first.
-    public func streamsWithWaitingRows(in ranges: [StreamRange], on connection: PostgresConnection) async throws -> Set<String> {
+    public func streamsWithWaitingRows(in ranges: [StreamRange], on connection: PQConnection) async throws -> Set<String> {
         guard !ranges.isEmpty else { return [] }
         return Set(
             try await connection.query(
@@ -231,7 +232,7 @@ public struct OutboxTable: Sendable {
 
     /// Marks rows as published, with their partition and offset: one statement of fixed shape (arrays), so
     /// one prepared statement serves every batch size.
-    public func markPublished(_ deliveries: [Delivery], on connection: PostgresConnection) async throws {
+    public func markPublished(_ deliveries: [Delivery], on connection: PQConnection) async throws {
         guard !deliveries.isEmpty else { return }
         try await connection.execute(
             """
@@ -247,7 +248,7 @@ public struct OutboxTable: Sendable {
     /// recovering its last transaction from the progress topic). Rows already marked keep their marks; ids no
     /// longer in the outbox are skipped. Returns how many rows were marked.
     @discardableResult
-    public func markPublished(ids: [Int64], on connection: PostgresConnection) async throws -> Int {
+    public func markPublished(ids: [Int64], on connection: PQConnection) async throws -> Int {
         guard !ids.isEmpty else { return 0 }
         return try await connection.execute(
             "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1::bigint[]) AND published_at IS NULL",
@@ -255,7 +256,7 @@ public struct OutboxTable: Sendable {
     }
 
     /// Deletes published rows at once instead of marking them (for relays run with no retention).
-    public func deletePublished(_ deliveries: [Delivery], on connection: PostgresConnection) async throws {
+    public func deletePublished(_ deliveries: [Delivery], on connection: PQConnection) async throws {
         guard !deliveries.isEmpty else { return }
         try await connection.execute(
             "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [.int64Array(deliveries.map(\.id))],
@@ -265,7 +266,7 @@ public struct OutboxTable: Sendable {
     /// Deletes rows by id (an exactly-once relay with `--delete-published` recovering its last transaction).
     /// Returns how many were deleted.
     @discardableResult
-    public func deletePublishedIDs(_ ids: [Int64], on connection: PostgresConnection) async throws -> Int {
+    public func deletePublishedIDs(_ ids: [Int64], on connection: PQConnection) async throws -> Int {
         guard !ids.isEmpty else { return 0 }
         return try await connection.execute(
             "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [.int64Array(ids)], statement: "outbox: delete recovered")
@@ -273,7 +274,7 @@ public struct OutboxTable: Sendable {
 
     /// Moves a row to the dead-letter table with the reason. Returns `false` if the row is not in the outbox.
     @discardableResult
-    public func moveToDeadLetters(_ id: Int64, error: String, on connection: PostgresConnection) async throws -> Bool {
+    public func moveToDeadLetters(_ id: Int64, error: String, on connection: PQConnection) async throws -> Bool {
         try await connection.execute(
             """
             WITH moved AS (DELETE FROM outbox WHERE id = $1 RETURNING *)
@@ -293,7 +294,7 @@ public struct OutboxTable: Sendable {
     ///   - heldBehind: for a row that did not fail itself but follows a dead letter of its stream:
     ///     that dead letter's outbox id (retrying it retries this row too).
     ///   - connection: the relay's connection.
-    public func deadLetter(_ row: OutboxRow, error: String, heldBehind: Int64? = nil, on connection: PostgresConnection)
+    public func deadLetter(_ row: OutboxRow, error: String, heldBehind: Int64? = nil, on connection: PQConnection)
         async throws
     {
         let encoder = JSONEncoder()
@@ -314,7 +315,7 @@ public struct OutboxTable: Sendable {
 
     /// The dead letters of one stream that hold it back: the lowest stream version and its outbox id, or `nil`
     /// when the stream has none.
-    public func firstDeadLetter(ofStream streamID: String, on connection: PostgresConnection) async throws
+    public func firstDeadLetter(ofStream streamID: String, on connection: PQConnection) async throws
         -> (outboxID: Int64, streamVersion: Int64)?
     {
         try await connection.query(
@@ -324,7 +325,7 @@ public struct OutboxTable: Sendable {
     }
 
     /// Every stream that has a dead letter.
-    public func streamsWithDeadLetters(on connection: PostgresConnection) async throws -> Set<String> {
+    public func streamsWithDeadLetters(on connection: PQConnection) async throws -> Set<String> {
         Set(
             try await connection.query("SELECT DISTINCT stream_id FROM outbox_dead_letters", statement: "outbox: dead-lettered streams")
                 .map { try $0.decode(String.self, "stream_id") })
@@ -333,7 +334,7 @@ public struct OutboxTable: Sendable {
     /// Puts a dead letter back into the outbox under its original id (so it goes before its stream's later
     /// rows), with the rows held behind it (`--source wal`), in id order.
     /// - Returns: `false` if there is no dead letter with that id.
-    public func retryDeadLetter(_ outboxID: Int64, on connection: PostgresConnection) async throws -> Bool {
+    public func retryDeadLetter(_ outboxID: Int64, on connection: PQConnection) async throws -> Bool {
         try await connection.withTransaction { tx in
             let moved = try await tx.execute(
                 """
@@ -347,13 +348,13 @@ public struct OutboxTable: Sendable {
                 FROM moved ORDER BY outbox_id
                 """, [.int64(outboxID)], statement: "outbox: retry dead letter")
             if moved > 0 {
-                try await tx.notify(EventStoreSchema.outboxChannel, payload: "1")
+                try await tx.notify(EventTables.outboxChannel, payload: "1")
             }
             return moved > 0
         }
     }
 
-    public func deadLetters(on connection: PostgresConnection) async throws -> [DeadLetter] {
+    public func deadLetters(on connection: PQConnection) async throws -> [DeadLetter] {
         try await connection.query(
             """
             SELECT outbox_id, event_id, stream_id, stream_version, topic, error, failed_at, octet_length(envelope) AS bytes
@@ -369,7 +370,7 @@ public struct OutboxTable: Sendable {
         }
     }
 
-    public func status(on connection: PostgresConnection) async throws -> OutboxStatus {
+    public func status(on connection: PQConnection) async throws -> OutboxStatus {
         let row = try await connection.queryOne(
             """
             SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS waiting,
@@ -386,7 +387,7 @@ public struct OutboxTable: Sendable {
     }
 
     /// Deletes up to `limit` rows published more than `olderThan` ago. Returns how many it deleted.
-    public func deletePublished(olderThan: Duration, limit: Int, on connection: PostgresConnection) async throws -> Int {
+    public func deletePublished(olderThan: Duration, limit: Int, on connection: PQConnection) async throws -> Int {
         try await connection.execute(
             """
             DELETE FROM outbox WHERE id IN (
@@ -398,7 +399,7 @@ public struct OutboxTable: Sendable {
 
     /// Deletes up to `limit` rows written more than `olderThan` ago, published or not: for relays that read
     /// the WAL, which holds every insert (the rows are a convenience for inspection). Returns how many it deleted.
-    public func deleteRows(olderThan: Duration, limit: Int, on connection: PostgresConnection) async throws -> Int {
+    public func deleteRows(olderThan: Duration, limit: Int, on connection: PQConnection) async throws -> Int {
         try await connection.execute(
             """
             DELETE FROM outbox WHERE id IN (

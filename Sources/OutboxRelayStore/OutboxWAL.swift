@@ -1,6 +1,6 @@
 import EventStore
 import Foundation
-import PostgresClient
+import LibPQ
 
 /// The PostgreSQL side of publishing the outbox from the write-ahead log (`outbox-relay --source wal`): a
 /// publication of the outbox's inserts and a logical replication slot with the built-in `pgoutput` plugin.
@@ -15,7 +15,7 @@ public struct OutboxWAL: Sendable, Hashable {
 
     public static let defaultName = "eventoutbox_outbox"
 
-    /// - Throws: `PostgresError` when a name is not 1 to 63 lower-case letters, digits and underscores.
+    /// - Throws: `PQError` when a name is not 1 to 63 lower-case letters, digits and underscores.
     public init(publication: String = OutboxWAL.defaultName, slot: String = OutboxWAL.defaultName) throws {
         try ReplicationNames.validate(publication, what: "publication")
         try ReplicationNames.validate(slot, what: "replication slot")
@@ -71,7 +71,7 @@ public struct OutboxWAL: Sendable, Hashable {
         return problems
     }
 
-    public func status(on connection: PostgresConnection) async throws -> Status {
+    public func status(on connection: PQConnection) async throws -> Status {
         let row = try await connection.queryOne(
             """
             SELECT current_setting('wal_level') AS wal_level, current_schema() AS schema,
@@ -103,10 +103,10 @@ public struct OutboxWAL: Sendable, Hashable {
 
     /// Creates the publication (inserts into this schema's `outbox` only: retention's deletes are not
     /// streamed) and the slot, each unless it exists. Returns what it created.
-    /// - Throws: ``WALSetupError`` when `wal_level` is not `logical`; `PostgresError` when the role may
+    /// - Throws: ``WALSetupError`` when `wal_level` is not `logical`; `PQError` when the role may
     ///   not create them (it needs `REPLICATION` and ownership of `outbox`, or superuser).
     @discardableResult
-    public func setUp(on connection: PostgresConnection) async throws -> [String] {
+    public func setUp(on connection: PQConnection) async throws -> [String] {
         var status = try await status(on: connection)
         guard status.walLevel == "logical" else { throw WALSetupError(problems: [problems(in: status)[0]]) }
         var created: [String] = []
@@ -129,8 +129,8 @@ public struct OutboxWAL: Sendable, Hashable {
 
     /// Drops the slot: the server frees the WAL it kept. Inserts not yet confirmed will not be published from
     /// the log (the outbox rows remain until retention). Returns `false` if there was no such slot.
-    /// - Throws: `PostgresError` with SQLSTATE 55006 while a relay is streaming from it.
-    public func dropSlot(on connection: PostgresConnection) async throws -> Bool {
+    /// - Throws: `PQError` with SQLSTATE 55006 while a relay is streaming from it.
+    public func dropSlot(on connection: PQConnection) async throws -> Bool {
         try await connection.query(
             """
             SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
@@ -140,7 +140,7 @@ public struct OutboxWAL: Sendable, Hashable {
     }
 
     /// Drops the publication if it exists.
-    public func dropPublication(on connection: PostgresConnection) async throws {
+    public func dropPublication(on connection: PQConnection) async throws {
         try await connection.executeScript("DROP PUBLICATION IF EXISTS \(publication)", statement: "wal: drop publication")
     }
 }

@@ -1,7 +1,7 @@
 import EventSourcing
 import EventStore
 import Foundation
-import PostgresClient
+import LibPQ
 
 /// One event handed to a projection's handler: decoded, with its stored record.
 public struct ProjectedEvent: Sendable {
@@ -89,14 +89,14 @@ public struct Projection: Sendable {
 
     /// Creates the projection's live tables, empty, replacing any that exist. A consumer that finds them
     /// does not back-fill: it applies what Kafka delivers from its group's offsets on.
-    public func createEmptyTables(on connection: PostgresConnection) async throws {
+    public func createEmptyTables(on connection: PQConnection) async throws {
         try await ProjectionSchema.create(self, suffix: "", on: connection)
     }
 }
 
 /// Where a handler writes: a connection inside the apply transaction and the actual table names.
 public struct ProjectionContext: Sendable {
-    public let connection: PostgresConnection
+    public let connection: PQConnection
     let suffix: String
 
     /// The actual name of one of the projection's tables (the live one, or its rebuild copy).
@@ -131,7 +131,7 @@ public enum ProjectionSchema {
         """
 
     /// `true` if the live tables of `projection` exist.
-    static func exists(_ projection: Projection, on connection: PostgresConnection) async throws -> Bool {
+    static func exists(_ projection: Projection, on connection: PQConnection) async throws -> Bool {
         try await connection.queryOne(
             "SELECT to_regclass($1) IS NOT NULL AS present", [.text(projection.progressTable.name)],
             statement: "projection: exists"
@@ -139,7 +139,7 @@ public enum ProjectionSchema {
     }
 
     /// Runs each table's ``Projection/Table/upgradeSQL`` on the live tables.
-    static func upgrade(_ projection: Projection, on connection: PostgresConnection) async throws {
+    static func upgrade(_ projection: Projection, on connection: PQConnection) async throws {
         for table in projection.tables {
             guard let sql = table.upgradeSQL else { continue }
             try await connection.executeScript(
@@ -147,7 +147,7 @@ public enum ProjectionSchema {
         }
     }
 
-    static func create(_ projection: Projection, suffix: String, on connection: PostgresConnection) async throws {
+    static func create(_ projection: Projection, suffix: String, on connection: PQConnection) async throws {
         for table in projection.allTables {
             try await connection.executeScript("DROP TABLE IF EXISTS \(SQLIdentifier.quoted(table.name + suffix))")
             try await connection.executeScript(

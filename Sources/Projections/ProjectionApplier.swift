@@ -1,6 +1,6 @@
 import EventSourcing
 import Foundation
-import PostgresClient
+import LibPQ
 
 /// Applies events to projections exactly once each.
 ///
@@ -37,20 +37,20 @@ public struct ProjectionApplier: Sendable {
 
     /// Decodes `recorded` (with ``registry``) and applies it inside the caller's transaction.
     /// - Throws: `EventDecodingError` if the event cannot be decoded (nothing written); database errors.
-    public func apply(_ recorded: RecordedEvent, topic: String?, suffix: String = "", on connection: PostgresConnection) async throws -> Outcome {
+    public func apply(_ recorded: RecordedEvent, topic: String?, suffix: String = "", on connection: PQConnection) async throws -> Outcome {
         try await apply([ProjectedEvent(event: try registry.decode(recorded), recorded: recorded, topic: topic)], suffix: suffix, on: connection)
     }
 
     /// Applies events, in order, to every projection inside the caller's transaction. Per projection: one statement
     /// locks and reads the progress of the batch's streams, one records the new versions, and the handler gets the
     /// new events.
-    public func apply(_ events: [ProjectedEvent], suffix: String = "", on connection: PostgresConnection) async throws -> Outcome {
+    public func apply(_ events: [ProjectedEvent], suffix: String = "", on connection: PQConnection) async throws -> Outcome {
         try await apply(events, suffix: suffix, evenIfBehind: false, on: connection)
     }
 
     /// `evenIfBehind`: apply every event although its stream has moved past it (a dead letter being retried: it
     /// was never applied, and later events of its stream were).
-    func apply(_ events: [ProjectedEvent], suffix: String = "", evenIfBehind: Bool, on connection: PostgresConnection) async throws -> Outcome {
+    func apply(_ events: [ProjectedEvent], suffix: String = "", evenIfBehind: Bool, on connection: PQConnection) async throws -> Outcome {
         var outcome = Outcome()
         guard !events.isEmpty else { return outcome }
         let context = ProjectionContext(connection: connection, suffix: suffix)
@@ -114,7 +114,7 @@ struct StreamProgress: Equatable {
     /// Reads the progress of the batch's streams and locks their rows until the transaction ends, so that two
     /// consumers (during a rebalance) cannot both apply an event. A stream new to the projection has no row to
     /// lock: ``record(in:on:)`` detects a concurrent first insert instead.
-    static func lock(_ events: [ProjectedEvent], in table: String, on connection: PostgresConnection) async throws -> StreamProgress {
+    static func lock(_ events: [ProjectedEvent], in table: String, on connection: PQConnection) async throws -> StreamProgress {
         // Sorted, so that two transactions lock rows in the same order.
         let streams = Set(events.map(\.recorded.streamID)).sorted()
         let rows = try await connection.query(
@@ -129,7 +129,7 @@ struct StreamProgress: Equatable {
 
     /// Writes the versions that ``admit(_:)`` advanced.
     /// - Throws: ``ConcurrentProjectionUpdate`` if another transaction recorded a stream this one found new.
-    func record(in table: String, on connection: PostgresConnection) async throws {
+    func record(in table: String, on connection: PQConnection) async throws {
         let keys = changed.sorted()
         guard !keys.isEmpty else { return }
         let updates = keys.filter { existing.contains($0) }

@@ -4,7 +4,7 @@ import Foundation
 @_spi(Testing) import KafkaClient
 import Logging
 import Metrics
-import PostgresClient
+import LibPQ
 import ServiceLifecycle
 import Synchronization
 import Tracing
@@ -14,7 +14,7 @@ public struct ProjectionConsumerConfiguration: Sendable {
     public var databaseURL: String
     /// The connections to apply with: the service's own pool, if it hands one over; `nil`: a small pool of the
     /// consumer's own on ``databaseURL``.
-    public var pool: PostgresPool?
+    public var pool: PQPool?
     public var kafka: KafkaConfiguration
     /// Kafka consumer group; members of one group share the partitions.
     public var groupID: String
@@ -35,7 +35,7 @@ public struct ProjectionConsumerConfiguration: Sendable {
 
     /// A consumer applying through the service's own pool (its URL serves the consumer's side connections, such as
     /// the lock that lets projectors take turns preparing).
-    public init(pool: PostgresPool, kafka: KafkaConfiguration, groupID: String, topics: [String]) {
+    public init(pool: PQPool, kafka: KafkaConfiguration, groupID: String, topics: [String]) {
         self.init(databaseURL: pool.configuration.url, kafka: kafka, groupID: groupID, topics: topics)
         self.pool = pool
     }
@@ -69,14 +69,14 @@ public final class ProjectionConsumer: Service, Sendable {
     private let counts = ConsumerCounts()
     private let metrics = ConsumerMetrics()
     /// Where records are applied: ``ProjectionConsumerConfiguration/pool``, or one of the consumer's own.
-    private let pool: PostgresPool
+    private let pool: PQPool
     private let ownsPool: Bool
 
     public init(configuration: ProjectionConsumerConfiguration, applier: ProjectionApplier, logger: Logger = Logger(label: "eventoutbox.projections")) {
         self.configuration = configuration
         self.applier = applier
         self.logger = logger
-        pool = configuration.pool ?? PostgresPool(url: configuration.databaseURL, maxConnections: 2)
+        pool = configuration.pool ?? PQPool(url: configuration.databaseURL, maxConnections: 2)
         ownsPool = configuration.pool == nil
     }
 
@@ -94,7 +94,7 @@ public final class ProjectionConsumer: Service, Sendable {
     /// PostgreSQL's catalog, and one back-fill per projection is enough.
     public func prepare() async throws {
         // One lock per schema (the projections' tables live there); released when this session closes.
-        let lock = try await PostgresConnection.connect(to: pool.configuration.url)
+        let lock = try await PQConnection.connect(to: pool.configuration.url)
         do {
             try await lock.query(
                 "SELECT pg_advisory_lock($1, hashtext(current_schema()))", [.int32(AdvisoryLockClass.projectorPrepare.rawValue)],
@@ -285,7 +285,7 @@ public final class ProjectionConsumer: Service, Sendable {
     /// Applies a batch of records in one transaction. A batch holding a record that does not decode, or whose
     /// handler fails for a reason other than the database being unavailable, is applied record by record
     /// instead, so that only the bad record is dead-lettered. Throws only for failures worth retrying.
-    private func handle(_ batch: [KafkaMessage], giveUp: Bool, on connection: PostgresConnection) async throws {
+    private func handle(_ batch: [KafkaMessage], giveUp: Bool, on connection: PQConnection) async throws {
         guard batch.count > 1 else { return try await handle(batch[0], giveUp: giveUp, on: connection) }
         var events: [ProjectedEvent] = []
         events.reserveCapacity(batch.count)
@@ -339,7 +339,7 @@ public final class ProjectionConsumer: Service, Sendable {
     /// Failures that a later attempt can get past: the database unreachable or restarting, serialization
     /// failures, deadlocks, and another consumer applying a new stream at the same moment.
     static func isTransient(_ error: any Error) -> Bool {
-        (error as? PostgresError)?.isRetriable ?? (error is ConcurrentProjectionUpdate)
+        (error as? PQError)?.isRetriable ?? (error is ConcurrentProjectionUpdate)
     }
 
     /// Applies one record to every projection in one transaction; if a projection refuses it, to each projection
@@ -347,7 +347,7 @@ public final class ProjectionConsumer: Service, Sendable {
     /// dead-letters it for a projection that refuses it for good (or for all, when it does not decode). Throws for failures worth retrying: transient ones, and (until `giveUp`) those of a
     /// handler that a fix (a migration, a restart) might cure. Projections that applied it before a retry skip
     /// it then as a duplicate.
-    private func handle(_ message: KafkaMessage, giveUp: Bool, on connection: PostgresConnection) async throws {
+    private func handle(_ message: KafkaMessage, giveUp: Bool, on connection: PQConnection) async throws {
         var logger = self.logger
         if let traceparent = (message.header("traceparent") ?? message.header("ce_traceparent"))?.stringValue {
             logger[metadataKey: "traceparent"] = "\(traceparent)"
@@ -384,7 +384,7 @@ public final class ProjectionConsumer: Service, Sendable {
                 }
                 outcome.applied += applied.applied
                 outcome.duplicates += applied.duplicates
-            } catch let error as PostgresError where !error.isRetriable && error.code == .server && error.sqlState?.hasPrefix(SQLState.syntaxErrorOrAccessRuleViolationClass) != true {
+            } catch let error as PQError where !error.isRetriable && error.code == .server && error.sqlState?.hasPrefix(SQLState.syntaxErrorOrAccessRuleViolationClass) != true {
                 // A deterministic failure of the handler's SQL (constraint, bad value): retrying cannot help.
                 try await deadLetter(message, projection: projection.name, reason: "handler failed: \(error)", on: connection, logger: logger)
             } catch where giveUp && !Self.isTransient(error) {
@@ -423,7 +423,7 @@ public final class ProjectionConsumer: Service, Sendable {
     }
 
     private func deadLetter(
-        _ message: KafkaMessage, projection: String?, reason: String, on connection: PostgresConnection, logger: Logger
+        _ message: KafkaMessage, projection: String?, reason: String, on connection: PQConnection, logger: Logger
     ) async throws {
         try await ProjectionDeadLetters.record(
             consumer: configuration.groupID, projection: projection, topic: message.topic, partition: message.partition,

@@ -1,6 +1,6 @@
 import EventSourcing
 import Foundation
-import PostgresClient
+import LibPQ
 
 /// An event a projection could not apply, as stored in `projection_dead_letters`: a Kafka record (from a
 /// consumer), or an event replayed from the event store (by a back-fill or a rebuild: `partition` -1, `offset`
@@ -22,7 +22,7 @@ public struct ProjectionDeadLetter: Sendable, Codable, Equatable {
     public var reason: String
     public var receivedAt: Date
 
-    init(row: PostgresRow) throws {
+    init(row: PQRow) throws {
         id = try row.decode(Int64.self, "id")
         consumer = try row.decode(String.self, "consumer")
         projection = try row.decodeIfPresent(String.self, "projection")
@@ -48,19 +48,19 @@ public enum ProjectionDeadLetters {
     /// Stores a dead letter (inside the caller's transaction, if any).
     static func record(
         consumer: String, projection: String?, topic: String, partition: Int32, offset: Int64, key: [UInt8]?, value: [UInt8]?,
-        headers: [String: String] = [:], reason: String, on connection: PostgresConnection
+        headers: [String: String] = [:], reason: String, on connection: PQConnection
     ) async throws {
         let headersJSON = JSONText.object(headers.sorted { $0.key < $1.key }.map { (key: $0.key, json: JSONText.string($0.value)) })
         try await connection.execute(
             "INSERT INTO projection_dead_letters (consumer, projection, topic, partition, \"offset\", key, value, headers, reason) "
                 + "VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9)",
             [.text(consumer), .text(projection), .text(topic), .int32(partition), .int64(offset),
-             key.map(PostgresBind.bytea) ?? .null, value.map(PostgresBind.bytea) ?? .null, .text(headersJSON), .text(reason)],
+             key.map(PQBind.bytea) ?? .null, value.map(PQBind.bytea) ?? .null, .text(headersJSON), .text(reason)],
             statement: "projection: dead-letter")
     }
 
     /// Every dead letter (of `consumer`'s group, if given), oldest first.
-    public static func list(consumer: String? = nil, on connection: PostgresConnection) async throws -> [ProjectionDeadLetter] {
+    public static func list(consumer: String? = nil, on connection: PQConnection) async throws -> [ProjectionDeadLetter] {
         try await connection.query(
             "SELECT \(columns) FROM projection_dead_letters WHERE $1::text IS NULL OR consumer = $1 ORDER BY id",
             [.text(consumer)], statement: "projection dead letters: list"
@@ -68,7 +68,7 @@ public enum ProjectionDeadLetters {
     }
 
     /// The dead letter `id`, or `nil`.
-    public static func find(_ id: Int64, on connection: PostgresConnection) async throws -> ProjectionDeadLetter? {
+    public static func find(_ id: Int64, on connection: PQConnection) async throws -> ProjectionDeadLetter? {
         try await connection.query(
             "SELECT \(columns) FROM projection_dead_letters WHERE id = $1", [.int64(id)], statement: "projection dead letters: find"
         ).first.map(ProjectionDeadLetter.init(row:))
@@ -81,7 +81,7 @@ public enum ProjectionDeadLetters {
     /// - Returns: the outcome, or `nil` if there is no dead letter `id`.
     /// - Throws: why it still cannot be applied (nothing changes then): `EventDecodingError`, the handler's
     ///   error, or ``DeadLetterProjectionUnknown`` when `applier` lacks the projection it names.
-    public static func retry(_ id: Int64, with applier: ProjectionApplier, on connection: PostgresConnection) async throws
+    public static func retry(_ id: Int64, with applier: ProjectionApplier, on connection: PQConnection) async throws
         -> ProjectionApplier.Outcome?
     {
         try await connection.withTransaction { tx -> ProjectionApplier.Outcome? in

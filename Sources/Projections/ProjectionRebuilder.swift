@@ -2,7 +2,7 @@ import EventSourcing
 import EventStore
 import Foundation
 import Logging
-import PostgresClient
+import LibPQ
 
 /// How far a rebuild has come.
 public struct RebuildProgress: Sendable {
@@ -28,12 +28,12 @@ public struct RebuildProgress: Sendable {
 /// the store), exactly as the live consumer would set it aside, and the replay goes on. The swap removes the
 /// projection's older dead letters: the rebuild has met every stored event again.
 public struct ProjectionRebuilder: Sendable {
-    public let pool: PostgresPool
+    public let pool: PQPool
     public let registry: EventRegistry
     public var batchSize: Int
     public var logger: Logger
 
-    public init(pool: PostgresPool, registry: EventRegistry, batchSize: Int = 1000, logger: Logger = Logger(label: "eventoutbox.rebuild")) {
+    public init(pool: PQPool, registry: EventRegistry, batchSize: Int = 1000, logger: Logger = Logger(label: "eventoutbox.rebuild")) {
         self.pool = pool
         self.registry = registry
         self.batchSize = batchSize
@@ -52,7 +52,7 @@ public struct ProjectionRebuilder: Sendable {
         let suffix = "_rebuild"
         let store = EventStore(pool: pool)
         // One rebuild of a projection at a time, across processes.
-        let lockConnection = try await PostgresConnection.connect(to: pool.configuration.url)
+        let lockConnection = try await PQConnection.connect(to: pool.configuration.url)
         try await lockConnection.query(
             "SELECT pg_advisory_lock($1, hashtext(current_schema() || '.' || $2))",
             [.int32(AdvisoryLockClass.rebuild.rawValue), .text(projection.name)],
@@ -114,7 +114,7 @@ public struct ProjectionRebuilder: Sendable {
             attempt += 1
             do {
                 return try await swapInOnce(projection, after: last, olderDeadLetters: olderDeadLetters, suffix: suffix)
-            } catch let error as PostgresError where error.isRetriable && attempt < 5 {
+            } catch let error as PQError where error.isRetriable && attempt < 5 {
                 logger.warning("swap failed, retrying", metadata: ["projection": "\(projection.name)", "error": "\(error)"])
             }
         }
@@ -171,7 +171,7 @@ public struct ProjectionRebuilder: Sendable {
     /// Applies `events` to the fresh tables inside the caller's transaction. An event that does not decode, or
     /// that the handler refuses for good, is dead-lettered and the rest applied (each try behind a savepoint);
     /// transient database failures are thrown.
-    private func apply(_ events: [RecordedEvent], to projection: Projection, suffix: String, on connection: PostgresConnection) async throws {
+    private func apply(_ events: [RecordedEvent], to projection: Projection, suffix: String, on connection: PQConnection) async throws {
         guard !events.isEmpty else { return }
         let applier = ProjectionApplier(projections: [projection], registry: registry)
         var decoded: [ProjectedEvent] = []
@@ -193,7 +193,7 @@ public struct ProjectionRebuilder: Sendable {
 
     /// Runs `body` behind a savepoint: `nil` if it succeeded; its error, rolled back to the savepoint, if the
     /// error is not transient. Transient errors are thrown.
-    private func attempt(on connection: PostgresConnection, _ body: () async throws -> ProjectionApplier.Outcome) async throws -> (any Error)? {
+    private func attempt(on connection: PQConnection, _ body: () async throws -> ProjectionApplier.Outcome) async throws -> (any Error)? {
         try await connection.executeScript("SAVEPOINT eventoutbox_rebuild", statement: "rebuild: savepoint")
         do {
             _ = try await body()
@@ -205,7 +205,7 @@ public struct ProjectionRebuilder: Sendable {
         }
     }
 
-    private func deadLetter(_ event: RecordedEvent, projection: Projection, reason: String, on connection: PostgresConnection) async throws {
+    private func deadLetter(_ event: RecordedEvent, projection: Projection, reason: String, on connection: PQConnection) async throws {
         let value = (try? OutboxEnvelope(event).encoded()) ?? Array(event.payload.utf8)
         try await ProjectionDeadLetters.record(
             consumer: Self.deadLetterConsumer, projection: projection.name, topic: "", partition: -1, offset: event.position,

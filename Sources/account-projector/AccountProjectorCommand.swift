@@ -7,7 +7,7 @@ import Foundation
 import KafkaClient
 import Logging
 import Observability
-import PostgresClient
+import LibPQ
 import Projections
 import ServiceLifecycle
 import UnixSignals
@@ -92,7 +92,7 @@ struct AccountProjectorCommand: AsyncParsableCommand {
         let logger = Logger(label: "account-projector")
 
         if let name = rebuild, let projection = AccountProjections.all.first(where: { $0.name == name }) {
-            let pool = PostgresPool(url: url, maxConnections: 2)
+            let pool = PQPool(url: url, maxConnections: 2)
             let count = try await ProjectionRebuilder(pool: pool, registry: BankEvents.registry, logger: logger).rebuild(projection) { progress in
                 FileHandle.standardError.write(Data(
                     "\r\(progress.projection): \(progress.done)/\(progress.total) events, \(Int(progress.eventsPerSecond)) events/s".utf8))
@@ -118,7 +118,7 @@ struct AccountProjectorCommand: AsyncParsableCommand {
     }
 
     private func administerDeadLetters() async throws {
-        let connection = try await PostgresConnection.connect(to: try database.url())
+        let connection = try await PQConnection.connect(to: try database.url())
         do {
             try await administerDeadLetters(on: connection)
         } catch {
@@ -128,7 +128,7 @@ struct AccountProjectorCommand: AsyncParsableCommand {
         await connection.close()
     }
 
-    private func administerDeadLetters(on connection: PostgresConnection) async throws {
+    private func administerDeadLetters(on connection: PQConnection) async throws {
         if deadLetters {
             let letters = try await ProjectionDeadLetters.list(consumer: group, on: connection)
             if letters.isEmpty { print("no dead letters for group '\(group)'") }

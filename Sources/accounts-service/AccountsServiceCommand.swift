@@ -9,7 +9,7 @@ import Hummingbird
 import Logging
 import Observability
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import ServiceLifecycle
 import UnixSignals
 
@@ -123,7 +123,7 @@ struct AccountsServiceCommand: AsyncParsableCommand {
         let processOperations = try operations.bootstrap(serviceName: "accounts-service", databaseURL: url)
         let logger = Logger(label: "accounts-service")
         // A stalled database sheds load (503, Retry-After) instead of queueing requests without bound.
-        let pool = PostgresPool(PostgresPool.Configuration(
+        let pool = PQPool(PQPool.Configuration(
             url: url, maxConnections: maxConnections, acquireTimeout: OptionCheck.duration(poolTimeout), maxWaiters: maxWaiting,
             statementTimeout: OptionCheck.duration(statementTimeout)))
         try await reportingFailures {

@@ -4,7 +4,7 @@ import CommandLineSupport
 import EventSourcing
 import EventStore
 import Foundation
-import PostgresClient
+import LibPQ
 
 @main
 struct BankCommand: SubcommandGroup {

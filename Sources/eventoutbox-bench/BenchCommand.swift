@@ -3,11 +3,12 @@ import CommandLineSupport
 import BankAccount
 import EventSourcing
 import EventStore
+import EventStoreSQL
 import Foundation
 import KafkaClient
 import OutboxRelay
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import Projections
 import Synchronization
 
@@ -48,10 +49,10 @@ struct Environment {
     /// A migrated store in a new schema; `body` gets its URL; the schema is dropped afterwards.
     func withSchema<T>(connections: Int, _ body: (String, EventStore) async throws -> T) async throws -> T {
         let schema = "bench_" + UUID().uuidString.prefix(8).lowercased()
-        let admin = try await PostgresConnection.connect(to: databaseURL)
+        let admin = try await PQConnection.connect(to: databaseURL)
         try await admin.executeScript("CREATE SCHEMA \(schema)")
         let url = databaseURL + (databaseURL.contains("?") ? "&" : "?") + "options=-csearch_path%3D\(schema)"
-        let pool = PostgresPool(url: url, maxConnections: connections)
+        let pool = PQPool(url: url, maxConnections: connections)
         let topic = schema
         defer { _ = admin }
         do {
@@ -333,7 +334,7 @@ func peakRSSKilobytes(_ pid: Int32) -> Int {
 
 /// Writes `events` events and outbox rows in a few statements (stream `s-(n mod streams)`, versions in id order),
 /// shaped as the event store writes them.
-func fillOutbox(_ connection: PostgresConnection, events: Int, streams: Int, topic: String) async throws {
+func fillOutbox(_ connection: PQConnection, events: Int, streams: Int, topic: String) async throws {
     try await connection.execute(
         """
         INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, occurred_at)

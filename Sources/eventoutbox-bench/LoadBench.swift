@@ -3,7 +3,7 @@ import BankAccount
 import EventSourcing
 import EventStore
 import Foundation
-import PostgresClient
+import LibPQ
 
 /// Loading one long aggregate: from its newest snapshot, and by full replay, beside PostgreSQL alone running the
 /// same reads (no decoding).

@@ -3,10 +3,11 @@ import BankAccount
 import BankProjections
 import EventSourcing
 import EventStore
+import EventStoreSQL
 import Foundation
 import KafkaClient
 import OutboxRelay
-import PostgresClient
+import LibPQ
 import Projections
 
 /// Projector throughput from Kafka and rebuild throughput from the store, each beside PostgreSQL alone executing
@@ -122,7 +123,7 @@ struct Project: AsyncParsableCommand {
     /// Events per second of the projections' SQL alone: fresh tables, `batch` events per transaction; with
     /// `readingFromStore`, each batch is first read from `events` as a rebuild reads it (rows fetched, not decoded).
     private func writeRate(
-        _ events: [ProjectedEvent], batch: Int, applier: ProjectionApplier, pool: PostgresPool, readingFromStore: Bool = false
+        _ events: [ProjectedEvent], batch: Int, applier: ProjectionApplier, pool: PQPool, readingFromStore: Bool = false
     ) async throws -> Double {
         try await pool.withConnection { connection in
             for projection in applier.projections { try await projection.createEmptyTables(on: connection) }

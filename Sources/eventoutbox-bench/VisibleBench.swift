@@ -3,10 +3,11 @@ import BankAccount
 import BankProjections
 import EventSourcing
 import EventStore
+import EventStoreSQL
 import Foundation
 import KafkaClient
 import OutboxRelay
-import PostgresClient
+import LibPQ
 import Projections
 
 /// Commit → visible in a projection, under sustained load, with relay and projector running.

@@ -2,13 +2,13 @@ import ArgumentParser
 import EventStore
 import Foundation
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 
 /// A publication and slot of a bench schema's own (`--source wal`), dropped afterwards.
 func withWAL<T>(_ url: String, _ body: (OutboxWAL) async throws -> T) async throws -> T {
     let suffix = UUID().uuidString.prefix(8).lowercased()
     let wal = try OutboxWAL(publication: "bench_pub_\(suffix)", slot: "bench_slot_\(suffix)")
-    let connection = try await PostgresConnection.connect(to: url)
+    let connection = try await PQConnection.connect(to: url)
     try await wal.setUp(on: connection)
     func drop() async throws {
         let deadline = ContinuousClock.now + .seconds(30)
@@ -16,7 +16,7 @@ func withWAL<T>(_ url: String, _ body: (OutboxWAL) async throws -> T) async thro
             do {
                 _ = try await wal.dropSlot(on: connection)
                 break
-            } catch let error as PostgresError where error.sqlState == SQLState.objectInUse && ContinuousClock.now < deadline {
+            } catch let error as PQError where error.sqlState == SQLState.objectInUse && ContinuousClock.now < deadline {
                 try await Task.sleep(for: .milliseconds(50))
             }
         }
@@ -33,13 +33,13 @@ func withWAL<T>(_ url: String, _ body: (OutboxWAL) async throws -> T) async thro
 }
 
 /// The server's current WAL position.
-func currentLSN(_ connection: PostgresConnection) async throws -> PostgresLSN {
+func currentLSN(_ connection: PQConnection) async throws -> PostgresLSN {
     let text = try await connection.queryOne("SELECT pg_current_wal_lsn()::text AS lsn").decode(String.self, "lsn")
     return PostgresLSN(text)!
 }
 
 /// The slot's confirmed position.
-func confirmedLSN(_ connection: PostgresConnection, _ wal: OutboxWAL) async throws -> PostgresLSN {
+func confirmedLSN(_ connection: PQConnection, _ wal: OutboxWAL) async throws -> PostgresLSN {
     let text = try await connection.queryOne(
         "SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = $1", [.text(wal.slot)]
     ).decode(String.self, "lsn")

@@ -4,7 +4,7 @@ import EventSourcing
 import EventStore
 import Foundation
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 
 @main
 struct EventOutboxCommand: SubcommandGroup {

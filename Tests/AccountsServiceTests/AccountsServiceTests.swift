@@ -7,7 +7,7 @@ import Foundation
 import FoundationNetworking
 #endif
 import Hummingbird
-import PostgresClient
+import LibPQ
 import TestSupport
 import Testing
 
@@ -16,7 +16,7 @@ import Testing
 @Test("/health/ready on the API port: 503 'not ready', without the connection string, host or password")
 func readinessSaysNothingMore() async throws {
     let secret = "Zq7Secret"
-    let pool = PostgresPool(url: "postgresql://app@127.0.0.1:1/app?passwor%64=\(secret)&connect_timeout=2", maxConnections: 1)
+    let pool = PQPool(url: "postgresql://app@127.0.0.1:1/app?passwor%64=\(secret)&connect_timeout=2", maxConnections: 1)
     let api = AccountsAPI(bank: Bank(store: EventStore(pool: pool)))
     let port = testPort()
     let app = Application(router: api.makeRouter(), configuration: .init(address: .hostname("127.0.0.1", port: port)))

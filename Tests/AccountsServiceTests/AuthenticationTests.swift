@@ -3,7 +3,7 @@ import BankAccount
 import EventSourcing
 import EventStore
 import Foundation
-import PostgresClient
+import LibPQ
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif

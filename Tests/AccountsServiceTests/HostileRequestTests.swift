@@ -12,7 +12,7 @@ import FoundationNetworking
 import Hummingbird
 import InMemoryLogging
 import Logging
-import PostgresClient
+import LibPQ
 import TestSupport
 import Testing
 
@@ -78,7 +78,7 @@ struct HostileRequestTests {
     @Test("a stalled database (events locked): 20 deposits get 503 with Retry-After within the bounds, never 500; then they succeed")
     func stalledDatabase() async throws {
         let test = try await TestEventStore.create(modules: [AccountsServiceSchema.module])
-        let pool = PostgresPool(PostgresPool.Configuration(
+        let pool = PQPool(PQPool.Configuration(
             url: test.schema.url, maxConnections: 2, acquireTimeout: .seconds(1), maxWaiters: 4, statementTimeout: .seconds(1)))
         let bank = Bank(store: EventStore(pool: pool))
         let id = try await bank.open(owner: "Stall", initialDeposit: 0)
@@ -89,7 +89,7 @@ struct HostileRequestTests {
         try await waitUntil("the API answers") {
             (try? await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/health/live")!)) != nil
         }
-        let locker = try await PostgresConnection.connect(to: test.schema.url)
+        let locker = try await PQConnection.connect(to: test.schema.url)
         try await locker.executeScript("BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
         @Sendable func deposit() async throws -> (Int, String?) {
             var request = URLRequest(url: URL(string: "http://127.0.0.1:\(port)/accounts/\(id)/deposits")!)
@@ -154,7 +154,7 @@ struct HostileRequestTests {
     @Test("every 5xx is logged with a request id, which the answer carries")
     func serverErrorsLogged() async throws {
         let handler = InMemoryLogHandler()
-        let pool = PostgresPool(url: "postgresql://app@127.0.0.1:1/app?connect_timeout=2", maxConnections: 1)
+        let pool = PQPool(url: "postgresql://app@127.0.0.1:1/app?connect_timeout=2", maxConnections: 1)
         let api = AccountsAPI(bank: Bank(store: EventStore(pool: pool)), logger: Logger(label: "test", factory: { _ in handler }))
         let port = testPort()
         let app = Application(router: api.makeRouter(), configuration: .init(address: .hostname("127.0.0.1", port: port)))

@@ -3,6 +3,7 @@ import BankAccount
 import BankProjections
 import EventSourcing
 import EventStore
+import EventStoreSQL
 import Foundation
 #if canImport(FoundationNetworking)
 import FoundationNetworking
@@ -11,7 +12,7 @@ import Hummingbird
 import InMemoryTracing
 import KafkaClient
 import OutboxRelay
-import PostgresClient
+import LibPQ
 import Projections
 import Synchronization
 import TestSupport

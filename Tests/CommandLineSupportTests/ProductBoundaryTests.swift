@@ -15,6 +15,18 @@ struct ProductBoundaryTests {
             #expect(ldd.output.contains("librdkafka") == linksKafka, "\(tool): \(ldd.output)")
         }
     }
+
+    @Test("no executable carries postgres-nio: only a service that imports EventStorePostgresNIO links it")
+    func postgresNIOOnlyWhereImported() throws {
+        // Swift type metadata names its module, so a statically linked PostgresNIO leaves its name in the binary.
+        let marker = Data("PostgresNIO".utf8)
+        for tool in ["accounts-service", "bank", "eventoutbox", "outbox-relay", "account-projector"] {
+            let binary = try Data(contentsOf: URL(fileURLWithPath: try Tools.path(tool)))
+            #expect(binary.range(of: marker) == nil, "\(tool) links PostgresNIO")
+        }
+        let testBundle = try Data(contentsOf: URL(fileURLWithPath: "/proc/self/exe"))
+        #expect(testBundle.range(of: marker) != nil, "the test bundle, which does link it, shows the marker")
+    }
 }
 
 @Suite("What each target declares")

@@ -3,7 +3,7 @@ import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
-import PostgresClient
+import LibPQ
 import TestSupport
 import Testing
 
@@ -101,7 +101,7 @@ struct BankCommandLineTests {
         let id = try await Tools.run("bank", ["open", "--owner", "Sweep", "--initial", "100"], environment: env)
             .stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         func events() async throws -> Int {
-            let connection = try await PostgresConnection.connect(to: schema.url)
+            let connection = try await PQConnection.connect(to: schema.url)
             let count = try await connection.query("SELECT count(*) FROM events").first!.decode(Int.self, at: 0)
             await connection.close()
             return count

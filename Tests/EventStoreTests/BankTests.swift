@@ -2,7 +2,7 @@ import BankAccount
 import EventSourcing
 import EventStore
 import Foundation
-import PostgresClient
+import LibPQ
 import PropertyBased
 import TestSupport
 import Testing

@@ -1,9 +1,10 @@
 import BankAccount
 import EventSourcing
 import EventStore
+import EventStoreSQL
 import Foundation
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import TestSupport
 import Testing
 
@@ -58,13 +59,13 @@ struct EventStoreTests {
         let reused = UUID()
         try await test.store.append([NewEvent(Note(text: "first"), eventID: reused)], to: "a", category: "n", expectedVersion: .noStream)
         // The second event reuses an event id: the events insert fails after the version check passed.
-        await #expect(throws: PostgresError.self) {
+        await #expect(throws: PQError.self) {
             try await test.store.append(
                 [NewEvent(Note(text: "fresh")), NewEvent(Note(text: "dup"), eventID: reused)], to: "b", category: "n",
                 expectedVersion: .noStream)
         }
         // A payload PostgreSQL cannot store (NUL in text) fails as well.
-        await #expect(throws: PostgresError.self) {
+        await #expect(throws: PQError.self) {
             try await test.store.append([NewEvent(Note(text: "nul \u{0} byte"))], to: "c", category: "n", expectedVersion: .any)
         }
         #expect(try await test.count("SELECT count(*) FROM events WHERE stream_id <> 'a'") == 0)
@@ -95,11 +96,11 @@ struct EventStoreTests {
     func appendOnly() async throws {
         let test = try await TestEventStore.create()
         try await test.store.append([NewEvent(Note(text: "fact"))], to: "s", category: "n", expectedVersion: .noStream)
-        let error = await #expect(throws: PostgresError.self) {
+        let error = await #expect(throws: PQError.self) {
             try await test.pool.withConnection { try await $0.execute("UPDATE events SET payload = '{}'") }
         }
         #expect(error?.message.contains("append-only") == true)
-        await #expect(throws: PostgresError.self) {
+        await #expect(throws: PQError.self) {
             try await test.pool.withConnection { try await $0.execute("DELETE FROM events") }
         }
         #expect(try await test.count("SELECT count(*) FROM events") == 1)
@@ -140,15 +141,15 @@ struct EventStoreTests {
     @Test("an append notifies the outbox channel when it commits")
     func appendNotifies() async throws {
         let test = try await TestEventStore.create()
-        let listener = try await PostgresConnection.connect(to: test.schema.url)
-        try await listener.listen(EventStoreSchema.outboxChannel)
+        let listener = try await PQConnection.connect(to: test.schema.url)
+        try await listener.listen(EventTables.outboxChannel)
         try await test.store.append([NewEvent(Note(text: "wake"))], to: "s", category: "n", expectedVersion: .any)
-        var received: [PostgresNotification] = []
+        var received: [PQNotification] = []
         try await waitUntil("an outbox notification") {
             received += try await listener.notifications(timeout: .milliseconds(200))
             return !received.isEmpty
         }
-        #expect(received.first?.channel == EventStoreSchema.outboxChannel)
+        #expect(received.first?.channel == EventTables.outboxChannel)
         try await test.drop()
     }
 
@@ -158,16 +159,16 @@ struct EventStoreTests {
         // tests' appends notify it too, so only that backend's notifications count.
         let test = try await TestEventStore.create(maxConnections: 1)
         let backend = try await test.count("SELECT pg_backend_pid()")
-        let listener = try await PostgresConnection.connect(to: test.schema.url)
-        try await listener.listen(EventStoreSchema.outboxChannel)
+        let listener = try await PQConnection.connect(to: test.schema.url)
+        try await listener.listen(EventTables.outboxChannel)
         var quiet = test.store
         quiet.notifiesOnAppend = false
         try await quiet.append([NewEvent(Note(text: "quiet"))], to: "q", category: "n", expectedVersion: .noStream)
         // A notifying append afterwards. Notifications arrive in commit order, so had the quiet append sent
         // one, it would be here by the time the loud one is.
         try await test.store.append([NewEvent(Note(text: "loud"))], to: "l", category: "n", expectedVersion: .noStream)
-        var received: [PostgresNotification] = []
-        func ours(_ batch: [PostgresNotification]) -> [PostgresNotification] { batch.filter { $0.senderProcessID == backend } }
+        var received: [PQNotification] = []
+        func ours(_ batch: [PQNotification]) -> [PQNotification] { batch.filter { $0.senderProcessID == backend } }
         try await waitUntil("the loud append's notification") {
             received += ours(try await listener.notifications(timeout: .milliseconds(200)))
             return !received.isEmpty

@@ -1,7 +1,7 @@
 @testable import EventStore
 import Foundation
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import TestSupport
 import Testing
 
@@ -74,7 +74,7 @@ struct SchemaMigratorTests {
                 SchemaMigration(version: 2, name: "a typo", sql: "CREATE TABEL oops (id int)"),
             ])
             let migrator = SchemaMigrator(EventOutboxSchema.modules + [broken])
-            let error = await #expect(throws: PostgresError.self) { try await migrator.migrate(pool) }
+            let error = await #expect(throws: PQError.self) { try await migrator.migrate(pool) }
             #expect("\(String(describing: error))".contains("migration broken 2: a typo"), "\(String(describing: error))")
             #expect(try await migrator.pending(pool).count == 6, "nothing was recorded, the toolkit's modules included")
             let table = try await pool.withConnection {
@@ -104,7 +104,7 @@ struct SchemaMigratorTests {
     }
 
     /// A schema as 0.9.0 left it: its tables and `eventoutbox_migrations` with the given versions of the one old list.
-    static func legacySchema(_ pool: PostgresPool, versions: [Int]) async throws {
+    static func legacySchema(_ pool: PQPool, versions: [Int]) async throws {
         let old = SchemaMigrator.legacyMigrations
         let sql = Dictionary(uniqueKeysWithValues: EventOutboxSchema.modules.flatMap { module in
             module.migrations.map { ("\(module.name) \($0.version)", $0.sql) }

@@ -2,11 +2,12 @@ import BankAccount
 import BankProjections
 import EventSourcing
 import EventStore
+import EventStoreSQL
 import Foundation
 import KafkaClient
 import OutboxRelay
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import Projections
 import TestSupport
 import Testing
@@ -51,7 +52,7 @@ struct AdvisoryLockTests {
                     let balances = (try? await test.count("SELECT count(*) FROM account_balances WHERE account_id = $1", [.text(account)])) ?? 0
                     return relay.publishedCount >= 1 && balances == 1
                 }
-                let pool = PostgresPool(url: bounded, maxConnections: 1)
+                let pool = PQPool(url: bounded, maxConnections: 1)
                 let applied = try await SchemaMigrator(EventOutboxSchema.modules).migrate(pool)
                 await pool.close()
                 #expect(applied.isEmpty)

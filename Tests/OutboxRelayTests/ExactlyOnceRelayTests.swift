@@ -1,10 +1,11 @@
 import EventStore
+import EventStoreSQL
 import Foundation
 import KafkaClient
 import KafkaMock
 @testable import OutboxRelay
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import TestSupport
 import Testing
 

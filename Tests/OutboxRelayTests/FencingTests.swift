@@ -3,7 +3,7 @@ import Foundation
 import KafkaClient
 import KafkaMock
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import TestSupport
 import Testing
 

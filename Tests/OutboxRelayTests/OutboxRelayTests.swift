@@ -1,11 +1,12 @@
 import EventSourcing
 import EventStore
+import EventStoreSQL
 import Foundation
 import KafkaClient
 import KafkaMock
 import OutboxRelay
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import TestSupport
 import Testing
 
@@ -88,7 +89,7 @@ struct OutboxRelayTests {
         let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
         try await withRelay(test, brokers: brokers) { relay in
             // Transaction A takes the lower outbox id but stays open.
-            let slow = try await PostgresConnection.connect(to: test.schema.url)
+            let slow = try await PQConnection.connect(to: test.schema.url)
             try await slow.executeScript("BEGIN")
             let slowEvent = UUID()
             try await slow.execute(
@@ -104,7 +105,7 @@ struct OutboxRelayTests {
             let slowID = try await test.count("SELECT max(id) FROM outbox WHERE stream_id = 'fast-0'")
             #expect(slowID > 0)
             try await slow.executeScript("COMMIT")
-            try await slow.notify(EventStoreSchema.outboxChannel)
+            try await slow.notify(EventTables.outboxChannel)
             try await reader.read(until: "the slow event") { _ in reader.eventIDs.contains(slowEvent.uuidString.lowercased()) }
             #expect(try await test.count("SELECT min(id) FROM outbox WHERE stream_id = 'slow'") < slowID)
             try await waitUntil("both marked published") {
@@ -276,7 +277,7 @@ struct RelayDatabaseRestartTests {
         let test = try await TestEventStore.create(routing: OutboxRouting(defaultTopic: topic))
         let brokers = try TestEnvironment.kafkaBrokers()
         var ids = try await test.appendTicks(streams: 10, perStream: 40)
-        let admin = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())
+        let admin = try await PQConnection.connect(to: try TestEnvironment.databaseURL())
         let name = uniqueName("relay")
         try await withRelay(test, brokers: brokers, batchSize: 20, applicationName: name) { relay in
             try await waitUntil("the relay publishes") { relay.publishedCount > 0 }

@@ -1,7 +1,8 @@
 import EventStore
+import EventStoreSQL
 import Foundation
 import KafkaClient
-import PostgresClient
+import LibPQ
 import TestSupport
 import Testing
 

@@ -1,11 +1,12 @@
 import EventSourcing
 import EventStore
+import EventStoreSQL
 import Foundation
 import KafkaClient
 import KafkaMock
 import OutboxRelay
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import TestSupport
 import Testing
 
@@ -32,7 +33,7 @@ struct RelaySource: Sendable {
     static func prepare(_ kind: SourceKind, _ test: TestEventStore) async throws -> RelaySource {
         guard kind == .wal else { return RelaySource(kind: kind, wal: nil) }
         let wal = try OutboxWAL(publication: "p_" + test.schema.name, slot: "s_" + test.schema.name)
-        let connection = try await PostgresConnection.connect(to: test.schema.url)
+        let connection = try await PQConnection.connect(to: test.schema.url)
         try await wal.setUp(on: connection)
         return RelaySource(kind: kind, wal: wal)
     }
@@ -58,12 +59,12 @@ struct RelaySource: Sendable {
 /// Drops a WAL setup's slot, once the relay that streamed it is gone (PostgreSQL refuses while its walsender
 /// lingers: 55006), and its publication.
 func dropWhenFree(_ wal: OutboxWAL, _ test: TestEventStore) async throws {
-    let connection = try await PostgresConnection.connect(to: test.schema.url)
+    let connection = try await PQConnection.connect(to: test.schema.url)
     try await waitUntil("the slot is free to drop") {
         do {
             _ = try await wal.dropSlot(on: connection)
             return true
-        } catch let error as PostgresError where error.sqlState == "55006" {
+        } catch let error as PQError where error.sqlState == "55006" {
             return false
         }
     }
@@ -72,7 +73,7 @@ func dropWhenFree(_ wal: OutboxWAL, _ test: TestEventStore) async throws {
 }
 
 /// Inserts an event and its outbox row by hand inside an open transaction (to commit later, or roll back).
-func insertByHand(_ connection: PostgresConnection, stream: String, version: Int64, topic: String) async throws -> UUID {
+func insertByHand(_ connection: PQConnection, stream: String, version: Int64, topic: String) async throws -> UUID {
     let event = UUID()
     try await connection.execute(
         "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, occurred_at) "
@@ -124,9 +125,9 @@ struct RelaySourceTests {
         var ids: [UUID] = []
         try await withRelay(test, brokers: brokers, configure: source.configure) { _ in
             // Three transactions take ascending outbox ids and commit in the opposite order, appends between.
-            var open: [PostgresConnection] = []
+            var open: [PQConnection] = []
             for n in 0..<3 {
-                let connection = try await PostgresConnection.connect(to: test.schema.url)
+                let connection = try await PQConnection.connect(to: test.schema.url)
                 try await connection.executeScript("BEGIN")
                 ids.append(try await insertByHand(connection, stream: "open-\(n)", version: 1, topic: topic))
                 ids.append(try await insertByHand(connection, stream: "open-\(n)", version: 2, topic: topic))
@@ -135,7 +136,7 @@ struct RelaySourceTests {
             ids += try await test.appendTicks(streams: 3, perStream: 10, prefix: "between")
             for connection in open.reversed() {
                 try await connection.executeScript("COMMIT")
-                try await connection.notify(EventStoreSchema.outboxChannel)
+                try await connection.notify(EventTables.outboxChannel)
                 ids += try await test.appendTicks(streams: 1, perStream: 2, prefix: uniqueName("after"))
             }
             try await reader.read(until: "every event") { _ in reader.eventIDs.count >= ids.count }
@@ -197,7 +198,7 @@ struct RelaySourceTests {
         let brokers = try TestEnvironment.kafkaBrokers()
         let reader = try KafkaTopicReader(brokers: brokers, topic: topic)
         try await withRelay(test, brokers: brokers, configure: source.configure) { _ in
-            let connection = try await PostgresConnection.connect(to: test.schema.url)
+            let connection = try await PQConnection.connect(to: test.schema.url)
             try await connection.executeScript("BEGIN")
             let rolledBack = try await insertByHand(connection, stream: "rolled-back", version: 1, topic: topic)
             let before = try await test.appendTicks(streams: 1, perStream: 3, prefix: "before")

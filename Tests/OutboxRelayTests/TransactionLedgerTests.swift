@@ -1,5 +1,5 @@
 import Foundation
-import PostgresClient
+import LibPQ
 import Testing
 
 @testable import OutboxRelay

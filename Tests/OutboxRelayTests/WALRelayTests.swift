@@ -1,12 +1,13 @@
 import EventSourcing
 import EventStore
+import EventStoreSQL
 import Foundation
 import InMemoryTracing
 import KafkaClient
 import KafkaMock
 import OutboxRelay
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import TestSupport
 import Testing
 import Tracing

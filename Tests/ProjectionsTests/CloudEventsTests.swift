@@ -5,7 +5,7 @@ import EventStore
 import Foundation
 import KafkaClient
 import OutboxRelay
-import PostgresClient
+import LibPQ
 @_spi(Testing) import Projections
 import TestSupport
 import Testing

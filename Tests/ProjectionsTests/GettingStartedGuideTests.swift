@@ -1,9 +1,10 @@
 import EventSourcing
 import EventStore
+import EventStoreSQL
 import Foundation
 import KafkaClient
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import Projections
 import TestSupport
 import Testing

@@ -2,8 +2,9 @@ import BankAccount
 import BankProjections
 import EventSourcing
 import EventStore
+import EventStoreSQL
 import Foundation
-import PostgresClient
+import LibPQ
 @testable import Projections
 import TestSupport
 import Testing
@@ -136,8 +137,8 @@ struct ProjectionApplierTests {
         try await withTables { test in
             _ = try await apply([opened("acct-3", 0)], test)
             let batch = [deposit("acct-3", 2, 10), deposit("acct-3", 3, 10)]
-            let first = try await PostgresConnection.connect(to: test.schema.url)
-            let second = try await PostgresConnection.connect(to: test.schema.url)
+            let first = try await PQConnection.connect(to: test.schema.url)
+            let second = try await PQConnection.connect(to: test.schema.url)
             let secondPID = try await second.query("SELECT pg_backend_pid()").first!.decode(Int32.self, at: 0)
             try await first.executeScript("BEGIN")
             #expect(try await applier.apply(batch, on: first) == .init(applied: 4, duplicates: 0))
@@ -162,7 +163,7 @@ struct ProjectionApplierTests {
                 Issue.record("the second transaction applied a stream the first had just recorded")
                 return
             }
-            #expect(error is ConcurrentProjectionUpdate || (error as? PostgresError)?.isRetriable == true, "\(error)")
+            #expect(error is ConcurrentProjectionUpdate || (error as? PQError)?.isRetriable == true, "\(error)")
             #expect(ProjectionConsumer.isTransient(error))
             #expect(try await balance("acct-4", test) == 9)
             await first.close()

@@ -7,7 +7,7 @@ import InMemoryLogging
 import KafkaClient
 import Logging
 import OutboxRelay
-import PostgresClient
+import LibPQ
 @_spi(Testing) import Projections
 import PropertyBased
 import TestSupport
@@ -438,7 +438,7 @@ struct ProjectionTests {
             consumer.stop()
             try await task.value
         }
-        let connection = try await PostgresConnection.connect(to: pipeline.test.schema.url)
+        let connection = try await PQConnection.connect(to: pipeline.test.schema.url)
         let letters = try await ProjectionDeadLetters.list(consumer: configuration.groupID, on: connection)
         #expect(letters.count == 1)
         let letter = try #require(letters.first)

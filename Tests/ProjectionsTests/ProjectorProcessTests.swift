@@ -3,7 +3,7 @@ import BankProjections
 import EventStore
 import Foundation
 import KafkaClient
-import PostgresClient
+import LibPQ
 import Projections
 import TestSupport
 import Testing

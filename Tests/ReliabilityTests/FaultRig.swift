@@ -4,7 +4,7 @@ import EventStore
 import Foundation
 import KafkaClient
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import TestSupport
 import Testing
 
@@ -165,7 +165,7 @@ final class FaultRig {
     let databaseURL: String
     let server: ThrowawayPostgres?
     let schema: TestSchema?
-    let pool: PostgresPool
+    let pool: PQPool
     let bank: Bank
     let cluster: MockClusterProcess
     let relay: LongRunningTool
@@ -190,7 +190,7 @@ final class FaultRig {
             self.schema = schema
             databaseURL = schema.url
         }
-        pool = PostgresPool(url: databaseURL, maxConnections: 4)
+        pool = PQPool(url: databaseURL, maxConnections: 4)
         try await SchemaMigrator(EventOutboxSchema.modules).migrate(pool)
         bank = Bank(store: EventStore(pool: pool), topic: topic)
         cluster = try await MockClusterProcess.start(brokers: 3, topics: [(topic, Self.partitions), (progressTopic, 1)])
@@ -214,7 +214,7 @@ final class FaultRig {
     /// Starts a load of bank commands on the rig's accounts.
     func startLoad() -> BankLoad { BankLoad(bank: bank, accounts: accounts) }
 
-    func query(_ sql: String, _ binds: [PostgresBind] = []) async throws -> [PostgresRow] {
+    func query(_ sql: String, _ binds: [PQBind] = []) async throws -> [PQRow] {
         try await pool.withConnection { try await $0.query(sql, binds) }
     }
 

@@ -3,7 +3,7 @@ import EventSourcing
 import EventStore
 import Foundation
 import KafkaClient
-import PostgresClient
+import LibPQ
 import TestSupport
 import Testing
 

@@ -1,7 +1,7 @@
 import EventSourcing
 import EventStore
 import Foundation
-import PostgresClient
+import LibPQ
 
 /// A small event for relay tests.
 public struct Tick: DomainEvent, Hashable {

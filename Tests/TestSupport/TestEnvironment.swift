@@ -1,7 +1,8 @@
+import EventStoreSQL
 import Foundation
 import EventStore
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import Synchronization
 
 /// A server a test needs was not given to it. Tests fail with this; they never skip.
@@ -24,7 +25,7 @@ public enum TestEnvironment {
     /// all the others.
     public static func walDatabaseURL() async throws -> String {
         let base = try databaseURL()
-        let admin = try await PostgresConnection.connect(to: base)
+        let admin = try await PQConnection.connect(to: base)
         // One creator at a time: concurrent CREATE DATABASE from template1 fails.
         try await admin.query("SELECT pg_advisory_lock(7240511099)")
         let exists = try await admin.query("SELECT 1 FROM pg_database WHERE datname = 'eventoutbox_wal'").count == 1
@@ -81,7 +82,7 @@ public struct TestSchema: Sendable {
     public static func create(_ prefix: String = "t", base: String? = nil) async throws -> TestSchema {
         let base = try base ?? TestEnvironment.databaseURL()
         let name = uniqueName(prefix)
-        let admin = try await PostgresConnection.connect(to: base)
+        let admin = try await PQConnection.connect(to: base)
         try await admin.executeScript("CREATE SCHEMA \(name)")
         let separator = base.contains("?") ? "&" : "?"
         return TestSchema(name: name, url: base + separator + "options=-csearch_path%3D\(name)", base: base)
@@ -89,10 +90,10 @@ public struct TestSchema: Sendable {
 
     /// Runs `body` with a pool on a fresh schema, then closes the pool and drops the schema, also when `body` throws.
     public static func withPool<R: Sendable>(
-        _ prefix: String = "t", maxConnections: Int = 2, _ body: (PostgresPool) async throws -> R
+        _ prefix: String = "t", maxConnections: Int = 2, _ body: (PQPool) async throws -> R
     ) async throws -> R {
         let schema = try await create(prefix)
-        let pool = PostgresPool(url: schema.url, maxConnections: maxConnections)
+        let pool = PQPool(url: schema.url, maxConnections: maxConnections)
         do {
             let result = try await body(pool)
             await pool.close()
@@ -108,7 +109,7 @@ public struct TestSchema: Sendable {
 
     /// Drops the schema and everything in it.
     public func drop() async throws {
-        let admin = try await PostgresConnection.connect(to: base)
+        let admin = try await PQConnection.connect(to: base)
         try await admin.executeScript("DROP SCHEMA \(name) CASCADE")
     }
 }
@@ -124,7 +125,7 @@ public final class Locked<Value: Sendable>: Sendable {
 /// A migrated event store in a schema of its own.
 public struct TestEventStore: Sendable {
     public let schema: TestSchema
-    public let pool: PostgresPool
+    public let pool: PQPool
     public let store: EventStore
 
     /// - Parameters:
@@ -136,13 +137,13 @@ public struct TestEventStore: Sendable {
         databaseURL: String? = nil, modules: [SchemaModule] = []
     ) async throws -> TestEventStore {
         let schema = try await TestSchema.create("es", base: databaseURL)
-        let pool = PostgresPool(url: schema.url, maxConnections: maxConnections, acquireTimeout: acquireTimeout)
+        let pool = PQPool(url: schema.url, maxConnections: maxConnections, acquireTimeout: acquireTimeout)
         try await SchemaMigrator(EventOutboxSchema.modules + modules).migrate(pool)
         return TestEventStore(schema: schema, pool: pool, store: EventStore(pool: pool, routing: routing))
     }
 
     /// Runs one query on the test schema and returns an integer column of its first row.
-    public func count(_ sql: String, _ binds: [PostgresBind] = []) async throws -> Int {
+    public func count(_ sql: String, _ binds: [PQBind] = []) async throws -> Int {
         try await pool.withConnection { try await $0.query(sql, binds).first!.decode(Int.self, at: 0) }
     }
 

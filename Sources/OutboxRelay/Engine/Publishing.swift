@@ -3,7 +3,7 @@ import KafkaClient
 import Logging
 import Metrics
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import Synchronization
 
 /// What handing one record to the producer came to.
@@ -63,7 +63,7 @@ extension OutboxRelay {
 
     /// An outbox row that cannot be read (only a hand-written row could be one) must not stall the outbox:
     /// it goes to dead letters, if it is still in the outbox, and its stream waits behind it.
-    func deadLetterUnreadable(_ id: Int64, _ reason: String, on connection: PostgresConnection) async throws {
+    func deadLetterUnreadable(_ id: Int64, _ reason: String, on connection: PQConnection) async throws {
         let moved = try await table.moveToDeadLetters(id, error: reason, on: connection)
         metrics.deadLettered.increment()
         logger.error(

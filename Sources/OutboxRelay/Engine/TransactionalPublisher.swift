@@ -5,7 +5,7 @@ import KafkaClient
 import Logging
 import Metrics
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import Synchronization
 
 /// Where an exactly-once relay takes its rows from: the outbox table, or the outbox's inserts in the WAL.

@@ -1,5 +1,5 @@
 import Foundation
-import PostgresClient
+import LibPQ
 
 /// What one Kafka transaction of an exactly-once relay covered, written as the last record of that same
 /// transaction to the relay's progress topic (keyed by ``unit``).

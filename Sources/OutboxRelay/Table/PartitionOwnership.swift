@@ -1,6 +1,6 @@
 import EventStore
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 
 /// Which outbox partitions this relay publishes when several relays split one database's streams
 /// (``OutboxRelayConfiguration/partitions`` > 1).
@@ -27,12 +27,12 @@ struct PartitionOwnership {
     var partitions: OutboxPartitions { OutboxPartitions(count: count, owned: owned) }
 
     /// Joins the relays of this database (the shared member lock, held for the session).
-    func join(on connection: PostgresConnection) async throws {
+    func join(on connection: PQConnection) async throws {
         try await connection.query("SELECT pg_advisory_lock_shared($1)", [.int64(memberKey)], statement: "relay: join partitioned relays")
     }
 
     /// How many relays hold the member lock (this one included).
-    func members(on connection: PostgresConnection) async throws -> Int {
+    func members(on connection: PQConnection) async throws -> Int {
         try await connection.queryOne(
             """
             SELECT count(*) AS members FROM pg_locks
@@ -59,7 +59,7 @@ struct PartitionOwnership {
 
     /// Takes free partitions up to the target and, when `mayRelease`, gives back those above it (only allowed
     /// with nothing in flight, so that a partition changes hands with every delivered row marked).
-    mutating func rebalance(mayRelease: Bool, on connection: PostgresConnection) async throws -> Change {
+    mutating func rebalance(mayRelease: Bool, on connection: PQConnection) async throws -> Change {
         let members = try await members(on: connection)
         let target = Self.target(partitions: count, members: members)
         let before = owned

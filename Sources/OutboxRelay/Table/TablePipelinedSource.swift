@@ -3,7 +3,7 @@ import KafkaClient
 import Logging
 import Metrics
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import Synchronization
 
 /// `--source table` for the at-least-once engine: the waiting rows of the outbox (all of them, or those of the
@@ -12,7 +12,7 @@ import Synchronization
 struct TablePipelinedSource: PipelinedSource {
     let relay: OutboxRelay
     /// Holds the relay's lock (or its partitions' membership) and runs the fetches.
-    let connection: PostgresConnection
+    let connection: PQConnection
     private let marker: PublishedRowMarker
     private let table = OutboxTable()
     private var ownership: PartitionOwnership?
@@ -23,7 +23,7 @@ struct TablePipelinedSource: PipelinedSource {
     private var releasePending = false
     private var lastFullScan = ContinuousClock.now
 
-    init(relay: OutboxRelay, connection: PostgresConnection, marker: PublishedRowMarker, ownership: PartitionOwnership?) {
+    init(relay: OutboxRelay, connection: PQConnection, marker: PublishedRowMarker, ownership: PartitionOwnership?) {
         self.relay = relay
         self.connection = connection
         self.marker = marker
@@ -159,7 +159,7 @@ struct TablePipelinedSource: PipelinedSource {
 /// Used by one publish loop only (not concurrently): `add`, `startIfIdle` and `flush` are called from that one
 /// task; the statement runs in a child task that signals the loop's wakeup when done.
 final class PublishedRowMarker: @unchecked Sendable {
-    private let connection: PostgresConnection
+    private let connection: PQConnection
     private let deletes: Bool
     private let wakeup: Wakeup
     private let table = OutboxTable()
@@ -169,7 +169,7 @@ final class PublishedRowMarker: @unchecked Sendable {
     /// The error of the last statement that failed, as it was thrown.
     private let failure = Mutex<(any Error)?>(nil)
 
-    init(connection: PostgresConnection, deletes: Bool, wakeup: Wakeup) {
+    init(connection: PQConnection, deletes: Bool, wakeup: Wakeup) {
         self.connection = connection
         self.deletes = deletes
         self.wakeup = wakeup

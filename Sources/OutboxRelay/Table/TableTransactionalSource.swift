@@ -3,7 +3,7 @@ import KafkaClient
 import Logging
 import Metrics
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import Synchronization
 
 /// `--source table` for the exactly-once engine: the waiting rows of the outbox (of the partitions this unit
@@ -16,13 +16,13 @@ import Synchronization
 struct TableTransactionalSource: TransactionalSource {
     let relay: OutboxRelay
     /// Holds `lockKey`, the unit's advisory lock.
-    let connection: PostgresConnection
+    let connection: PQConnection
     let lockKey: Int64
     let partitions: OutboxPartitions
     let wakeup: Wakeup
     private let table = OutboxTable()
 
-    init(relay: OutboxRelay, connection: PostgresConnection, lockKey: Int64, partitions: OutboxPartitions, wakeup: Wakeup) {
+    init(relay: OutboxRelay, connection: PQConnection, lockKey: Int64, partitions: OutboxPartitions, wakeup: Wakeup) {
         self.relay = relay
         self.connection = connection
         self.lockKey = lockKey
@@ -87,7 +87,7 @@ struct TableTransactionalSource: TransactionalSource {
 /// Session advisory locks of a relay connection.
 enum AdvisoryLocks {
     /// Whether this session holds the exclusive advisory lock `key` (taken with `pg_try_advisory_lock`).
-    static func holds(_ key: Int64, on connection: PostgresConnection) async throws -> Bool {
+    static func holds(_ key: Int64, on connection: PQConnection) async throws -> Bool {
         try await connection.queryOne(
             """
             SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
@@ -98,7 +98,7 @@ enum AdvisoryLocks {
     }
 
     /// Takes the exclusive advisory lock `key` if it is free.
-    static func tryLock(_ key: Int64, on connection: PostgresConnection) async throws -> Bool {
+    static func tryLock(_ key: Int64, on connection: PQConnection) async throws -> Bool {
         try await connection.queryOne(
             "SELECT pg_try_advisory_lock($1) AS acquired", [.int64(key)], statement: "relay: try lock"
         ).decode(Bool.self, "acquired")
@@ -107,7 +107,7 @@ enum AdvisoryLocks {
 
 extension OutboxRelay {
     /// The names of this relay's exactly-once units: the `transactional.id` prefix and the progress topic.
-    func exactlyOnceNames(_ connection: PostgresConnection) async throws -> (prefix: String, topic: String) {
+    func exactlyOnceNames(_ connection: PQConnection) async throws -> (prefix: String, topic: String) {
         var prefix = configuration.transactionalID ?? ""
         if prefix.isEmpty {
             let row = try await connection.queryOne(
@@ -129,7 +129,7 @@ extension OutboxRelay {
 
     /// `--source table --delivery exactly-once`: one unit while holding the relay's lock, or with
     /// `--partitions N` one unit per partition this relay holds.
-    func leadExactlyOnce(_ connection: PostgresConnection, backoff: inout Backoff) async throws {
+    func leadExactlyOnce(_ connection: PQConnection, backoff: inout Backoff) async throws {
         let names = try await exactlyOnceNames(connection)
         let log = progressLog(topic: names.topic, partitions: configuration.partitions)
         if configuration.partitions > 1 {
@@ -160,7 +160,7 @@ extension OutboxRelay {
     /// connection of its own, its `transactional.id`, its progress partition), published by its own engine.
     /// Ownership follows ``PartitionOwnership``'s share; a partition given back stops its engine first (and a
     /// new owner's init would fence it anyway).
-    private func leadPartitionsExactlyOnce(_ connection: PostgresConnection, prefix: String, log: ProgressLog) async throws {
+    private func leadPartitionsExactlyOnce(_ connection: PQConnection, prefix: String, log: ProgressLog) async throws {
         let ownership = PartitionOwnership(count: configuration.partitions, baseKey: configuration.leaderLockKey)
         try await ownership.join(on: connection)
         let running = PartitionEngines()
@@ -171,7 +171,7 @@ extension OutboxRelay {
             group.addTask { await self.listenForAppends() }
             defer { group.cancelAll() }
             // Tries partition locks; once one is won, this connection goes to its engine and a new one is made.
-            var spare: PostgresConnection?
+            var spare: PQConnection?
             defer { if let spare { Task { await spare.close() } } }
             while !isStopping {
                 let members = try await ownership.members(on: connection)
@@ -188,9 +188,9 @@ extension OutboxRelay {
                         let partition = (start + offset) % configuration.partitions
                         guard !owned.contains(partition) else { continue }
                         let key = configuration.leaderLockKey &+ Int64(partition)
-                        let unitConnection: PostgresConnection
+                        let unitConnection: PQConnection
                         if let spare { unitConnection = spare } else {
-                            unitConnection = try await PostgresConnection.connect(to: configuration.databaseURL)
+                            unitConnection = try await PQConnection.connect(to: configuration.databaseURL)
                         }
                         spare = unitConnection
                         guard try await AdvisoryLocks.tryLock(key, on: unitConnection) else { continue }
@@ -213,7 +213,7 @@ extension OutboxRelay {
     }
 
     private func publishPartition(
-        _ partition: Int, _ connection: PostgresConnection, key: Int64, prefix: String, log: ProgressLog, stop: StopFlag
+        _ partition: Int, _ connection: PQConnection, key: Int64, prefix: String, log: ProgressLog, stop: StopFlag
     ) async {
         let wakeup = Wakeup()
         partitionWakeups.withLock { $0[partition] = wakeup }

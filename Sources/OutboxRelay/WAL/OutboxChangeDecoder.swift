@@ -1,7 +1,7 @@
 import EventStore
 import Foundation
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 
 /// What a WAL relay does something about, read from the replication stream.
 enum WALChange: Sendable {
@@ -60,7 +60,7 @@ struct OutboxChangeDecoder: Sendable {
             return .other
         case .insert(let relationID, let values):
             guard let relation = relations[relationID] else {
-                throw PostgresError(code: .decoding, message: "pgoutput sent an insert for relation \(relationID) before describing it")
+                throw PQError(code: .decoding, message: "pgoutput sent an insert for relation \(relationID) before describing it")
             }
             guard relation.name == "outbox", relation.namespace == schema else { return .other }
             let row = try relation.row(values)

@@ -4,7 +4,7 @@ import KafkaClient
 import Logging
 import Metrics
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 import Synchronization
 
 /// `--source wal`: the outbox's inserts read from a logical replication slot and published in commit order.
@@ -14,7 +14,7 @@ extension OutboxRelay {
     /// Checks the database once before streaming: a setup problem is a configuration error to report, not
     /// a failure to retry. An unreachable database is left to the retries.
     func checkReplicationSetup(_ wal: OutboxWAL) async throws {
-        guard let connection = try? await PostgresConnection.connect(to: configuration.databaseURL) else { return }
+        guard let connection = try? await PQConnection.connect(to: configuration.databaseURL) else { return }
         let status = try? await wal.status(on: connection)
         await connection.close()
         let problems = status.map(wal.problems(in:)) ?? []
@@ -26,11 +26,11 @@ extension OutboxRelay {
     /// `nil` once the relay stops.
     func awaitReplication(
         _ wal: OutboxWAL, from lsn: PostgresLSN, _ backoff: inout Backoff, _ standingBy: inout Bool
-    ) async -> (PostgresReplicationStream, PostgresConnection, OutboxWAL.Status)? {
+    ) async -> (PostgresReplicationStream, PQConnection, OutboxWAL.Status)? {
         while !isStopping {
-            var connection: PostgresConnection?
+            var connection: PQConnection?
             do {
-                let opened = try await PostgresConnection.connect(to: configuration.databaseURL)
+                let opened = try await PQConnection.connect(to: configuration.databaseURL)
                 connection = opened
                 let status = try await wal.status(on: opened)
                 let problems = wal.problems(in: status)
@@ -39,7 +39,7 @@ extension OutboxRelay {
                     url: configuration.databaseURL, slot: wal.slot, publications: [wal.publication], startLSN: lsn)
                 standingBy = false
                 return (stream, opened, status)
-            } catch let error as PostgresError where error.sqlState == SQLState.objectInUse {
+            } catch let error as PQError where error.sqlState == SQLState.objectInUse {
                 await connection?.close()
                 if !standingBy {
                     logger.info("another relay is streaming the replication slot; standing by", metadata: ["wal.slot": "\(wal.slot)"])
@@ -86,7 +86,7 @@ extension OutboxRelay {
     /// Gauges of the slot and the outbox, and retention (rows are never marked in WAL mode: any row older than
     /// the retention period is deleted, published or not, since the log holds its insert). Returns the streams
     /// that have a dead letter now.
-    func walHousekeeping(_ wal: OutboxWAL, on connection: PostgresConnection) async throws -> Set<String> {
+    func walHousekeeping(_ wal: OutboxWAL, on connection: PQConnection) async throws -> Set<String> {
         let status = try await wal.status(on: connection)
         metrics.walRetainedBytes.record(status.slot?.retainedBytes ?? 0)
         metrics.deadLetters.record(try await table.deadLetters(on: connection).count)
@@ -100,7 +100,7 @@ extension OutboxRelay {
 
     /// For a row read from the WAL: whether it must wait behind a dead letter of its stream (then it is recorded
     /// as held behind it). A dead letter retried since (`eventoutbox dead-letters retry`) releases the stream.
-    func holdsBack(_ row: OutboxRow, _ heldStreams: inout Set<String>, on connection: PostgresConnection) async throws -> Bool {
+    func holdsBack(_ row: OutboxRow, _ heldStreams: inout Set<String>, on connection: PQConnection) async throws -> Bool {
         guard heldStreams.contains(row.streamID) else { return false }
         guard let first = try await table.firstDeadLetter(ofStream: row.streamID, on: connection) else {
             heldStreams.remove(row.streamID)

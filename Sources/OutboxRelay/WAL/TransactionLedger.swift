@@ -1,5 +1,5 @@
 import Foundation
-import PostgresClient
+import LibPQ
 
 /// How far a WAL relay may confirm its replication slot: past a transaction only when Kafka has
 /// acknowledged every one of its messages, and every earlier transaction's too.

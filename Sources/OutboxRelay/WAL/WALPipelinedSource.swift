@@ -4,7 +4,7 @@ import KafkaClient
 import Logging
 import Metrics
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 
 /// `--source wal` for the at-least-once engine: the outbox's inserts read from the logical replication slot in
 /// commit order, the slot confirmed past a transaction once Kafka acknowledged all of its rows
@@ -47,7 +47,7 @@ struct WALPipelinedSource: PipelinedSource {
     private struct Replication {
         let stream: PostgresReplicationStream
         /// For dead letters and housekeeping.
-        let connection: PostgresConnection
+        let connection: PQConnection
     }
 
     init(relay: OutboxRelay, wal: OutboxWAL) {
@@ -88,7 +88,7 @@ struct WALPipelinedSource: PipelinedSource {
     }
 
     private var stream: PostgresReplicationStream { replication!.stream }
-    private var connection: PostgresConnection { replication!.connection }
+    private var connection: PQConnection { replication!.connection }
 
     mutating func nextRows(room: Int, idle: Bool) async throws -> (rows: [OutboxRow], waitAfter: Bool) {
         if housekeeping.isDue {
@@ -137,7 +137,7 @@ struct WALPipelinedSource: PipelinedSource {
                 transaction = ledger.begin(commitTime: commitTime)
             case .row(let row):
                 guard let transaction else {
-                    throw PostgresError(code: .decoding, message: "pgoutput sent outbox row \(row.id) outside a transaction")
+                    throw PQError(code: .decoding, message: "pgoutput sent outbox row \(row.id) outside a transaction")
                 }
                 ledger.sent(in: transaction)
                 handedOut[row.id] = (transaction, row.streamID)

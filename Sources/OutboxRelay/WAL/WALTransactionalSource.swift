@@ -4,7 +4,7 @@ import KafkaClient
 import Logging
 import Metrics
 import OutboxRelayStore
-import PostgresClient
+import LibPQ
 
 /// `--source wal` for the exactly-once engine: whole PostgreSQL transactions read from the replication slot, as
 /// many as fit a batch, one Kafka transaction per batch; its progress record holds the commit end of the last
@@ -17,7 +17,7 @@ struct WALTransactionalSource: TransactionalSource {
     let wal: OutboxWAL
     let stream: PostgresReplicationStream
     /// For dead letters and housekeeping.
-    let connection: PostgresConnection
+    let connection: PQConnection
     private var decoder: OutboxChangeDecoder
     /// Transactions ending at or before this are in Kafka (and confirmed, or about to be).
     private(set) var published: PostgresLSN
@@ -34,7 +34,7 @@ struct WALTransactionalSource: TransactionalSource {
     private var serverEnd = PostgresLSN.zero
     private var lastConfirm = ContinuousClock.now
 
-    init(relay: OutboxRelay, wal: OutboxWAL, schema: String, stream: PostgresReplicationStream, connection: PostgresConnection, confirmed: PostgresLSN) {
+    init(relay: OutboxRelay, wal: OutboxWAL, schema: String, stream: PostgresReplicationStream, connection: PQConnection, confirmed: PostgresLSN) {
         self.relay = relay
         self.wal = wal
         self.stream = stream
@@ -103,7 +103,7 @@ struct WALTransactionalSource: TransactionalSource {
                 open = []
             case .row(let row):
                 guard open != nil else {
-                    throw PostgresError(code: .decoding, message: "pgoutput sent outbox row \(row.id) outside a transaction")
+                    throw PQError(code: .decoding, message: "pgoutput sent outbox row \(row.id) outside a transaction")
                 }
                 open!.append(row)
             case .unreadable(let outboxID, let reason):

@@ -1,5 +1,5 @@
 import Foundation
-import PostgresClient
+import LibPQ
 import TestSupport
 import Testing
 
@@ -34,18 +34,18 @@ struct TLSTests {
             files: ["server.crt": certificates + "/server.crt", "server.key": certificates + "/server.key"])
 
         let base = "postgresql://postgres@localhost:\(port)/postgres?sslmode=verify-full"
-        let connection = try await PostgresConnection.connect(to: base + "&sslrootcert=\(certificates)/ca.crt")
+        let connection = try await PQConnection.connect(to: base + "&sslrootcert=\(certificates)/ca.crt")
         let encrypted = try await connection.query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").first!.decode(Bool.self, at: 0)
         #expect(encrypted)
         await connection.close()
 
-        let refused = await #expect(throws: PostgresError.self) {
-            try await PostgresConnection.connect(to: base + "&sslrootcert=\(certificates)/other-ca.crt")
+        let refused = await #expect(throws: PQError.self) {
+            try await PQConnection.connect(to: base + "&sslrootcert=\(certificates)/other-ca.crt")
         }
         #expect(refused?.description.contains("certificate verify failed") == true, "\(refused.map { "\($0)" } ?? "")")
         // verify-full also checks the name: the certificate is for localhost, not 127.0.0.1.
-        let wrongName = await #expect(throws: PostgresError.self) {
-            try await PostgresConnection.connect(
+        let wrongName = await #expect(throws: PQError.self) {
+            try await PQConnection.connect(
                 to: "postgresql://postgres@127.0.0.1:\(port)/postgres?sslmode=verify-full&sslrootcert=\(certificates)/ca.crt")
         }
         #expect(wrongName?.description.contains("127.0.0.1") == true, "\(wrongName.map { "\($0)" } ?? "")")

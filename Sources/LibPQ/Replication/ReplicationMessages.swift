@@ -10,7 +10,7 @@ public enum ReplicationMessage: Sendable, Equatable {
     case keepalive(walEnd: PostgresLSN, replyRequested: Bool)
 
     /// Reads one CopyData message from the server.
-    public static func decode(_ bytes: [UInt8]) throws(PostgresError) -> ReplicationMessage {
+    public static func decode(_ bytes: [UInt8]) throws(PQError) -> ReplicationMessage {
         var reader = ByteReader(bytes, what: "replication message")
         switch try reader.byte() {
         case UInt8(ascii: "w"):
@@ -23,7 +23,7 @@ public enum ReplicationMessage: Sendable, Equatable {
             _ = try reader.uint64()
             return .keepalive(walEnd: walEnd, replyRequested: try reader.byte() == 1)
         case let kind:
-            throw PostgresError(code: .decoding, message: "unknown replication message kind \(kind) (\(bytes.count) bytes)")
+            throw PQError(code: .decoding, message: "unknown replication message kind \(kind) (\(bytes.count) bytes)")
         }
     }
 
@@ -58,7 +58,7 @@ public enum PgOutputMessage: Sendable, Equatable {
     /// Any other message (type, origin, update, delete, truncate, logical message), by its kind byte.
     case other(kind: UInt8)
 
-    public static func decode(_ bytes: [UInt8]) throws(PostgresError) -> PgOutputMessage {
+    public static func decode(_ bytes: [UInt8]) throws(PQError) -> PgOutputMessage {
         var reader = ByteReader(bytes, what: "pgoutput message")
         let kind = try reader.byte()
         switch kind {
@@ -79,20 +79,20 @@ public enum PgOutputMessage: Sendable, Equatable {
             _ = try reader.byte()  // replica identity
             let count = Int(try reader.uint16())
             var columns: [String] = []
-            var types: [PostgresType] = []
+            var types: [PQType] = []
             columns.reserveCapacity(count)
             types.reserveCapacity(count)
             for _ in 0..<count {
                 _ = try reader.byte()  // flags (part of the key)
                 columns.append(try reader.string())
-                types.append(PostgresType(oid: try reader.uint32()))
+                types.append(PQType(oid: try reader.uint32()))
                 _ = try reader.uint32()  // type modifier
             }
             return .relation(PgOutputRelation(id: id, namespace: namespace, name: name, columns: columns, types: types))
         case UInt8(ascii: "I"):
             let relation = try reader.uint32()
             guard try reader.byte() == UInt8(ascii: "N") else {
-                throw PostgresError(code: .decoding, message: "pgoutput insert without a new tuple")
+                throw PQError(code: .decoding, message: "pgoutput insert without a new tuple")
             }
             return .insert(relationID: relation, values: try reader.tuple())
         default:
@@ -109,9 +109,9 @@ public struct PgOutputRelation: Sendable, Hashable {
     public var name: String
     /// Column names, in the order of the values of inserts.
     public var columns: [String]
-    public var types: [PostgresType]
+    public var types: [PQType]
 
-    public init(id: UInt32, namespace: String, name: String, columns: [String], types: [PostgresType]) {
+    public init(id: UInt32, namespace: String, name: String, columns: [String], types: [PQType]) {
         precondition(columns.count == types.count, "one type per column")
         self.id = id
         self.namespace = namespace
@@ -120,14 +120,14 @@ public struct PgOutputRelation: Sendable, Hashable {
         self.types = types
     }
 
-    /// An inserted row's values as a ``PostgresRow``, decoded like a query's rows.
-    /// - Throws: ``PostgresError/Code/decoding`` when the number of values is not the number of columns.
-    public func row(_ values: [String?]) throws(PostgresError) -> PostgresRow {
+    /// An inserted row's values as a ``PQRow``, decoded like a query's rows.
+    /// - Throws: ``PQError/Code/decoding`` when the number of values is not the number of columns.
+    public func row(_ values: [String?]) throws(PQError) -> PQRow {
         guard values.count == columns.count else {
-            throw PostgresError(
+            throw PQError(
                 code: .decoding, message: "an insert into \(namespace).\(name) has \(values.count) values for \(columns.count) columns")
         }
-        return PostgresRow(columns: PostgresColumns(names: columns, types: types), cells: values)
+        return PQRow(columns: PQColumns(names: columns, types: types), cells: values)
     }
 }
 
@@ -155,20 +155,20 @@ private struct ByteReader {
         self.what = what
     }
 
-    private func need(_ count: Int) throws(PostgresError) {
+    private func need(_ count: Int) throws(PQError) {
         guard bytes.count - index >= count else {
-            throw PostgresError(
+            throw PQError(
                 code: .decoding, message: "\(what) ends early: \(count) more bytes expected at byte \(index) of \(bytes.count)")
         }
     }
 
-    mutating func byte() throws(PostgresError) -> UInt8 {
+    mutating func byte() throws(PQError) -> UInt8 {
         try need(1)
         defer { index += 1 }
         return bytes[index]
     }
 
-    private mutating func integer(_ size: Int) throws(PostgresError) -> UInt64 {
+    private mutating func integer(_ size: Int) throws(PQError) -> UInt64 {
         try need(size)
         var value: UInt64 = 0
         for offset in 0..<size { value = value << 8 | UInt64(bytes[index + offset]) }
@@ -176,21 +176,21 @@ private struct ByteReader {
         return value
     }
 
-    mutating func uint16() throws(PostgresError) -> UInt16 { UInt16(try integer(2)) }
-    mutating func uint32() throws(PostgresError) -> UInt32 { UInt32(try integer(4)) }
-    mutating func uint64() throws(PostgresError) -> UInt64 { try integer(8) }
+    mutating func uint16() throws(PQError) -> UInt16 { UInt16(try integer(2)) }
+    mutating func uint32() throws(PQError) -> UInt32 { UInt32(try integer(4)) }
+    mutating func uint64() throws(PQError) -> UInt64 { try integer(8) }
 
     /// A NUL-terminated string.
-    mutating func string() throws(PostgresError) -> String {
+    mutating func string() throws(PQError) -> String {
         guard let end = bytes[index...].firstIndex(of: 0) else {
-            throw PostgresError(code: .decoding, message: "\(what): a string has no terminating NUL")
+            throw PQError(code: .decoding, message: "\(what): a string has no terminating NUL")
         }
         defer { index = end + 1 }
         return String(decoding: bytes[index..<end], as: UTF8.self)
     }
 
     /// TupleData: a count, then per column 'n' (NULL), 'u' (unchanged TOAST value), 't' (text) or 'b' (binary).
-    mutating func tuple() throws(PostgresError) -> [String?] {
+    mutating func tuple() throws(PQError) -> [String?] {
         let count = Int(try uint16())
         var values: [String?] = []
         values.reserveCapacity(count)
@@ -204,7 +204,7 @@ private struct ByteReader {
                 values.append(String(decoding: bytes[index..<index + length], as: UTF8.self))
                 index += length
             case let kind:
-                throw PostgresError(
+                throw PQError(
                     code: .decoding,
                     message: "\(what): column \(column + 1) has value kind \(Character(Unicode.Scalar(kind))); only text and NULL are expected in an insert")
             }

@@ -1,18 +1,18 @@
 import BlockingIO
-/// A small bounded pool of ``PostgresConnection``s.
+/// A small bounded pool of ``PQConnection``s.
 ///
 /// At most ``Configuration/maxConnections`` connections are open; callers beyond that wait in order.
 /// A connection that broke while in use (server restart, network) is dropped and replaced by a new one
 /// on the next request, so a restarted server is picked up without intervention.
-public actor PostgresPool {
+public actor PQPool {
     public struct Configuration: Sendable {
         /// `postgresql://` URL or libpq `key=value` pairs.
         public var url: String
         /// Upper bound on open connections. Default: 4.
         public var maxConnections: Int
-        /// Longest wait for a connection when all are in use; then ``PostgresError/Code/timeout``. Default: 30 s.
+        /// Longest wait for a connection when all are in use; then ``PQError/Code/timeout``. Default: 30 s.
         public var acquireTimeout: Duration
-        /// Callers that may wait for a connection at once; one more gets ``PostgresError/Code/poolBusy`` at once.
+        /// Callers that may wait for a connection at once; one more gets ``PQError/Code/poolBusy`` at once.
         /// `nil`: no bound. A server sets one so that a stalled database sheds load instead of queueing it.
         public var maxWaiters: Int?
         /// `statement_timeout` of every connection the pool opens (`nil`: the server's). A statement that runs
@@ -33,12 +33,12 @@ public actor PostgresPool {
     }
 
     private enum Grant {
-        case connection(PostgresConnection)
+        case connection(PQConnection)
         case openNew
     }
 
     public nonisolated let configuration: Configuration
-    private var idle: [PostgresConnection] = []
+    private var idle: [PQConnection] = []
     private var openCount = 0
     private var waiters: [(id: Int, continuation: CheckedContinuation<Grant, any Error>)] = []
     private var nextWaiter = 0
@@ -54,7 +54,7 @@ public actor PostgresPool {
 
     /// Lends a connection to `body` and takes it back afterwards.
     @discardableResult
-    public func withConnection<T: Sendable>(_ body: @Sendable (PostgresConnection) async throws -> T) async throws -> T {
+    public func withConnection<T: Sendable>(_ body: @Sendable (PQConnection) async throws -> T) async throws -> T {
         let connection = try await acquire()
         do {
             let value = try await body(connection)
@@ -66,9 +66,9 @@ public actor PostgresPool {
         }
     }
 
-    /// Runs `body` in a transaction on a pooled connection; see ``PostgresConnection/withTransaction(_:)``.
+    /// Runs `body` in a transaction on a pooled connection; see ``PQConnection/withTransaction(_:)``.
     @discardableResult
-    public func withTransaction<T: Sendable>(_ body: @Sendable (PostgresConnection) async throws -> T) async throws -> T {
+    public func withTransaction<T: Sendable>(_ body: @Sendable (PQConnection) async throws -> T) async throws -> T {
         try await withConnection { connection in try await connection.withTransaction(body) }
     }
 
@@ -79,19 +79,19 @@ public actor PostgresPool {
         let pending = waiters
         waiters.removeAll()
         for waiter in pending {
-            waiter.continuation.resume(throwing: PostgresError(code: .poolClosed, message: "the connection pool was closed"))
+            waiter.continuation.resume(throwing: PQError(code: .poolClosed, message: "the connection pool was closed"))
         }
     }
 
-    private func acquire() async throws -> PostgresConnection {
-        guard !closed else { throw PostgresError(code: .poolClosed, message: "the connection pool was closed") }
+    private func acquire() async throws -> PQConnection {
+        guard !closed else { throw PQError(code: .poolClosed, message: "the connection pool was closed") }
         if let connection = idle.popLast() { return connection }
         if openCount < configuration.maxConnections {
             openCount += 1
             return try await openReserved()
         }
         if let maxWaiters = configuration.maxWaiters, waiters.count >= maxWaiters {
-            throw PostgresError(
+            throw PQError(
                 code: .poolBusy,
                 message: "all \(configuration.maxConnections) database connections are in use and \(waiters.count) callers wait already; try again shortly")
         }
@@ -112,9 +112,9 @@ public actor PostgresPool {
     }
 
     /// Opens a connection for a slot already counted in `openCount`; gives the slot back on failure.
-    private func openReserved() async throws -> PostgresConnection {
+    private func openReserved() async throws -> PQConnection {
         do {
-            let connection = try await PostgresConnection.connect(to: configuration.url)
+            let connection = try await PQConnection.connect(to: configuration.url)
             if let timeout = configuration.statementTimeout {
                 let milliseconds = max(1, timeout.clampedMilliseconds)
                 do {
@@ -131,7 +131,7 @@ public actor PostgresPool {
         }
     }
 
-    private func release(_ connection: PostgresConnection) async {
+    private func release(_ connection: PQConnection) async {
         let broken = connection.isBroken
         if closed || broken {
             slotFreed()
@@ -148,7 +148,7 @@ public actor PostgresPool {
     private func expire(_ id: Int) {
         guard let index = waiters.firstIndex(where: { $0.id == id }) else { return }
         waiters.remove(at: index).continuation.resume(
-            throwing: PostgresError(
+            throwing: PQError(
                 code: .timeout,
                 message: "no database connection became free within \(configuration.acquireTimeout): all \(configuration.maxConnections) are in use; raise maxConnections or shorten the work done while holding one"))
     }

@@ -1,15 +1,15 @@
 import Foundation
-import PostgresClient
+import LibPQ
 import Synchronization
 import TestSupport
 import Testing
 
 @Suite("PostgreSQL connection (real server)")
-struct PostgresConnectionTests {
+struct PQConnectionTests {
     @Test("every supported type survives a round trip through a table")
     func roundTripOfEveryType() async throws {
         let schema = try await TestSchema.create()
-        let connection = try await PostgresConnection.connect(to: schema.url)
+        let connection = try await PQConnection.connect(to: schema.url)
         try await connection.executeScript(
             """
             CREATE TABLE sample (
@@ -52,7 +52,7 @@ struct PostgresConnectionTests {
     @Test("arrays bind as int8[], int4[] and text[]: one statement shape for any count; any text survives")
     func integerArrays() async throws {
         let schema = try await TestSchema.create()
-        let connection = try await PostgresConnection.connect(to: schema.url)
+        let connection = try await PQConnection.connect(to: schema.url)
         for ids in [[Int64](), [Int64.min, -1, 0, 42, Int64.max], Array(1...2000)] {
             let parts = ids.map { Int32(truncatingIfNeeded: $0 % 1000) }
             let rows = try await connection.query(
@@ -70,12 +70,12 @@ struct PostgresConnectionTests {
 
     @Test("queryOne: the row when there is one; an error naming the statement when there is none (never a trap)")
     func queryOne() async throws {
-        let connection = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())
+        let connection = try await PQConnection.connect(to: try TestEnvironment.databaseURL())
         #expect(try await connection.queryOne("SELECT 41 + 1 AS n", statement: "answer").decode(Int.self, "n") == 42)
         do {
             _ = try await connection.queryOne("SELECT 1 WHERE false", statement: "nothing here")
             Issue.record("no row must be an error")
-        } catch let error as PostgresError {
+        } catch let error as PQError {
             #expect(error.code == .noRow && "\(error)".contains("nothing here"), "\(error)")
         }
         await connection.close()
@@ -83,8 +83,8 @@ struct PostgresConnectionTests {
 
     @Test("a NUL byte in text is refused with a clear error, not truncated")
     func nulByteIsRefused() async throws {
-        let connection = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())
-        let error = await #expect(throws: PostgresError.self) {
+        let connection = try await PQConnection.connect(to: try TestEnvironment.databaseURL())
+        let error = await #expect(throws: PQError.self) {
             try await connection.query("SELECT $1::text", [.text("before\u{0}after")], statement: "nul-check")
         }
         #expect(error?.code == .invalidBind)
@@ -98,10 +98,10 @@ struct PostgresConnectionTests {
     @Test("a unique violation carries SQLSTATE 23505, the constraint and the statement's name")
     func uniqueViolation() async throws {
         let schema = try await TestSchema.create()
-        let connection = try await PostgresConnection.connect(to: schema.url)
+        let connection = try await PQConnection.connect(to: schema.url)
         try await connection.executeScript("CREATE TABLE widget (id text CONSTRAINT widget_pk PRIMARY KEY)")
         try await connection.execute("INSERT INTO widget VALUES ($1)", [.text("kim@example.com")], statement: "insert-widget")
-        let error = await #expect(throws: PostgresError.self) {
+        let error = await #expect(throws: PQError.self) {
             try await connection.execute("INSERT INTO widget VALUES ($1)", [.text("kim@example.com")], statement: "insert-widget")
         }
         // The row's value is in the server's DETAIL: kept for debugging, out of what gets logged.
@@ -121,7 +121,7 @@ struct PostgresConnectionTests {
     func transactionRollsBack() async throws {
         struct Abort: Error {}
         let schema = try await TestSchema.create()
-        let connection = try await PostgresConnection.connect(to: schema.url)
+        let connection = try await PQConnection.connect(to: schema.url)
         try await connection.executeScript("CREATE TABLE entry (n int4)")
         await #expect(throws: Abort.self) {
             try await connection.withTransaction { tx in
@@ -131,7 +131,7 @@ struct PostgresConnectionTests {
             }
         }
         // A server error inside the body rolls back as well.
-        await #expect(throws: PostgresError.self) {
+        await #expect(throws: PQError.self) {
             try await connection.withTransaction { tx in
                 try await tx.execute("INSERT INTO entry VALUES ($1)", [.int32(3)])
                 try await tx.execute("INSERT INTO entry VALUES ($1)", [.text("not a number")])
@@ -149,9 +149,9 @@ struct PostgresConnectionTests {
     func listenNotify() async throws {
         let url = try TestEnvironment.databaseURL()
         let channel = uniqueName("wake \"up\"")  // quotes in a channel name are handled
-        let listener = try await PostgresConnection.connect(to: url)
+        let listener = try await PQConnection.connect(to: url)
         try await listener.listen(channel)
-        let sender = try await PostgresConnection.connect(to: url)
+        let sender = try await PQConnection.connect(to: url)
         let received = Task {
             let deadline = ContinuousClock.now + .seconds(20)
             while ContinuousClock.now < deadline {
@@ -167,8 +167,8 @@ struct PostgresConnectionTests {
 
     @Test("a bad URL fails with connectionFailed and a readable message without the password")
     func connectionFailure() async throws {
-        let error = await #expect(throws: PostgresError.self) {
-            try await PostgresConnection.connect(to: "postgresql://someone:secret@127.0.0.1:1/nowhere")
+        let error = await #expect(throws: PQError.self) {
+            try await PQConnection.connect(to: "postgresql://someone:secret@127.0.0.1:1/nowhere")
         }
         #expect(error?.code == .connectionFailed)
         #expect(error?.description.contains("secret") == false)
@@ -177,22 +177,22 @@ struct PostgresConnectionTests {
 
     @Test("decoding a value into the wrong type names the column and type")
     func decodingError() async throws {
-        let connection = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())
+        let connection = try await PQConnection.connect(to: try TestEnvironment.databaseURL())
         let row = try #require(try await connection.query("SELECT 'abc'::text AS word, NULL::int8 AS missing").first)
-        let wrongType = #expect(throws: PostgresError.self) { try row.decode(Int.self, "word") }
+        let wrongType = #expect(throws: PQError.self) { try row.decode(Int.self, "word") }
         #expect(wrongType?.code == .decoding)
         #expect(wrongType?.description.contains("word") == true)
-        let null = #expect(throws: PostgresError.self) { try row.decode(Int.self, "missing") }
+        let null = #expect(throws: PQError.self) { try row.decode(Int.self, "missing") }
         #expect(null?.description.contains("NULL") == true)
-        #expect(throws: PostgresError.self) { try row.decode(Int.self, "nonexistent") }
+        #expect(throws: PQError.self) { try row.decode(Int.self, "nonexistent") }
     }
 }
 
 @Suite("PostgreSQL pool (real server)")
-struct PostgresPoolTests {
+struct PQPoolTests {
     @Test("never opens more than maxConnections and serves every caller")
     func bounded() async throws {
-        let pool = PostgresPool(url: try TestEnvironment.databaseURL(), maxConnections: 3)
+        let pool = PQPool(url: try TestEnvironment.databaseURL(), maxConnections: 3)
         let backends = Locked<Set<Int32>>([])
         let results = try await withThrowingTaskGroup(of: Int.self) { group in
             for n in 0..<24 {
@@ -217,11 +217,11 @@ struct PostgresPoolTests {
     @Test("a connection killed by the server is replaced; the next request succeeds")
     func recoversFromTerminatedBackend() async throws {
         let url = try TestEnvironment.databaseURL()
-        let pool = PostgresPool(url: url, maxConnections: 1)
+        let pool = PQPool(url: url, maxConnections: 1)
         let pid = try await pool.withConnection { try await $0.query("SELECT pg_backend_pid() AS pid").first!.decode(Int32.self, "pid") }
-        let admin = try await PostgresConnection.connect(to: url)
+        let admin = try await PQConnection.connect(to: url)
         try await admin.query("SELECT pg_terminate_backend($1)", [.int32(pid)])
-        let error = await #expect(throws: PostgresError.self) {
+        let error = await #expect(throws: PQError.self) {
             try await pool.withConnection { try await $0.query("SELECT 1") }
         }
         #expect(error?.isConnectionProblem == true)
@@ -238,7 +238,7 @@ struct PreparedStatementTests {
     @Test("a repeated statement is prepared once and keeps working when its table is recreated with other columns")
     func survivesSchemaChange() async throws {
         let schema = try await TestSchema.create()
-        let connection = try await PostgresConnection.connect(to: schema.url)
+        let connection = try await PQConnection.connect(to: schema.url)
         try await connection.executeScript("CREATE TABLE item (id int4, name text)")
         for n in 0..<50 {
             try await connection.execute("INSERT INTO item VALUES ($1, $2)", [.int32(Int32(n)), .text("n\(n)")])
@@ -257,8 +257,8 @@ struct PreparedStatementTests {
 
     @Test("a statement that does not parse reports its SQLSTATE and name, and the connection stays usable")
     func badStatement() async throws {
-        let connection = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())
-        let error = await #expect(throws: PostgresError.self) {
+        let connection = try await PQConnection.connect(to: try TestEnvironment.databaseURL())
+        let error = await #expect(throws: PQError.self) {
             try await connection.query("SELEKT $1::int4", [.int32(1)], statement: "typo")
         }
         #expect(error?.sqlState == "42601")
@@ -279,7 +279,7 @@ struct SQLIdentifierTests {
         }
         // A hostile name stays one identifier on the server.
         let schema = try await TestSchema.create()
-        let connection = try await PostgresConnection.connect(to: schema.url)
+        let connection = try await PQConnection.connect(to: schema.url)
         let name = "weird \"name\"; DROP TABLE x; --"
         try await connection.executeScript("CREATE TABLE \(SQLIdentifier.quoted(name)) (id int)")
         #expect(try await connection.query("SELECT to_regclass($1) IS NOT NULL AS present", [.text(SQLIdentifier.quoted(name))])
@@ -294,8 +294,8 @@ struct BoundedWaitTests {
     func cancellation() async throws {
         let name = uniqueName("cancel")
         let url = try TestEnvironment.databaseURL() + "&application_name=\(name)"
-        let connection = try await PostgresConnection.connect(to: url)
-        let observer = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())
+        let connection = try await PQConnection.connect(to: url)
+        let observer = try await PQConnection.connect(to: try TestEnvironment.databaseURL())
         let sleeping = Task { try await connection.query("SELECT pg_sleep(60)") }
         try await waitUntil("the statement runs on the server") {
             try await observer.query(
@@ -314,17 +314,17 @@ struct BoundedWaitTests {
             Issue.record("the cancelled statement succeeded")
             return
         }
-        #expect((error as? PostgresError)?.sqlState == "57014", "\(error)")
+        #expect((error as? PQError)?.sqlState == "57014", "\(error)")
         #expect(try await connection.query("SELECT 1 AS one").first!.decode(Int.self, "one") == 1)
     }
 
     @Test("close() ends the session (its advisory lock is released without waiting for the object to go) and later calls fail clearly")
     func explicitClose() async throws {
         let url = try TestEnvironment.databaseURL()
-        let holder = try await PostgresConnection.connect(to: url)
+        let holder = try await PQConnection.connect(to: url)
         let key = Int64.random(in: 1...Int64.max)
         try await holder.query("SELECT pg_advisory_lock($1)", [.int64(key)])
-        let other = try await PostgresConnection.connect(to: url)
+        let other = try await PQConnection.connect(to: url)
         #expect(try await !other.query("SELECT pg_try_advisory_lock($1) AS got", [.int64(key)]).first!.decode(Bool.self, "got"))
         await holder.close()
         await holder.close()
@@ -333,12 +333,12 @@ struct BoundedWaitTests {
         try await waitUntil("the lock is free once the session ended") {
             try await other.query("SELECT pg_try_advisory_lock($1) AS got", [.int64(key)]).first!.decode(Bool.self, "got")
         }
-        await #expect { try await holder.query("SELECT 1") } throws: { ($0 as? PostgresError)?.code == .connectionLost }
+        await #expect { try await holder.query("SELECT 1") } throws: { ($0 as? PQError)?.code == .connectionLost }
     }
 
     @Test("a pool whose connections are all busy fails a waiter after acquireTimeout, then serves again")
     func poolAcquireTimeout() async throws {
-        let pool = PostgresPool(url: try TestEnvironment.databaseURL(), maxConnections: 1, acquireTimeout: .milliseconds(300))
+        let pool = PQPool(url: try TestEnvironment.databaseURL(), maxConnections: 1, acquireTimeout: .milliseconds(300))
         let release = Locked(false)
         let holding = Locked(false)
         let holder = Task {
@@ -349,7 +349,7 @@ struct BoundedWaitTests {
         }
         try await waitUntil("the only connection is taken") { holding.value }
         await #expect { try await pool.withConnection { _ in } } throws: { error in
-            (error as? PostgresError)?.code == .timeout && "\(error)".contains("all 1 are in use")
+            (error as? PQError)?.code == .timeout && "\(error)".contains("all 1 are in use")
         }
         release.withLock { $0 = true }
         try await holder.value
@@ -371,7 +371,7 @@ struct BoundedWaitTests {
         #expect(listen(listener, 8) == 0)
         _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &length) } }
         let port = UInt16(bigEndian: address.sin_port)
-        let attempt = Task { try await PostgresConnection.connect(to: "postgresql://nobody@127.0.0.1:\(port)/db?connect_timeout=1") }
+        let attempt = Task { try await PQConnection.connect(to: "postgresql://nobody@127.0.0.1:\(port)/db?connect_timeout=1") }
         let finished = Locked(false)
         let outcome = Task {
             defer { finished.withLock { $0 = true } }
@@ -383,14 +383,14 @@ struct BoundedWaitTests {
             Issue.record("connected to a server that never answers")
             return
         }
-        #expect((error as? PostgresError)?.code == .connectionFailed, "\(error)")
+        #expect((error as? PQError)?.code == .connectionFailed, "\(error)")
     }
 
     @Test("statement_timeout from the URL's options ends a long statement with a clear error")
     func statementTimeout() async throws {
-        let connection = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL() + "&options=-cstatement_timeout%3D200")
+        let connection = try await PQConnection.connect(to: try TestEnvironment.databaseURL() + "&options=-cstatement_timeout%3D200")
         await #expect { try await connection.query("SELECT pg_sleep(30)", statement: "long sleep") } throws: { error in
-            guard let error = error as? PostgresError else { return false }
+            guard let error = error as? PQError else { return false }
             return error.sqlState == "57014" && "\(error)".contains("long sleep") && "\(error)".contains("statement timeout")
         }
     }

@@ -1,4 +1,4 @@
-@testable import PostgresClient
+@testable import LibPQ
 import Testing
 
 /// Passwords never reach an error message, whatever surrounds them (cases first found by scripts/fuzz).

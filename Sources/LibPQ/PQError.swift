@@ -4,7 +4,7 @@
 /// DETAIL line (which quotes row values, e.g. `Key (email)=(kim@example.com) already exists`), so logging
 /// an error or storing it as a dead letter's reason does not leak data. `debugDescription` adds the detail,
 /// for a developer at a terminal.
-public struct PostgresError: Error, CustomStringConvertible, CustomDebugStringConvertible, Sendable {
+public struct PQError: Error, CustomStringConvertible, CustomDebugStringConvertible, Sendable {
     /// What kind of failure this is. Compare with the static values (`.server`, `.connectionFailed`, ...).
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         private let name: String
@@ -15,7 +15,7 @@ public struct PostgresError: Error, CustomStringConvertible, CustomDebugStringCo
         public static let connectionFailed = Code("connectionFailed")
         /// The connection broke while in use (server restarted, network dropped).
         public static let connectionLost = Code("connectionLost")
-        /// The server rejected the statement; ``PostgresError/sqlState`` says why.
+        /// The server rejected the statement; ``PQError/sqlState`` says why.
         public static let server = Code("server")
         /// A value to bind cannot be sent (for example text with a NUL byte).
         public static let invalidBind = Code("invalidBind")

@@ -11,8 +11,8 @@ import Synchronization
 /// libpq call on this connection runs there, one at a time, and the async caller is suspended (not
 /// blocked) meanwhile. That thread is also what makes the unsynchronized `PGconn` safe to share as `Sendable`.
 ///
-/// A connection runs one statement at a time; use ``PostgresPool`` for concurrency.
-public final class PostgresConnection: @unchecked Sendable {
+/// A connection runs one statement at a time; use ``PQPool`` for concurrency.
+public final class PQConnection: @unchecked Sendable {
     // Only touched on `queue` (see the type's doc comment).
     private let handle: PQConnectionHandle
     private let thread: SerialThread
@@ -31,7 +31,7 @@ public final class PostgresConnection: @unchecked Sendable {
     deinit { thread.stop() }
 
     /// Closes the connection once the statements already running or queued on it are done; later calls throw
-    /// ``PostgresError/Code/connectionLost``. Releases what the session held (advisory locks, LISTEN). Closing
+    /// ``PQError/Code/connectionLost``. Releases what the session held (advisory locks, LISTEN). Closing
     /// twice does nothing.
     public func close() async {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
@@ -44,12 +44,12 @@ public final class PostgresConnection: @unchecked Sendable {
     /// Opens a connection.
     /// - Parameter url: a `postgresql://` URL (`postgresql:///db?host=/tmp/sock` for a unix socket) or
     ///   libpq `key=value` pairs.
-    /// - Throws: ``PostgresError`` with code ``PostgresError/Code/connectionFailed``.
-    public static func connect(to url: String) async throws -> PostgresConnection {
+    /// - Throws: ``PQError`` with code ``PQError/Code/connectionFailed``.
+    public static func connect(to url: String) async throws -> PQConnection {
         let thread = SerialThread(name: "eventoutbox-postgres")
         do {
-            let handle = try await thread.runLibPQ { () throws(PostgresError) in try PQConnectionHandle.connect(url) }
-            return PostgresConnection(handle: handle, thread: thread)
+            let handle = try await thread.runLibPQ { () throws(PQError) in try PQConnectionHandle.connect(url) }
+            return PQConnection(handle: handle, thread: thread)
         } catch {
             thread.stop()
             throw error
@@ -61,32 +61,32 @@ public final class PostgresConnection: @unchecked Sendable {
     ///   - sql: SQL with `$1`, `$2`, ... placeholders.
     ///   - binds: the values for the placeholders, in order.
     ///   - statement: a short name for error messages and logs (default: the start of `sql`).
-    /// - Throws: ``PostgresError`` carrying SQLSTATE, the server message and `statement`.
+    /// - Throws: ``PQError`` carrying SQLSTATE, the server message and `statement`.
     @discardableResult
-    public func query(_ sql: String, _ binds: [PostgresBind] = [], statement: String? = nil) async throws
-        -> [PostgresRow]
+    public func query(_ sql: String, _ binds: [PQBind] = [], statement: String? = nil) async throws
+        -> [PQRow]
     {
         let name = statement ?? PostgresURL.abbreviate(sql)
-        return try await run { handle throws(PostgresError) in try handle.execute(sql, binds, statement: name).rows }
+        return try await run { handle throws(PQError) in try handle.execute(sql, binds, statement: name).rows }
     }
 
     /// Runs a statement that returns one row (an aggregate, `SELECT EXISTS`, a function call, one `RETURNING`)
     /// and returns its first row.
-    /// - Throws: ``PostgresError`` from the server, or with code ``PostgresError/Code/noRow`` naming the statement
+    /// - Throws: ``PQError`` from the server, or with code ``PQError/Code/noRow`` naming the statement
     ///   when it returned no row (instead of a trap).
-    public func queryOne(_ sql: String, _ binds: [PostgresBind] = [], statement: String? = nil) async throws -> PostgresRow {
+    public func queryOne(_ sql: String, _ binds: [PQBind] = [], statement: String? = nil) async throws -> PQRow {
         let name = statement ?? PostgresURL.abbreviate(sql)
         guard let row = try await query(sql, binds, statement: name).first else {
-            throw PostgresError(code: .noRow, message: "statement '\(name)' returned no row where one was expected")
+            throw PQError(code: .noRow, message: "statement '\(name)' returned no row where one was expected")
         }
         return row
     }
 
     /// Runs a statement and returns how many rows it inserted, updated or deleted.
     @discardableResult
-    public func execute(_ sql: String, _ binds: [PostgresBind] = [], statement: String? = nil) async throws -> Int {
+    public func execute(_ sql: String, _ binds: [PQBind] = [], statement: String? = nil) async throws -> Int {
         let name = statement ?? PostgresURL.abbreviate(sql)
-        return try await run { handle throws(PostgresError) in
+        return try await run { handle throws(PQError) in
             try handle.execute(sql, binds, statement: name).affectedRows
         }
     }
@@ -94,14 +94,14 @@ public final class PostgresConnection: @unchecked Sendable {
     /// Runs SQL text without parameters; it may contain several statements separated by `;`.
     /// For schema scripts and session commands only; data always goes through ``query(_:_:statement:)``.
     public func executeScript(_ sql: String, statement: String? = nil) async throws {
-        try await run { handle throws(PostgresError) in try handle.executeScript(sql, statement: statement) }
+        try await run { handle throws(PQError) in try handle.executeScript(sql, statement: statement) }
     }
 
     /// Runs `body` inside `BEGIN` ... `COMMIT`. If `body` throws, the transaction is rolled back and the
     /// error rethrown, so nothing the body wrote remains.
     @discardableResult
     public func withTransaction<T: Sendable>(
-        _ body: @Sendable (PostgresConnection) async throws -> T
+        _ body: @Sendable (PQConnection) async throws -> T
     ) async throws -> T {
         try await executeScript("BEGIN", statement: "BEGIN")
         let value: T
@@ -124,7 +124,7 @@ public final class PostgresConnection: @unchecked Sendable {
 
     /// Subscribes this connection to a notification channel (`LISTEN`).
     public func listen(_ channel: String) async throws {
-        try await run { handle throws(PostgresError) in
+        try await run { handle throws(PQError) in
             try handle.executeScript("LISTEN \(try handle.escapeIdentifier(channel))", statement: "LISTEN \(channel)")
         }
     }
@@ -136,9 +136,9 @@ public final class PostgresConnection: @unchecked Sendable {
 
     /// Waits until at least one notification arrives on a channel this connection listens to, or the timeout
     /// passes. Returns the notifications received (empty on timeout).
-    public func notifications(timeout: Duration) async throws -> [PostgresNotification] {
+    public func notifications(timeout: Duration) async throws -> [PQNotification] {
         let milliseconds = timeout.clampedMilliseconds
-        return try await run { handle throws(PostgresError) in
+        return try await run { handle throws(PQError) in
             try handle.awaitNotifications(timeoutMilliseconds: milliseconds)
         }
     }
@@ -149,17 +149,17 @@ public final class PostgresConnection: @unchecked Sendable {
         broken.load(ordering: .acquiring) || retired.load(ordering: .acquiring) || closed.load(ordering: .acquiring)
     }
 
-    private func run<T: Sendable>(_ work: @escaping @Sendable (PQConnectionHandle) throws(PostgresError) -> T)
+    private func run<T: Sendable>(_ work: @escaping @Sendable (PQConnectionHandle) throws(PQError) -> T)
         async throws -> T
     {
         guard !closed.load(ordering: .acquiring) else {
-            throw PostgresError(code: .connectionLost, message: "the connection was closed")
+            throw PQError(code: .connectionLost, message: "the connection was closed")
         }
         let handle = UnsafeTransfer(handle)
         let state = UnsafeTransfer(self)
         // A cancelled task cancels its statement on the server instead of waiting for it.
         return try await withTaskCancellationHandler {
-            try await thread.runLibPQ { () throws(PostgresError) in
+            try await thread.runLibPQ { () throws(PQError) in
                 defer { state.value.broken.store(handle.value.isBroken, ordering: .releasing) }
                 return try work(handle.value)
             }
@@ -172,7 +172,7 @@ public final class PostgresConnection: @unchecked Sendable {
 extension SerialThread {
     /// Runs a libpq job on this thread and returns its result (or error) to the suspended caller: how every
     /// connection of this module talks to libpq.
-    func runLibPQ<T>(_ work: @escaping @Sendable () throws(PostgresError) -> T) async throws -> T {
+    func runLibPQ<T>(_ work: @escaping @Sendable () throws(PQError) -> T) async throws -> T {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<UnsafeTransfer<T>, any Error>) in
             submit {
                 do {
@@ -193,7 +193,7 @@ struct UnsafeTransfer<Value>: @unchecked Sendable {
 }
 
 /// A message received through `LISTEN`.
-public struct PostgresNotification: Sendable, Hashable {
+public struct PQNotification: Sendable, Hashable {
     public var channel: String
     public var payload: String
     /// The server process that sent it.

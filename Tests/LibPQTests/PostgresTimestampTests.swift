@@ -1,5 +1,5 @@
 import Foundation
-import PostgresClient
+import LibPQ
 import TestSupport
 import Testing
 
@@ -7,7 +7,7 @@ import Testing
 struct PostgresTimestampTests {
     @Test("dates before and after the epoch, with and without fractions, round trip exactly to the microsecond")
     func roundTrips() async throws {
-        let connection = try await PostgresConnection.connect(to: try TestEnvironment.databaseURL())
+        let connection = try await PQConnection.connect(to: try TestEnvironment.databaseURL())
         for seconds in [0.0, -1.5, 1_764_071_548.000001, 946_684_800.999999, 4_102_444_800.25] {
             let date = Date(timeIntervalSince1970: seconds)
             let row = try await connection.query(

@@ -2,7 +2,7 @@ import CLibPQ
 import Foundation
 
 /// Owns one `PGconn` and makes the blocking libpq calls. Not thread-safe by itself:
-/// ``PostgresConnection`` confines every use to one serial dispatch queue.
+/// ``PQConnection`` confines every use to one serial dispatch queue.
 final class PQConnectionHandle {
     private let conn: OpaquePointer
     private var finished = false
@@ -39,7 +39,7 @@ final class PQConnectionHandle {
     static let connectionDefaults = ["connect_timeout": "10"]
 
     /// Opens a connection (blocking). `conninfo` is a `postgresql://` URL or `key=value` pairs.
-    static func connect(_ conninfo: String) throws(PostgresError) -> PQConnectionHandle {
+    static func connect(_ conninfo: String) throws(PQError) -> PQConnectionHandle {
         // Keywords before `dbname` are defaults: the expanded URL overrides them.
         let keywords = Array(connectionDefaults.keys) + ["dbname"]
         let values = Array(connectionDefaults.values) + [conninfo]
@@ -47,12 +47,12 @@ final class PQConnectionHandle {
             values.withCStrings { valuePointers in PQconnectdbParams(keywordPointers, valuePointers, 1) }
         }
         guard let conn = made else {
-            throw PostgresError(code: .connectionFailed, message: "libpq could not allocate a connection")
+            throw PQError(code: .connectionFailed, message: "libpq could not allocate a connection")
         }
         // From here on `handle` owns `conn`; its deinit calls PQfinish on every path.
         let handle = PQConnectionHandle(conn: conn)
         guard PQstatus(conn) == CONNECTION_OK else {
-            throw PostgresError(
+            throw PQError(
                 code: .connectionFailed,
                 message: "could not connect to \(PostgresURL.redacted(conninfo)): \(handle.lastErrorMessage)"
             )
@@ -65,9 +65,9 @@ final class PQConnectionHandle {
 
     var isBroken: Bool { finished || PQstatus(conn) != CONNECTION_OK }
 
-    private func ensureOpen(_ statement: String?) throws(PostgresError) {
+    private func ensureOpen(_ statement: String?) throws(PQError) {
         guard !finished else {
-            throw PostgresError(code: .connectionLost, message: "the connection was closed", statement: statement)
+            throw PQError(code: .connectionLost, message: "the connection was closed", statement: statement)
         }
     }
 
@@ -76,7 +76,7 @@ final class PQConnectionHandle {
     }
 
     /// Runs one parameterized statement. Values are sent out of band (`PQexecParams`), never spliced into `sql`.
-    func execute(_ sql: String, _ binds: [PostgresBind], statement: String) throws(PostgresError) -> PostgresResult {
+    func execute(_ sql: String, _ binds: [PQBind], statement: String) throws(PQError) -> PostgresResult {
         try ensureOpen(statement)
         var wire: [(bytes: [UInt8], binary: Bool)?] = []
         wire.reserveCapacity(binds.count)
@@ -125,7 +125,7 @@ final class PQConnectionHandle {
 
     /// The name of the prepared statement for `key`, preparing it on first use; `nil` once the cache is full
     /// (then the statement runs unprepared).
-    private func preparedName(_ key: PreparedKey, statement: String) throws(PostgresError) -> String? {
+    private func preparedName(_ key: PreparedKey, statement: String) throws(PQError) -> String? {
         if let name = prepared[key] { return name }
         guard prepared.count < Self.maxPrepared else { return nil }
         preparedNames += 1
@@ -137,46 +137,46 @@ final class PQConnectionHandle {
     }
 
     /// Runs SQL text without parameters; may hold several statements (migrations, BEGIN/COMMIT).
-    func executeScript(_ sql: String, statement: String? = nil) throws(PostgresError) {
+    func executeScript(_ sql: String, statement: String? = nil) throws(PQError) {
         try ensureOpen(statement)
         _ = try consume(PQexec(conn, sql), statement: statement ?? PostgresURL.abbreviate(sql))
     }
 
     /// Quotes an identifier (for LISTEN channel names, which cannot be parameters).
-    func escapeIdentifier(_ identifier: String) throws(PostgresError) -> String {
+    func escapeIdentifier(_ identifier: String) throws(PQError) -> String {
         try ensureOpen("LISTEN")
         guard let escaped = PQescapeIdentifier(conn, identifier, identifier.utf8.count) else {
-            throw PostgresError(code: .invalidBind, message: "cannot quote identifier: \(lastErrorMessage)")
+            throw PQError(code: .invalidBind, message: "cannot quote identifier: \(lastErrorMessage)")
         }
         defer { PQfreemem(escaped) }
         return String(cString: escaped)
     }
 
     /// Returns the notifications that have arrived, waiting up to `timeoutMilliseconds` for the first one.
-    func awaitNotifications(timeoutMilliseconds: Int32) throws(PostgresError) -> [PostgresNotification] {
+    func awaitNotifications(timeoutMilliseconds: Int32) throws(PQError) -> [PQNotification] {
         try ensureOpen("LISTEN")
         var received = try drainNotifications()
         if !received.isEmpty { return received }
         var descriptor = pollfd(fd: PQsocket(conn), events: Int16(POLLIN), revents: 0)
         guard descriptor.fd >= 0 else {
-            throw PostgresError(code: .connectionLost, message: "connection has no socket: \(lastErrorMessage)")
+            throw PQError(code: .connectionLost, message: "connection has no socket: \(lastErrorMessage)")
         }
         let ready = poll(&descriptor, 1, timeoutMilliseconds)
         if ready < 0 && errno != EINTR {
-            throw PostgresError(code: .connectionLost, message: "poll on the connection failed: errno \(errno)")
+            throw PQError(code: .connectionLost, message: "poll on the connection failed: errno \(errno)")
         }
         received = try drainNotifications()
         return received
     }
 
-    private func drainNotifications() throws(PostgresError) -> [PostgresNotification] {
+    private func drainNotifications() throws(PQError) -> [PQNotification] {
         guard PQconsumeInput(conn) == 1 else {
-            throw PostgresError(code: .connectionLost, message: "reading notifications failed: \(lastErrorMessage)")
+            throw PQError(code: .connectionLost, message: "reading notifications failed: \(lastErrorMessage)")
         }
-        var notifications: [PostgresNotification] = []
+        var notifications: [PQNotification] = []
         while let notify = PQnotifies(conn) {
             notifications.append(
-                PostgresNotification(
+                PQNotification(
                     channel: String(cString: notify.pointee.relname),
                     payload: String(cString: notify.pointee.extra),
                     senderProcessID: notify.pointee.be_pid
@@ -187,10 +187,10 @@ final class PQConnectionHandle {
         return notifications
     }
 
-    /// Turns a `PGresult` into rows or a ``PostgresError`` and frees it.
-    private func consume(_ result: OpaquePointer?, statement: String) throws(PostgresError) -> PostgresResult {
+    /// Turns a `PGresult` into rows or a ``PQError`` and frees it.
+    private func consume(_ result: OpaquePointer?, statement: String) throws(PQError) -> PostgresResult {
         guard let result else {
-            throw PostgresError(
+            throw PQError(
                 code: isBroken ? .connectionLost : .server, message: lastErrorMessage, statement: statement)
         }
         defer { PQclear(result) }
@@ -205,7 +205,7 @@ final class PQConnectionHandle {
             let message =
                 field(UInt8(ascii: "M"))
                 ?? String(cString: PQresultErrorMessage(result)).trimmingCharacters(in: .whitespacesAndNewlines)
-            throw PostgresError(
+            throw PQError(
                 code: isBroken ? .connectionLost : .server,
                 message: message.isEmpty ? lastErrorMessage : message,
                 sqlState: field(UInt8(ascii: "C")),
@@ -217,11 +217,11 @@ final class PQConnectionHandle {
         }
         let columnCount = Int(PQnfields(result))
         let rowCount = Int(PQntuples(result))
-        let columns = PostgresColumns(
+        let columns = PQColumns(
             names: (0..<columnCount).map { String(cString: PQfname(result, Int32($0))) },
-            types: (0..<columnCount).map { PostgresType(oid: UInt32(PQftype(result, Int32($0)))) }
+            types: (0..<columnCount).map { PQType(oid: UInt32(PQftype(result, Int32($0)))) }
         )
-        var rows: [PostgresRow] = []
+        var rows: [PQRow] = []
         rows.reserveCapacity(rowCount)
         for row in 0..<Int32(rowCount) {
             var cells: [String?] = []
@@ -235,7 +235,7 @@ final class PQConnectionHandle {
                     cells.append(String(decoding: bytes, as: UTF8.self))
                 }
             }
-            rows.append(PostgresRow(columns: columns, cells: cells))
+            rows.append(PQRow(columns: columns, cells: cells))
         }
         let affected = Int(String(cString: PQcmdTuples(result))) ?? 0
         return PostgresResult(rows: rows, affectedRows: affected)
@@ -244,7 +244,7 @@ final class PQConnectionHandle {
 
 /// Rows of a statement plus the count the server reported for INSERT/UPDATE/DELETE.
 struct PostgresResult {
-    var rows: [PostgresRow]
+    var rows: [PQRow]
     var affectedRows: Int
 }
 

@@ -1,5 +1,5 @@
 import Foundation
-import PostgresClient
+import LibPQ
 import Testing
 
 /// Builds protocol messages byte by byte, as the server writes them.
@@ -32,9 +32,9 @@ struct ReplicationMessageTests {
         var keepalive = Bytes()
         keepalive.char("k"); keepalive.int64(0x300); keepalive.int64(0); keepalive.byte(1)
         #expect(try ReplicationMessage.decode(keepalive.bytes) == .keepalive(walEnd: PostgresLSN(0x300), replyRequested: true))
-        #expect(throws: PostgresError.self) { try ReplicationMessage.decode(Array(keepalive.bytes.dropLast())) }
-        #expect(throws: PostgresError.self) { try ReplicationMessage.decode([UInt8(ascii: "z")]) }
-        #expect(throws: PostgresError.self) { try ReplicationMessage.decode([]) }
+        #expect(throws: PQError.self) { try ReplicationMessage.decode(Array(keepalive.bytes.dropLast())) }
+        #expect(throws: PQError.self) { try ReplicationMessage.decode([UInt8(ascii: "z")]) }
+        #expect(throws: PQError.self) { try ReplicationMessage.decode([]) }
     }
 
     @Test("a standby status update carries the confirmed position three times, big-endian")
@@ -79,7 +79,7 @@ struct ReplicationMessageTests {
         let row = try described.row(["42", stream])
         #expect(try row.decode(Int64.self, "id") == 42)
         #expect(try row.decode(String.self, "stream_id") == stream)
-        #expect(throws: PostgresError.self) { try described.row(["42"]) }
+        #expect(throws: PQError.self) { try described.row(["42"]) }
 
         var withNull = Bytes()
         withNull.char("I"); withNull.int32(16400); withNull.char("N"); withNull.int16(1); withNull.char("n")
@@ -105,14 +105,14 @@ struct ReplicationMessageTests {
         unchanged.char("I"); unchanged.int32(1); unchanged.char("N"); unchanged.int16(1); unchanged.char("u")
         #expect { try PgOutputMessage.decode(unchanged.bytes) } throws: { "\($0)".contains("column 1") }
         #expect(try PgOutputMessage.decode([UInt8(ascii: "D"), 0, 0]) == .other(kind: UInt8(ascii: "D")))
-        #expect(throws: PostgresError.self) { try PgOutputMessage.decode([]) }
+        #expect(throws: PQError.self) { try PgOutputMessage.decode([]) }
     }
 
     @Test("slot and publication names: only what can stand unquoted in a replication command")
     func names() throws {
         try ReplicationNames.validate("eventoutbox_outbox_2", what: "slot")
         for bad in ["", "Upper", "with space", "semi;colon", "quote'", String(repeating: "a", count: 64)] {
-            #expect(throws: PostgresError.self, "\(bad)") { try ReplicationNames.validate(bad, what: "slot") }
+            #expect(throws: PQError.self, "\(bad)") { try ReplicationNames.validate(bad, what: "slot") }
         }
     }
 }
@@ -128,7 +128,7 @@ struct UUIDDecodingTests {
         }
         for bad in ["", "6f9619ff-8b86-d011-b42d-00c04fc964f", "6f9619ff-8b86-d011-b42d-00c04fc964ffa", "6f9619ff+8b86-d011-b42d-00c04fc964ff",
                     "6f9619ff-8b86-d011-b42d-00c04fc964fg", "6f9619ff8b86-d011-b42d-00c04fc964ff0"] {
-            #expect(throws: PostgresDecodingFailure.self, "\(bad)") { try UUID(postgresText: bad, type: .text) }
+            #expect(throws: PQDecodingFailure.self, "\(bad)") { try UUID(postgresText: bad, type: .text) }
         }
     }
 }

@@ -10,7 +10,7 @@ import Foundation
 /// there (or at `startLSN` if that is later). A slot streams to one connection at a time: a second start
 /// fails with SQLSTATE 55006 while the first is connected.
 ///
-/// Like ``PostgresConnection``, all libpq calls run on a thread of the stream's own; async callers are
+/// Like ``PQConnection``, all libpq calls run on a thread of the stream's own; async callers are
 /// suspended, never blocked.
 public final class PostgresReplicationStream: @unchecked Sendable {
     // Only touched on `thread`.
@@ -26,12 +26,12 @@ public final class PostgresReplicationStream: @unchecked Sendable {
 
     /// Connects and starts streaming.
     /// - Parameters:
-    ///   - url: the database, as for ``PostgresConnection/connect(to:)``; its role needs the `REPLICATION`
+    ///   - url: the database, as for ``PQConnection/connect(to:)``; its role needs the `REPLICATION`
     ///     attribute (or superuser).
     ///   - slot: an existing logical slot created with `pgoutput`.
     ///   - publications: the publications whose tables are streamed.
     ///   - startLSN: resume here if it is past the slot's confirmed position (what this client already has).
-    /// - Throws: ``PostgresError``: `connectionFailed`; or `server` with SQLSTATE 42704 (no such slot),
+    /// - Throws: ``PQError``: `connectionFailed`; or `server` with SQLSTATE 42704 (no such slot),
     ///   55006 (the slot is streaming to another connection), 42501 (no replication privilege).
     public static func start(
         url: String, slot: String, publications: [String], startLSN: PostgresLSN = .zero
@@ -42,7 +42,7 @@ public final class PostgresReplicationStream: @unchecked Sendable {
         let command =
             "START_REPLICATION SLOT \(slot) LOGICAL \(startLSN) (proto_version '1', publication_names '\(publications.joined(separator: ","))')"
         do {
-            let connection = try await thread.runLibPQ { () throws(PostgresError) in
+            let connection = try await thread.runLibPQ { () throws(PQError) in
                 let connection = try ReplicationConnection.connect(url)
                 try connection.startCopyBoth(command)
                 return connection
@@ -56,12 +56,12 @@ public final class PostgresReplicationStream: @unchecked Sendable {
 
     /// The messages the server has sent, at most `limit`; waits up to `timeout` for the first one. An empty
     /// array means nothing arrived in time.
-    /// - Throws: ``PostgresError`` when the stream ends (server shut down, connection lost, slot dropped,
+    /// - Throws: ``PQError`` when the stream ends (server shut down, connection lost, slot dropped,
     ///   a publication missing).
     public func receive(limit: Int = 1000, timeout: Duration) async throws -> [ReplicationMessage] {
         let milliseconds = timeout.clampedMilliseconds
-        return try await run { connection throws(PostgresError) in
-            try connection.receive(limit: limit, timeoutMilliseconds: milliseconds).map { bytes throws(PostgresError) in
+        return try await run { connection throws(PQError) in
+            try connection.receive(limit: limit, timeoutMilliseconds: milliseconds).map { bytes throws(PQError) in
                 try ReplicationMessage.decode(bytes)
             }
         }
@@ -74,30 +74,30 @@ public final class PostgresReplicationStream: @unchecked Sendable {
     public func confirm(_ lsn: PostgresLSN, received: PostgresLSN? = nil, requestingReply: Bool = false) async throws {
         let message = ReplicationMessage.statusUpdate(
             written: max(received ?? lsn, lsn), flushed: lsn, applied: lsn, replyRequested: requestingReply)
-        try await run { connection throws(PostgresError) in try connection.send(message) }
+        try await run { connection throws(PQError) in try connection.send(message) }
     }
 
     /// Ends the stream and closes the connection; the slot is free for another client at once.
     public func close() async {
-        _ = try? await run { connection throws(PostgresError) in connection.finish() }
+        _ = try? await run { connection throws(PQError) in connection.finish() }
     }
 
-    private func run<T: Sendable>(_ work: @escaping @Sendable (ReplicationConnection) throws(PostgresError) -> T)
+    private func run<T: Sendable>(_ work: @escaping @Sendable (ReplicationConnection) throws(PQError) -> T)
         async throws -> T
     {
         let connection = UnsafeTransfer(connection)
-        return try await thread.runLibPQ { () throws(PostgresError) in try work(connection.value) }
+        return try await thread.runLibPQ { () throws(PQError) in try work(connection.value) }
     }
 }
 
 /// Replication slot and publication names as this package accepts them: what PostgreSQL allows for slot
 /// names (lower-case letters, digits, underscores; at most 63), so they can stand unquoted in a command.
 public enum ReplicationNames {
-    public static func validate(_ name: String, what: String) throws(PostgresError) {
+    public static func validate(_ name: String, what: String) throws(PQError) {
         guard !name.isEmpty, name.utf8.count <= 63,
             name.utf8.allSatisfy({ (UInt8(ascii: "a")...UInt8(ascii: "z")).contains($0) || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) || $0 == UInt8(ascii: "_") })
         else {
-            throw PostgresError(
+            throw PQError(
                 code: .invalidBind,
                 message: "\(what) name '\(name)' is not allowed: use 1 to 63 lower-case letters, digits and underscores")
         }
@@ -112,7 +112,7 @@ private final class ReplicationConnection {
 
     deinit { finish() }
 
-    static func connect(_ url: String) throws(PostgresError) -> ReplicationConnection {
+    static func connect(_ url: String) throws(PQError) -> ReplicationConnection {
         // `dbname` with expand_dbname = 1 takes a URL or key=value pairs; `replication=database` is added to it.
         let keywords = ["dbname", "replication"]
         let values = [url, "database"]
@@ -120,11 +120,11 @@ private final class ReplicationConnection {
             values.withCStrings { valuePointers in PQconnectdbParams(keywordPointers, valuePointers, 1) }
         }
         guard let conn else {
-            throw PostgresError(code: .connectionFailed, message: "libpq could not allocate a connection")
+            throw PQError(code: .connectionFailed, message: "libpq could not allocate a connection")
         }
         let connection = ReplicationConnection(conn: conn)
         guard PQstatus(conn) == CONNECTION_OK else {
-            throw PostgresError(
+            throw PQError(
                 code: .connectionFailed,
                 message: "could not open a replication connection to \(PostgresURL.redacted(url)): \(connection.lastErrorMessage)")
         }
@@ -136,17 +136,17 @@ private final class ReplicationConnection {
         return String(cString: PQerrorMessage(conn)).trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
-    private func live(_ what: String) throws(PostgresError) -> OpaquePointer {
-        guard let conn else { throw PostgresError(code: .connectionLost, message: "replication stream closed before \(what)") }
+    private func live(_ what: String) throws(PQError) -> OpaquePointer {
+        guard let conn else { throw PQError(code: .connectionLost, message: "replication stream closed before \(what)") }
         return conn
     }
 
-    func startCopyBoth(_ command: String) throws(PostgresError) {
+    func startCopyBoth(_ command: String) throws(PQError) {
         let conn = try live("START_REPLICATION")
         // Values are decoded in this session's settings: the same ones as every other connection's.
         if let settings = PQexec(conn, "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'") { PQclear(settings) }
         guard let result = PQexec(conn, command) else {
-            throw PostgresError(code: .connectionLost, message: lastErrorMessage, statement: "START_REPLICATION")
+            throw PQError(code: .connectionLost, message: lastErrorMessage, statement: "START_REPLICATION")
         }
         defer { PQclear(result) }
         guard PQresultStatus(result) == PGRES_COPY_BOTH else { throw Self.error(result, conn, statement: "START_REPLICATION") }
@@ -154,7 +154,7 @@ private final class ReplicationConnection {
 
     /// Up to `limit` messages: all that are buffered or readable without waiting, or else the first to arrive
     /// within the timeout.
-    func receive(limit: Int, timeoutMilliseconds: Int32) throws(PostgresError) -> [[UInt8]] {
+    func receive(limit: Int, timeoutMilliseconds: Int32) throws(PQError) -> [[UInt8]] {
         let conn = try live("receiving")
         var messages: [[UInt8]] = []
         var waited = false
@@ -172,12 +172,12 @@ private final class ReplicationConnection {
                 var descriptor = pollfd(fd: PQsocket(conn), events: Int16(POLLIN), revents: 0)
                 let ready = poll(&descriptor, 1, messages.isEmpty ? timeoutMilliseconds : 0)
                 if ready < 0 && errno != EINTR {
-                    throw PostgresError(code: .connectionLost, message: "poll on the replication connection failed: errno \(errno)")
+                    throw PQError(code: .connectionLost, message: "poll on the replication connection failed: errno \(errno)")
                 }
                 waited = true
                 if ready == 0 { break }
                 guard PQconsumeInput(conn) == 1 else {
-                    throw PostgresError(code: .connectionLost, message: "replication stream lost: \(lastErrorMessage)")
+                    throw PQError(code: .connectionLost, message: "replication stream lost: \(lastErrorMessage)")
                 }
                 continue
             }
@@ -186,18 +186,18 @@ private final class ReplicationConnection {
                 defer { PQclear(result) }
                 if PQresultStatus(result) != PGRES_COMMAND_OK { throw Self.error(result, conn, statement: "replication stream") }
             }
-            throw PostgresError(code: .connectionLost, message: "replication stream ended: \(lastErrorMessage)")
+            throw PQError(code: .connectionLost, message: "replication stream ended: \(lastErrorMessage)")
         }
         return messages
     }
 
-    func send(_ message: [UInt8]) throws(PostgresError) {
+    func send(_ message: [UInt8]) throws(PQError) {
         let conn = try live("sending a status update")
         let sent = message.withUnsafeBufferPointer { buffer in
             buffer.withMemoryRebound(to: CChar.self) { PQputCopyData(conn, $0.baseAddress, Int32($0.count)) }
         }
         guard sent == 1, PQflush(conn) == 0 else {
-            throw PostgresError(code: .connectionLost, message: "sending a status update failed: \(lastErrorMessage)")
+            throw PQError(code: .connectionLost, message: "sending a status update failed: \(lastErrorMessage)")
         }
     }
 
@@ -206,13 +206,13 @@ private final class ReplicationConnection {
         conn = nil
     }
 
-    private static func error(_ result: OpaquePointer, _ conn: OpaquePointer, statement: String) -> PostgresError {
+    private static func error(_ result: OpaquePointer, _ conn: OpaquePointer, statement: String) -> PQError {
         func field(_ code: UInt8) -> String? {
             guard let value = PQresultErrorField(result, Int32(code)) else { return nil }
             return String(cString: value)
         }
         let message = field(UInt8(ascii: "M")) ?? String(cString: PQerrorMessage(conn)).trimmingCharacters(in: .whitespacesAndNewlines)
-        return PostgresError(
+        return PQError(
             code: PQstatus(conn) == CONNECTION_OK ? .server : .connectionLost, message: message,
             sqlState: field(UInt8(ascii: "C")), detail: field(UInt8(ascii: "D")), hint: field(UInt8(ascii: "H")),
             statement: statement)

@@ -2,7 +2,7 @@ import Foundation
 
 /// A value bound to a `$n` placeholder. Values always travel separately from the SQL text, so no
 /// quoting or escaping is ever needed (or possible).
-public enum PostgresBind: Sendable, Hashable {
+public enum PQBind: Sendable, Hashable {
     case null
     case text(String)
     case int32(Int32)
@@ -24,36 +24,36 @@ public enum PostgresBind: Sendable, Hashable {
     case timestampArray([Date])
 
     /// Convenience for `Int`.
-    public static func int(_ value: Int) -> PostgresBind { .int64(Int64(value)) }
+    public static func int(_ value: Int) -> PQBind { .int64(Int64(value)) }
 
     /// `.null` when `value` is nil, else `.text(value)`.
-    public static func text(_ value: String?) -> PostgresBind { value.map(PostgresBind.text) ?? .null }
+    public static func text(_ value: String?) -> PQBind { value.map(PQBind.text) ?? .null }
 
     /// The type OID sent with the parameter; the server casts it to the column type on assignment.
     var typeOID: UInt32 {
         switch self {
         case .null: return 0
-        case .text: return PostgresType.text.oid
-        case .int32: return PostgresType.int4.oid
-        case .int64: return PostgresType.int8.oid
-        case .bool: return PostgresType.bool.oid
-        case .uuid: return PostgresType.uuid.oid
-        case .timestamp: return PostgresType.timestamptz.oid
-        case .jsonb: return PostgresType.jsonb.oid
-        case .bytea: return PostgresType.bytea.oid
-        case .int64Array: return PostgresType.int8Array.oid
-        case .int32Array: return PostgresType.int4Array.oid
-        case .textArray: return PostgresType.textArray.oid
-        case .timestampArray: return PostgresType.timestamptzArray.oid
+        case .text: return PQType.text.oid
+        case .int32: return PQType.int4.oid
+        case .int64: return PQType.int8.oid
+        case .bool: return PQType.bool.oid
+        case .uuid: return PQType.uuid.oid
+        case .timestamp: return PQType.timestamptz.oid
+        case .jsonb: return PQType.jsonb.oid
+        case .bytea: return PQType.bytea.oid
+        case .int64Array: return PQType.int8Array.oid
+        case .int32Array: return PQType.int4Array.oid
+        case .textArray: return PQType.textArray.oid
+        case .timestampArray: return PQType.timestamptzArray.oid
         }
     }
 
     /// Wire form: bytes and whether they are binary (only `bytea` is). `nil` means SQL NULL.
-    func wireValue(parameter: Int) throws(PostgresError) -> (bytes: [UInt8], binary: Bool)? {
-        func textBytes(_ string: String) throws(PostgresError) -> [UInt8] {
+    func wireValue(parameter: Int) throws(PQError) -> (bytes: [UInt8], binary: Bool)? {
+        func textBytes(_ string: String) throws(PQError) -> [UInt8] {
             let bytes = Array(string.utf8)
             if bytes.contains(0) {
-                throw PostgresError(
+                throw PQError(
                     code: .invalidBind,
                     message: "parameter $\(parameter) contains a NUL byte, which PostgreSQL text cannot store; "
                         + "strip it or send the value as bytea"
@@ -101,7 +101,7 @@ public enum PostgresBind: Sendable, Hashable {
     }
 }
 
-extension PostgresBind {
+extension PQBind {
     /// The text form of an integer array, `{1,2,3}`; integers need no quoting.
     fileprivate static func arrayLiteral<Integer: FixedWidthInteger>(_ values: [Integer]) -> [UInt8] {
         var bytes: [UInt8] = [UInt8(ascii: "{")]
@@ -116,27 +116,27 @@ extension PostgresBind {
 }
 
 /// The PostgreSQL types this client decodes by name.
-public struct PostgresType: Hashable, Sendable, CustomStringConvertible {
+public struct PQType: Hashable, Sendable, CustomStringConvertible {
     public let oid: UInt32
     public init(oid: UInt32) { self.oid = oid }
 
-    public static let bool = PostgresType(oid: 16)
-    public static let bytea = PostgresType(oid: 17)
-    public static let int8 = PostgresType(oid: 20)
-    public static let int2 = PostgresType(oid: 21)
-    public static let int4 = PostgresType(oid: 23)
-    public static let text = PostgresType(oid: 25)
-    public static let json = PostgresType(oid: 114)
-    public static let varchar = PostgresType(oid: 1043)
-    public static let timestamptz = PostgresType(oid: 1184)
-    public static let timestamp = PostgresType(oid: 1114)
-    public static let numeric = PostgresType(oid: 1700)
-    public static let uuid = PostgresType(oid: 2950)
-    public static let jsonb = PostgresType(oid: 3802)
-    public static let int4Array = PostgresType(oid: 1007)
-    public static let int8Array = PostgresType(oid: 1016)
-    public static let textArray = PostgresType(oid: 1009)
-    public static let timestamptzArray = PostgresType(oid: 1185)
+    public static let bool = PQType(oid: 16)
+    public static let bytea = PQType(oid: 17)
+    public static let int8 = PQType(oid: 20)
+    public static let int2 = PQType(oid: 21)
+    public static let int4 = PQType(oid: 23)
+    public static let text = PQType(oid: 25)
+    public static let json = PQType(oid: 114)
+    public static let varchar = PQType(oid: 1043)
+    public static let timestamptz = PQType(oid: 1184)
+    public static let timestamp = PQType(oid: 1114)
+    public static let numeric = PQType(oid: 1700)
+    public static let uuid = PQType(oid: 2950)
+    public static let jsonb = PQType(oid: 3802)
+    public static let int4Array = PQType(oid: 1007)
+    public static let int8Array = PQType(oid: 1016)
+    public static let textArray = PQType(oid: 1009)
+    public static let timestamptzArray = PQType(oid: 1185)
 
     public var description: String {
         switch self {

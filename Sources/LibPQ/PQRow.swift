@@ -1,29 +1,29 @@
 import Foundation
 
 /// One row of a result. Values arrive in PostgreSQL's text format and are decoded on request,
-/// by column name or position, into any ``PostgresDecodable`` type.
-public struct PostgresRow: Sendable {
+/// by column name or position, into any ``PQDecodable`` type.
+public struct PQRow: Sendable {
     /// Column names and types, shared by all rows of one result.
-    public let columns: PostgresColumns
+    public let columns: PQColumns
     let cells: [String?]
 
-    init(columns: PostgresColumns, cells: [String?]) {
+    init(columns: PQColumns, cells: [String?]) {
         self.columns = columns
         self.cells = cells
     }
 
-    /// Decodes a non-NULL column. Throws ``PostgresError/Code/decoding`` when the value is NULL or does not fit `T`.
-    public func decode<T: PostgresDecodable>(_ type: T.Type = T.self, _ column: String) throws(PostgresError) -> T {
+    /// Decodes a non-NULL column. Throws ``PQError/Code/decoding`` when the value is NULL or does not fit `T`.
+    public func decode<T: PQDecodable>(_ type: T.Type = T.self, _ column: String) throws(PQError) -> T {
         guard let value = try decodeIfPresent(T.self, column) else {
-            throw PostgresError(code: .decoding, message: "column '\(column)' is NULL; expected \(T.self)")
+            throw PQError(code: .decoding, message: "column '\(column)' is NULL; expected \(T.self)")
         }
         return value
     }
 
     /// Decodes a column that may be NULL.
-    public func decodeIfPresent<T: PostgresDecodable>(_ type: T.Type = T.self, _ column: String) throws(PostgresError) -> T? {
+    public func decodeIfPresent<T: PQDecodable>(_ type: T.Type = T.self, _ column: String) throws(PQError) -> T? {
         guard let index = columns.index(of: column) else {
-            throw PostgresError(
+            throw PQError(
                 code: .decoding,
                 message: "no column '\(column)' in result; columns are \(columns.names.joined(separator: ", "))"
             )
@@ -32,24 +32,24 @@ public struct PostgresRow: Sendable {
     }
 
     /// Decodes a non-NULL column by position (0-based).
-    public func decode<T: PostgresDecodable>(_ type: T.Type = T.self, at index: Int) throws(PostgresError) -> T {
+    public func decode<T: PQDecodable>(_ type: T.Type = T.self, at index: Int) throws(PQError) -> T {
         guard let value = try decodeIfPresent(T.self, at: index) else {
-            throw PostgresError(code: .decoding, message: "column \(index) is NULL; expected \(T.self)")
+            throw PQError(code: .decoding, message: "column \(index) is NULL; expected \(T.self)")
         }
         return value
     }
 
     /// Decodes a column that may be NULL, by position (0-based).
-    public func decodeIfPresent<T: PostgresDecodable>(_ type: T.Type = T.self, at index: Int) throws(PostgresError) -> T? {
+    public func decodeIfPresent<T: PQDecodable>(_ type: T.Type = T.self, at index: Int) throws(PQError) -> T? {
         guard cells.indices.contains(index) else {
-            throw PostgresError(code: .decoding, message: "column index \(index) out of range (\(cells.count) columns)")
+            throw PQError(code: .decoding, message: "column index \(index) out of range (\(cells.count) columns)")
         }
         guard let text = cells[index] else { return nil }
         let columnType = columns.types[index]
         do {
             return try T(postgresText: text, type: columnType)
         } catch {
-            throw PostgresError(
+            throw PQError(
                 code: .decoding,
                 message: "column '\(columns.names[index])' (\(columnType)) cannot be decoded as \(T.self): \(error.reason)"
             )
@@ -58,62 +58,62 @@ public struct PostgresRow: Sendable {
 }
 
 /// Names and types of a result's columns.
-public struct PostgresColumns: Sendable {
+public struct PQColumns: Sendable {
     public let names: [String]
-    public let types: [PostgresType]
+    public let types: [PQType]
 
     func index(of name: String) -> Int? { names.firstIndex(of: name) }
 }
 
-/// Why a text value does not decode; wrapped into a ``PostgresError`` with the column name.
-public struct PostgresDecodingFailure: Error, Sendable {
+/// Why a text value does not decode; wrapped into a ``PQError`` with the column name.
+public struct PQDecodingFailure: Error, Sendable {
     public var reason: String
     public init(_ reason: String) { self.reason = reason }
 }
 
 /// A Swift type that can be read from a column in PostgreSQL's text format.
-public protocol PostgresDecodable: Sendable {
-    init(postgresText text: String, type: PostgresType) throws(PostgresDecodingFailure)
+public protocol PQDecodable: Sendable {
+    init(postgresText text: String, type: PQType) throws(PQDecodingFailure)
 }
 
-extension String: PostgresDecodable {
-    public init(postgresText text: String, type: PostgresType) throws(PostgresDecodingFailure) { self = text }
+extension String: PQDecodable {
+    public init(postgresText text: String, type: PQType) throws(PQDecodingFailure) { self = text }
 }
 
-extension Int64: PostgresDecodable {
-    public init(postgresText text: String, type: PostgresType) throws(PostgresDecodingFailure) {
-        guard let value = Int64(text) else { throw PostgresDecodingFailure("'\(text.prefix(40))' is not an integer") }
+extension Int64: PQDecodable {
+    public init(postgresText text: String, type: PQType) throws(PQDecodingFailure) {
+        guard let value = Int64(text) else { throw PQDecodingFailure("'\(text.prefix(40))' is not an integer") }
         self = value
     }
 }
 
-extension Int32: PostgresDecodable {
-    public init(postgresText text: String, type: PostgresType) throws(PostgresDecodingFailure) {
-        guard let value = Int32(text) else { throw PostgresDecodingFailure("'\(text.prefix(40))' is not a 32-bit integer") }
+extension Int32: PQDecodable {
+    public init(postgresText text: String, type: PQType) throws(PQDecodingFailure) {
+        guard let value = Int32(text) else { throw PQDecodingFailure("'\(text.prefix(40))' is not a 32-bit integer") }
         self = value
     }
 }
 
-extension Int: PostgresDecodable {
-    public init(postgresText text: String, type: PostgresType) throws(PostgresDecodingFailure) {
-        guard let value = Int(text) else { throw PostgresDecodingFailure("'\(text.prefix(40))' is not an integer") }
+extension Int: PQDecodable {
+    public init(postgresText text: String, type: PQType) throws(PQDecodingFailure) {
+        guard let value = Int(text) else { throw PQDecodingFailure("'\(text.prefix(40))' is not an integer") }
         self = value
     }
 }
 
-extension Bool: PostgresDecodable {
-    public init(postgresText text: String, type: PostgresType) throws(PostgresDecodingFailure) {
+extension Bool: PQDecodable {
+    public init(postgresText text: String, type: PQType) throws(PQDecodingFailure) {
         switch text {
         case "t": self = true
         case "f": self = false
-        default: throw PostgresDecodingFailure("'\(text.prefix(40))' is not a boolean")
+        default: throw PQDecodingFailure("'\(text.prefix(40))' is not a boolean")
         }
     }
 }
 
-extension UUID: PostgresDecodable {
-    public init(postgresText text: String, type: PostgresType) throws(PostgresDecodingFailure) {
-        guard let value = UUID(canonicalText: text) else { throw PostgresDecodingFailure("'\(text.prefix(40))' is not a uuid") }
+extension UUID: PQDecodable {
+    public init(postgresText text: String, type: PQType) throws(PQDecodingFailure) {
+        guard let value = UUID(canonicalText: text) else { throw PQDecodingFailure("'\(text.prefix(40))' is not a uuid") }
         self = value
     }
 
@@ -153,28 +153,28 @@ extension UUID: PostgresDecodable {
     }
 }
 
-extension Date: PostgresDecodable {
-    public init(postgresText text: String, type: PostgresType) throws(PostgresDecodingFailure) {
+extension Date: PQDecodable {
+    public init(postgresText text: String, type: PQType) throws(PQDecodingFailure) {
         guard let value = PostgresTimestamp.parse(text) else {
-            throw PostgresDecodingFailure("'\(text.prefix(40))' is not an ISO timestamp")
+            throw PQDecodingFailure("'\(text.prefix(40))' is not an ISO timestamp")
         }
         self = value
     }
 }
 
-extension Array: PostgresDecodable where Element == UInt8 {
+extension Array: PQDecodable where Element == UInt8 {
     /// Decodes `bytea` from its hex text form (`\x0a1b...`).
-    public init(postgresText text: String, type: PostgresType) throws(PostgresDecodingFailure) {
+    public init(postgresText text: String, type: PQType) throws(PQDecodingFailure) {
         let hex = Array(text.utf8)
         guard hex.count >= 2, hex[0] == UInt8(ascii: "\\"), hex[1] == UInt8(ascii: "x"), hex.count % 2 == 0 else {
-            throw PostgresDecodingFailure("value is not bytea in hex format")
+            throw PQDecodingFailure("value is not bytea in hex format")
         }
-        func nibble(_ c: UInt8) throws(PostgresDecodingFailure) -> UInt8 {
+        func nibble(_ c: UInt8) throws(PQDecodingFailure) -> UInt8 {
             switch c {
             case 48...57: return c - 48
             case 97...102: return c - 87
             case 65...70: return c - 55
-            default: throw PostgresDecodingFailure("bad hex digit in bytea")
+            default: throw PQDecodingFailure("bad hex digit in bytea")
             }
         }
         var bytes = [UInt8]()
