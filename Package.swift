@@ -153,7 +153,7 @@ let package = Package(
         .target(
             name: "Projections",
             dependencies: [
-                "EventSourcing", "EventStore", "KafkaClient", "LibPQ",
+                "EventSourcing", "EventStore", "EventStoreSQL", "KafkaClient", "LibPQ",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

@@ -10,8 +10,14 @@ public enum EventTables {
     /// The version of a stream's last event (0 if it has none); `$1` is the stream id.
     public static let currentVersionSQL = "SELECT COALESCE(max(stream_version), 0) AS version FROM events WHERE stream_id = $1"
     /// The columns of `events` that ``EventRow`` reads, in that order (`payload` and `metadata` as text).
-    public static let eventColumns =
-        "position, event_id, stream_id, stream_version, event_type, schema_version, payload::text, metadata::text, occurred_at"
+    public static let eventColumns = eventColumns(of: nil)
+
+    /// ``eventColumns`` qualified by a table alias (`e.position, e.event_id, …`), for statements that join `events`.
+    public static func eventColumns(of alias: String?) -> String {
+        let prefix = alias.map { $0 + "." } ?? ""
+        return ["position", "event_id", "stream_id", "stream_version", "event_type", "schema_version", "payload::text",
+                "metadata::text", "occurred_at"].map { prefix + $0 }.joined(separator: ", ")
+    }
     /// A stream's events in version order, from `$2` through `$3` (inclusive); `$1` is the stream id.
     public static let readStreamSQL =
         "SELECT \(eventColumns) FROM events WHERE stream_id = $1 AND stream_version >= $2 AND stream_version <= $3 "

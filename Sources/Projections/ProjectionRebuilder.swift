@@ -1,5 +1,6 @@
 import EventSourcing
 import EventStore
+import EventStoreSQL
 import Foundation
 import Logging
 import LibPQ
@@ -123,7 +124,7 @@ public struct ProjectionRebuilder: Sendable {
     private func swapInOnce(_ projection: Projection, after last: Int64, olderDeadLetters: Int64, suffix: String) async throws -> Int {
         try await pool.withTransaction { connection -> Int in
             let live = try await ProjectionSchema.exists(projection, on: connection)
-            let columns = "e.position, e.event_id, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.payload, e.metadata, e.occurred_at"
+            let columns = EventTables.eventColumns(of: "e")
             var behindLive = ""
             if live {
                 // The consumer's apply transactions touch the `_progress` table first, then the others: lock in
