@@ -49,4 +49,17 @@ struct MockClusterControlTests {
         await producer.close()
         await cluster.stop()
     }
+
+    @Test("the control pipe exists as a FIFO by the time the bootstrap file appears, on every start")
+    func pipeBeforeBootstrapFile() async throws {
+        // A reader that waits for the bootstrap file and then opens the pipe for writing must never find the path
+        // missing (or create a plain file there, which then keeps the cluster from starting).
+        for _ in 1...5 {
+            let cluster = try await MockClusterProcess.start(brokers: 1, topics: [])
+            var status = stat()
+            #expect(stat(cluster.folder + "/control", &status) == 0, "no control pipe when the bootstrap file appeared")
+            #expect(status.st_mode & S_IFMT == S_IFIFO, "the control path is not a FIFO")
+            await cluster.stop()
+        }
+    }
 }
