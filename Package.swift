@@ -283,7 +283,7 @@ let package = Package(
         // Tests. Those that touch servers need `scripts/test` (EVENTOUTBOX_DATABASE_URL, KAFKA_BROKERS).
         .target(
             name: "TestSupport",
-            dependencies: ["EventStoreSQL",
+            dependencies: ["KafkaMock", "EventStoreSQL",
                 "LibPQ", "KafkaClient", "EventStore", "OutboxRelayStore", "EventSourcing", "BlockingIO",
                 .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),

@@ -54,7 +54,8 @@ public final class MockCluster: @unchecked Sendable {
     /// librdkafka closes the broker's listening socket and binds its port again at once, without listening, so
     /// the port stays the broker's while it is down. Had another socket been given the port in between, the mock
     /// would abort the whole process (`rdkafka_mock.c`: "Failed to-create mock broker listener"); a connection
-    /// held across the call keeps the port bound (``BrokerPortHold``).
+    /// held across the call keeps the port bound (``BrokerPortHold``), and no child process of this one may hold a
+    /// copy of the listening socket then (``SpawnGuard``).
     public func setBrokerDown(_ brokerID: Int32) throws {
         guard let port = port(of: brokerID) else {
             throw KafkaError(code: .invalidArgument, message: "mock cluster has no broker \(brokerID) (brokers 1...\(brokerCount))")
@@ -62,7 +63,9 @@ public final class MockCluster: @unchecked Sendable {
         // Closed only after the call returns: by then the mock has bound the port again.
         let hold = try BrokerPortHold(port: port)
         try withExtendedLifetime(hold) {
-            try check(rd_kafka_mock_broker_set_down(cluster, brokerID), "set broker \(brokerID) down")
+            try SpawnGuard.shared.excludingSpawns {
+                try check(rd_kafka_mock_broker_set_down(cluster, brokerID), "set broker \(brokerID) down")
+            }
         }
     }
 

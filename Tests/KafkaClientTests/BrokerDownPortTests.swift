@@ -1,4 +1,7 @@
 import Foundation
+import KafkaClient
+import KafkaMock
+import Synchronization
 import TestSupport
 import Testing
 
@@ -52,5 +55,36 @@ struct BrokerDownPortTests {
         #expect(run.status == 0, "\(run.output)")
         #expect(run.output.contains("answered: \(2 * cycles)\n"), "\(run.output)")
         #expect(run.output.contains("cluster: alive"), "\(run.output)")
+    }
+
+    /// A child cloned while a broker of this process goes down would hold a copy of its listening socket, and the
+    /// mock's re-bind would fail and abort the process (``SpawnGuard``). The window is microseconds wide, so this
+    /// does not catch a missing guard every time; it keeps children coming during every cycle, so that it can.
+    @Test("300 down/up cycles of an in-process broker while children are spawned without pause: the process lives")
+    func downUpWhileSpawning() async throws {
+        let cluster = try MockCluster(brokers: 1)
+        let done = Atomic<Bool>(false)
+        let spawned = Atomic<Int>(0)
+        let spawner = Thread {
+            while !done.load(ordering: .relaxed) {
+                let child = ChildProcess()
+                child.executableURL = URL(fileURLWithPath: "/bin/true")
+                guard (try? child.run()) != nil else { continue }
+                child.waitUntilExit()
+                spawned.add(1, ordering: .relaxed)
+            }
+        }
+        spawner.start()
+        defer { done.store(true, ordering: .relaxed) }
+        try await waitUntil("the spawner runs") { spawned.load(ordering: .relaxed) > 0 }
+        for _ in 1...300 {
+            try cluster.setBrokerDown(1)
+            try cluster.setBrokerUp(1)
+        }
+        #expect(spawned.load(ordering: .relaxed) > 10, "children were spawned during the cycles")
+        let producer = try KafkaProducer(configuration: KafkaConfiguration(bootstrapServers: cluster.bootstrapServers))
+        try cluster.createTopic("t", partitions: 1)
+        #expect(try await producer.send(KafkaOutgoingMessage(topic: "t", key: "k", value: "after")).isDelivered)
+        await producer.close()
     }
 }

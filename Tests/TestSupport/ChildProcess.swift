@@ -1,4 +1,5 @@
 import Foundation
+import KafkaMock
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -72,7 +73,8 @@ public final class ChildProcess: @unchecked Sendable {
             for pointer in environment { free(pointer) }
         }
         var pid: pid_t = 0
-        let result = posix_spawn(&pid, executable, &actions, &attributes, argv, environment)
+        // posix_spawn returns once the child has exec'd, so no copy of a mock broker's socket outlives the guard.
+        let result = SpawnGuard.shared.spawning { posix_spawn(&pid, executable, &actions, &attributes, argv, environment) }
         guard result == 0 else { throw ChildProcessError("cannot start \(executable): \(String(cString: strerror(result)))") }
         state.withLock { $0.pid = pid }
         for output in [standardOutput, standardError] {
