@@ -51,14 +51,7 @@ public struct EventStore: Sendable {
         var attempt = 0
         while true {
             attempt += 1
-            // The envelope names each event's version, so the versions are fixed before the statement runs;
-            // `.any` reads the current version first and then appends as if it had expected exactly that.
-            let base: Int64
-            switch expectedVersion {
-            case .noStream: base = 0
-            case .exact(let version): base = version
-            case .any: base = try await currentVersion(of: streamID)
-            }
+            let base = try await expectedVersion.base { try await currentVersion(of: streamID) }
             let statement = try AppendStatement(
                 events, to: streamID, category: category, after: base, routing: routing, notify: notifiesOnAppend)
             do {
@@ -75,12 +68,12 @@ public struct EventStore: Sendable {
                 switch outcome {
                 case .appended(let appended): return appended
                 case .versionMismatch(let actual):
-                    if expectedVersion == .any && attempt < 20 { continue }
+                    if expectedVersion.retriesMismatch(attempt: attempt) { continue }
                     throw ConcurrencyConflict(streamID: streamID, expected: expectedVersion, actual: actual)
                 }
             } catch let error as PQError where error.constraint == EventTables.streamVersionConstraint {
                 // Another append won the race for the same versions between our check and our insert.
-                if expectedVersion == .any && attempt < 20 { continue }
+                if expectedVersion.retriesMismatch(attempt: attempt) { continue }
                 let actual = try await currentVersion(of: streamID)
                 throw ConcurrencyConflict(streamID: streamID, expected: expectedVersion, actual: actual)
             }
@@ -159,13 +152,12 @@ extension RecordedEvent {
     /// Reads a row of `events` with the columns of `EventTables.eventColumns`.
     /// - Throws: `EventDecodingError` naming the event when its metadata is not an `EventMetadata` object.
     public init(row: PQRow) throws {
-        self = try EventRow(
+        try self.init(
             position: try row.decode(Int64.self, "position"), eventID: try row.decode(UUID.self, "event_id"),
             streamID: try row.decode(String.self, "stream_id"), streamVersion: try row.decode(Int64.self, "stream_version"),
             eventType: try row.decode(String.self, "event_type"), schemaVersion: try row.decode(Int.self, "schema_version"),
-            payload: try row.decode(String.self, "payload"), metadata: try row.decode(String.self, "metadata"),
-            occurredAt: try row.decode(Date.self, "occurred_at")
-        ).recorded()
+            payload: try row.decode(String.self, "payload"), metadataJSON: try row.decode(String.self, "metadata"),
+            occurredAt: try row.decode(Date.self, "occurred_at"))
     }
 }
 

@@ -36,7 +36,7 @@ public struct PostgresNIOEventStore: Sendable {
     ///
     /// A version that does not match is found without an error from the server, so the caller's transaction stays
     /// usable: it may roll back, or reload and decide again. With `.any` the append reads the current version and
-    /// tries again by itself (up to 20 times) while other writers move the stream on.
+    /// tries again by itself (up to `ExpectedVersion.anyVersionAttempts` times) while other writers move the stream on.
     /// - Throws: `ConcurrencyConflict` when the stream's version is not `expectedVersion` (nothing appended). If a
     ///   concurrent writer committed the same versions between the check and the insert, the server's unique
     ///   violation aborts the caller's transaction: that conflict is reported as a `ConcurrencyConflict` too, with
@@ -51,18 +51,13 @@ public struct PostgresNIOEventStore: Sendable {
             var attempt = 0
             while true {
                 attempt += 1
-                let base: Int64
-                switch expectedVersion {
-                case .noStream: base = 0
-                case .exact(let version): base = version
-                case .any: base = try await currentVersion(of: streamID, on: connection, logger: logger)
-                }
+                let base = try await expectedVersion.base { try await currentVersion(of: streamID, on: connection, logger: logger) }
                 let statement = try AppendStatement(
                     traced, to: streamID, category: category, after: base, routing: routing, notify: notifiesOnAppend)
                 switch try await run(statement, streamID, expectedVersion, on: connection, logger: logger) {
                 case .appended(let result): return result
                 case .versionMismatch(let actual):
-                    if expectedVersion == .any && attempt < 20 { continue }
+                    if expectedVersion.retriesMismatch(attempt: attempt) { continue }
                     throw ConcurrencyConflict(streamID: streamID, expected: expectedVersion, actual: actual)
                 }
             }
@@ -89,10 +84,9 @@ public struct PostgresNIOEventStore: Sendable {
             in rows.decode((Int64, UUID, String, Int64, String, Int, String, String, Date).self)
         {
             events.append(
-                try EventRow(
+                try RecordedEvent(
                     position: position, eventID: eventID, streamID: stream, streamVersion: streamVersion, eventType: eventType,
-                    schemaVersion: schemaVersion, payload: payload, metadata: metadata, occurredAt: occurredAt
-                ).recorded())
+                    schemaVersion: schemaVersion, payload: payload, metadataJSON: metadata, occurredAt: occurredAt))
         }
         return events
     }

@@ -9,7 +9,7 @@ public enum EventTables {
     public static let streamVersionConstraint = "events_stream_version_unique"
     /// The version of a stream's last event (0 if it has none); `$1` is the stream id.
     public static let currentVersionSQL = "SELECT COALESCE(max(stream_version), 0) AS version FROM events WHERE stream_id = $1"
-    /// The columns of `events` that ``EventRow`` reads, in that order (`payload` and `metadata` as text).
+    /// The columns of `events` that `RecordedEvent.init(position:eventID:streamID:streamVersion:eventType:schemaVersion:payload:metadataJSON:occurredAt:)` reads, in that order (`payload` and `metadata` as text).
     public static let eventColumns = eventColumns(of: nil)
 
     /// ``eventColumns`` qualified by a table alias (`e.position, e.event_id, …`), for statements that join `events`.
@@ -24,47 +24,42 @@ public enum EventTables {
         + "ORDER BY stream_version"
 }
 
-/// A row of `events` as a driver decoded it, before its metadata is parsed.
-public struct EventRow: Sendable {
-    public var position: Int64
-    public var eventID: UUID
-    public var streamID: String
-    public var streamVersion: Int64
-    public var eventType: String
-    public var schemaVersion: Int
-    public var payload: String
-    public var metadata: String
-    public var occurredAt: Date
-
-    public init(
-        position: Int64, eventID: UUID, streamID: String, streamVersion: Int64, eventType: String, schemaVersion: Int,
-        payload: String, metadata: String, occurredAt: Date
-    ) {
-        self.position = position
-        self.eventID = eventID
-        self.streamID = streamID
-        self.streamVersion = streamVersion
-        self.eventType = eventType
-        self.schemaVersion = schemaVersion
-        self.payload = payload
-        self.metadata = metadata
-        self.occurredAt = occurredAt
-    }
-
-    /// The event, with its metadata parsed.
+extension RecordedEvent {
+    /// An event from a row of `events` (the columns of ``EventTables/eventColumns``), its metadata still JSON text.
     /// - Throws: `EventDecodingError` naming the event when its metadata is not an `EventMetadata` object
     ///   (it is never replaced by empty metadata: the correlation and trace ids would be lost unnoticed).
-    public func recorded() throws -> RecordedEvent {
-        let parsed: EventMetadata
+    public init(
+        position: Int64, eventID: UUID, streamID: String, streamVersion: Int64, eventType: String, schemaVersion: Int,
+        payload: String, metadataJSON: String, occurredAt: Date
+    ) throws {
+        let metadata: EventMetadata
         do {
-            parsed = try EventMetadata(jsonText: metadata)
+            metadata = try EventMetadata(jsonText: metadataJSON)
         } catch {
             throw EventDecodingError(
                 eventID: eventID, eventType: eventType, schemaVersion: schemaVersion, streamID: streamID,
                 reason: "its metadata is not an object of optional strings (correlationID, causationID, actor, traceparent): \(error)")
         }
-        return RecordedEvent(
+        self.init(
             position: position, eventID: eventID, streamID: streamID, streamVersion: streamVersion, eventType: eventType,
-            schemaVersion: schemaVersion, payload: payload, metadata: parsed, occurredAt: occurredAt)
+            schemaVersion: schemaVersion, payload: payload, metadata: metadata, occurredAt: occurredAt)
     }
+}
+
+extension ExpectedVersion {
+    /// How often an append with `.any` tries again by itself while other writers move the stream on.
+    public static let anyVersionAttempts = 20
+
+    /// The version an append builds on. The envelope names each event's version, so the versions are fixed
+    /// before the statement runs; `.any` reads the current version first and appends as if it had expected that.
+    public func base(current: () async throws -> Int64) async throws -> Int64 {
+        switch self {
+        case .noStream: 0
+        case .exact(let version): version
+        case .any: try await current()
+        }
+    }
+
+    /// Whether an append that found another version on its `attempt`-th try goes again by itself (only `.any`).
+    public func retriesMismatch(attempt: Int) -> Bool { self == .any && attempt < Self.anyVersionAttempts }
 }
