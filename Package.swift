@@ -380,7 +380,7 @@ let package = Package(
         ),
         .testTarget(
             name: "KafkaClientTests",
-            dependencies: ["KafkaClient", "KafkaMock", "TestSupport"],
+            dependencies: ["BlockingIO", "KafkaClient", "KafkaMock", "TestSupport"],
             swiftSettings: strictSettings
         ),
     ],

@@ -19,7 +19,13 @@ public final class SpawnGuard: @unchecked Sendable {
 
     private init() {
         lock = .allocate(capacity: 1)
-        pthread_rwlock_init(lock, nil)
+        // Writers first: with readers preferred (glibc's default), a set-down could wait as long as the suite keeps
+        // spawning, on a thread of Swift's two-thread cooperative pool. Now it waits for the spawns under way only.
+        var attributes = pthread_rwlockattr_t()
+        pthread_rwlockattr_init(&attributes)
+        pthread_rwlockattr_setkind_np(&attributes, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
+        pthread_rwlock_init(lock, &attributes)
+        pthread_rwlockattr_destroy(&attributes)
     }
 
     /// Runs `spawn` (which must return only once the child has exec'd, as `posix_spawn` does) beside other spawns.
