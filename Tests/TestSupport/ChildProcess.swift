@@ -128,7 +128,7 @@ public final class ChildProcess: @unchecked Sendable {
 }
 
 /// glibc's spawn extensions, which Swift's Glibc module does not declare (they need `_GNU_SOURCE`).
-private enum GlibcSpawn {
+enum GlibcSpawn {
     typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
     typealias ChangeDirectory = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, UnsafePointer<CChar>) -> Int32
 

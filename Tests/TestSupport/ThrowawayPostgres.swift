@@ -1,5 +1,6 @@
 import BlockingIO
 import Foundation
+import KafkaMock
 
 /// A PostgreSQL server of one test's own (initdb in a temporary folder, unix socket only), for tests that
 /// crash and restart the server: the shared test server must stay up for the tests running beside them.
@@ -76,7 +77,13 @@ public final class ThrowawayPostgres: Sendable {
             var pid: pid_t = 0
             let cStrings = argv.map { strdup($0) }
             defer { cStrings.forEach { free($0) } }
-            let spawned = posix_spawn(&pid, "/bin/bash", nil, nil, cStrings + [nil], environ)
+            // Like ChildProcess: no descriptor above stderr reaches the child, and the spawn keeps clear of a mock
+            // broker going down (SpawnGuard), whose listening socket a child must never hold.
+            var actions = posix_spawn_file_actions_t()
+            posix_spawn_file_actions_init(&actions)
+            defer { posix_spawn_file_actions_destroy(&actions) }
+            guard let closeFrom = GlibcSpawn.addCloseFrom, closeFrom(&actions, 3) == 0 else { return -1 }
+            let spawned = SpawnGuard.shared.spawning { posix_spawn(&pid, "/bin/bash", &actions, nil, cStrings + [nil], environ) }
             guard spawned == 0 else { return -1 }
             var status: Int32 = 0
             while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
