@@ -28,7 +28,8 @@ public final class OutboxRelay: Service, Sendable {
     public let configuration: OutboxRelayConfiguration
     let logger: Logger
     let table = OutboxTable()
-    private let stopping = Atomic<Bool>(false)
+    /// The graceful stop: every loop reads it, every wait between rounds sleeps on it.
+    let stopRequest = StopRequest()
     let wakeup = Wakeup()
     let counters = RelayCounters()
     /// The last producer failure not yet followed by a success (a delivery, or a transactional init).
@@ -109,7 +110,7 @@ public final class OutboxRelay: Service, Sendable {
 
     /// Asks the relay to finish: no new rows, in-flight deliveries are awaited (bounded) and marked.
     public func stop() {
-        stopping.store(true, ordering: .releasing)
+        stopRequest.request()
         signalAll()
     }
 
@@ -119,7 +120,7 @@ public final class OutboxRelay: Service, Sendable {
         for extra in partitionWakeups.withLock({ Array($0.values) }) { extra.signal() }
     }
 
-    var isStopping: Bool { stopping.load(ordering: .acquiring) }
+    var isStopping: Bool { stopRequest.isRequested }
 
     private func superviseLeadership() async {
         var backoff = Backoff(max: configuration.maxBackoff)
@@ -256,12 +257,8 @@ public final class OutboxRelay: Service, Sendable {
         }
     }
 
-    func sleepUnlessStopping(_ duration: Duration) async {
-        let deadline = ContinuousClock.now + duration
-        while !isStopping && ContinuousClock.now < deadline {
-            try? await Task.sleep(for: min(.milliseconds(50), deadline - ContinuousClock.now))
-        }
-    }
+    /// Waits `duration`, or less if the relay is asked to stop meanwhile.
+    func sleepUnlessStopping(_ duration: Duration) async { await stopRequest.sleep(for: duration) }
 }
 
 /// Where one producer's delivery reports and errors land (on librdkafka's poll thread) until the publish

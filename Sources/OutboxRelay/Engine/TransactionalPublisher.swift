@@ -76,13 +76,14 @@ struct TransactionalPublisher {
         self.wakeup = wakeup
     }
 
-    /// Publishes until the relay stops, `shouldStop` says so, or the source loses the unit. Kafka failures
-    /// start a new producer (after the source confirms ownership); database failures are thrown.
-    func run<Source: TransactionalSource>(_ source: inout Source, shouldStop: @Sendable () -> Bool = { false }) async throws {
+    /// Publishes until `stop` (by default the relay's) is requested, or the source loses the unit. Kafka
+    /// failures start a new producer (after the source confirms ownership); database failures are thrown.
+    func run<Source: TransactionalSource>(_ source: inout Source, stop: StopRequest? = nil) async throws {
+        let stop = stop ?? relay.stopRequest
         var backoff = Backoff(max: configuration.maxBackoff)
         var generation = 0
         var topicReady = false
-        while !relay.isStopping && !shouldStop() {
+        while !stop.isRequested {
             generation += 1
             if generation > 1 {
                 guard await source.stillOwned() else {
@@ -104,7 +105,7 @@ struct TransactionalPublisher {
                 try await claim(producer, generation: rounds.label)
                 try await resume(&source)
                 backoff.reset()
-                try await publish(producer, inbox, &source, &rounds, shouldStop)
+                try await publish(producer, inbox, &source, &rounds, stop)
                 await producer.close(timeout: .seconds(1))
                 return
             } catch let error as KafkaError {
@@ -121,7 +122,7 @@ struct TransactionalPublisher {
                         ? "Kafka fenced this relay's producer: another owner took over its transactional.id"
                         : "Kafka producer failed; a new one resumes from the progress topic and the database",
                     metadata: ["kafka.error": "\(error)", "kafka.transactional_id": "\(unit.transactionalID)", "retry.in": "\(delay)"])
-                await relay.sleepUnlessStopping(delay)
+                await stop.sleep(for: delay)
             } catch {
                 producer.purge()
                 await producer.close(timeout: .seconds(1))
@@ -159,11 +160,11 @@ struct TransactionalPublisher {
 
     private func publish<Source: TransactionalSource>(
         _ producer: KafkaProducer, _ inbox: ProducerInbox, _ source: inout Source, _ rounds: inout Rounds,
-        _ shouldStop: @Sendable () -> Bool
+        _ stop: StopRequest
     ) async throws {
         var housekeeping = HousekeepingClock(interval: configuration.housekeepingInterval)
         var nextMessageID: UInt64 = 1
-        while !relay.isStopping && !shouldStop() {
+        while !stop.isRequested {
             if housekeeping.isDue {
                 try await source.housekeeping()
                 housekeeping.ran()

@@ -165,7 +165,7 @@ extension OutboxRelay {
         try await ownership.join(on: connection)
         let running = PartitionEngines()
         defer {
-            for flag in running.withLock({ Array($0.values) }) { flag.set() }
+            for partition in running.withLock({ Array($0.keys) }) { stopEngine(partition, running) }
         }
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { await self.listenForAppends() }
@@ -179,7 +179,7 @@ extension OutboxRelay {
                 let owned = running.withLock { Set($0.keys) }
                 if owned.count > target {
                     for partition in owned.sorted().suffix(owned.count - target) {
-                        running.withLock { $0[partition]?.set() }
+                        stopEngine(partition, running)
                     }
                 } else if owned.count < target {
                     let start = Int.random(in: 0..<configuration.partitions)
@@ -196,10 +196,10 @@ extension OutboxRelay {
                         guard try await AdvisoryLocks.tryLock(key, on: unitConnection) else { continue }
                         spare = nil
                         taken += 1
-                        let flag = StopFlag()
-                        running.withLock { $0[partition] = flag }
+                        let stop = StopRequest(parent: stopRequest)
+                        running.withLock { $0[partition] = stop }
                         group.addTask {
-                            await self.publishPartition(partition, unitConnection, key: key, prefix: prefix, log: log, stop: flag)
+                            await self.publishPartition(partition, unitConnection, key: key, prefix: prefix, log: log, stop: stop)
                             running.withLock { _ = $0.removeValue(forKey: partition) }
                         }
                     }
@@ -212,8 +212,14 @@ extension OutboxRelay {
         }
     }
 
+    /// Asks a partition's engine to stop, and wakes it: it finishes its transaction round and returns.
+    private func stopEngine(_ partition: Int, _ running: PartitionEngines) {
+        running.withLock { $0[partition] }?.request()
+        partitionWakeups.withLock { $0[partition] }?.signal()
+    }
+
     private func publishPartition(
-        _ partition: Int, _ connection: PQConnection, key: Int64, prefix: String, log: ProgressLog, stop: StopFlag
+        _ partition: Int, _ connection: PQConnection, key: Int64, prefix: String, log: ProgressLog, stop: StopRequest
     ) async {
         let wakeup = Wakeup()
         partitionWakeups.withLock { $0[partition] = wakeup }
@@ -228,7 +234,7 @@ extension OutboxRelay {
             unit: PublishingUnit(transactionalID: "\(prefix).p\(partition)", progressPartition: Int32(partition)),
             progressLog: log, wakeup: wakeup)
         do {
-            try await engine.run(&source) { stop.isSet }
+            try await engine.run(&source, stop: stop)
         } catch {
             logger.warning(
                 "publishing of an outbox partition failed; it is free to be taken again",
@@ -239,15 +245,8 @@ extension OutboxRelay {
     }
 }
 
-/// The partitions a relay publishes exactly-once, each with its engine's stop flag.
+/// The partitions a relay publishes exactly-once, each with its engine's stop request.
 final class PartitionEngines: Sendable {
-    private let engines = Mutex<[Int: StopFlag]>([:])
-    func withLock<T>(_ body: (inout [Int: StopFlag]) -> T) -> T { engines.withLock { body(&$0) } }
-}
-
-/// A stop request shared between a supervisor and one engine.
-final class StopFlag: Sendable {
-    private let flag = Atomic<Bool>(false)
-    func set() { flag.store(true, ordering: .relaxed) }
-    var isSet: Bool { flag.load(ordering: .relaxed) }
+    private let engines = Mutex<[Int: StopRequest]>([:])
+    func withLock<T>(_ body: (inout [Int: StopRequest]) -> T) -> T { engines.withLock { body(&$0) } }
 }
