@@ -120,11 +120,9 @@ public final class OutboxRelay: Service, Sendable {
         for extra in partitionWakeups.withLock({ Array($0.values) }) { extra.signal() }
     }
 
-    var isStopping: Bool { stopRequest.isRequested }
-
     private func superviseLeadership() async {
         var backoff = Backoff(max: configuration.maxBackoff)
-        while !isStopping {
+        while !stopRequest.isRequested {
             do {
                 let connection = try await PQConnection.connect(to: configuration.databaseURL)
                 if configuration.delivery == .exactlyOnce {
@@ -151,7 +149,7 @@ public final class OutboxRelay: Service, Sendable {
                 logger.warning(
                     "relay lost its database connection or failed; retrying",
                     metadata: ["error": "\(error)", "retry.in": "\(delay)"])
-                await sleepUnlessStopping(delay)
+                await stopRequest.sleep(for: delay)
             }
         }
     }
@@ -164,7 +162,7 @@ public final class OutboxRelay: Service, Sendable {
     /// Waits for the advisory lock. Returns `false` if asked to stop first.
     func becomeActive(_ connection: PQConnection) async throws -> Bool {
         var announced = false
-        while !isStopping {
+        while !stopRequest.isRequested {
             let acquired = try await connection.queryOne(
                 "SELECT pg_try_advisory_lock($1) AS acquired", [.int64(configuration.leaderLockKey)],
                 statement: "relay: try leader lock"
@@ -174,7 +172,7 @@ public final class OutboxRelay: Service, Sendable {
                 logger.info("another relay is active; standing by", metadata: ["outbox.lock": "\(configuration.leaderLockKey)"])
                 announced = true
             }
-            await sleepUnlessStopping(configuration.standbyRetryInterval)
+            await stopRequest.sleep(for: configuration.standbyRetryInterval)
         }
         return false
     }
@@ -236,18 +234,18 @@ public final class OutboxRelay: Service, Sendable {
         for _ in 0..<10 {
             let deleted = try await table.deletePublished(
                 olderThan: configuration.retention, limit: configuration.retentionBatchSize, on: connection)
-            if deleted < configuration.retentionBatchSize || isStopping { break }
+            if deleted < configuration.retentionBatchSize || stopRequest.isRequested { break }
         }
     }
 
     /// Signals the publish loop on every NOTIFY of the outbox channel, from a connection of its own. Polling
     /// covers the gaps (a failed listener reconnects after a second).
     func listenForAppends() async {
-        while !Task.isCancelled && !isStopping {
+        while !Task.isCancelled && !stopRequest.isRequested {
             do {
                 let listener = try await PQConnection.connect(to: configuration.databaseURL)
                 try await listener.listen(EventTables.outboxChannel)
-                while !Task.isCancelled && !isStopping {
+                while !Task.isCancelled && !stopRequest.isRequested {
                     if try await !listener.notifications(timeout: .milliseconds(250)).isEmpty { signalAll() }
                 }
             } catch {
@@ -257,8 +255,6 @@ public final class OutboxRelay: Service, Sendable {
         }
     }
 
-    /// Waits `duration`, or less if the relay is asked to stop meanwhile.
-    func sleepUnlessStopping(_ duration: Duration) async { await stopRequest.sleep(for: duration) }
 }
 
 /// Where one producer's delivery reports and errors land (on librdkafka's poll thread) until the publish

@@ -201,6 +201,37 @@ struct ExactlyOnceRelayTests {
         try await setup.drop()
     }
 
+    @Test("a partition given back on rebalance stops at once though idle: a joining relay gets its share long before the poll interval")
+    func givesBackAnIdlePartitionAtOnce() async throws {
+        let setup = try await ExactlyOnceSetup.make()
+        let lockKey = Int64.random(in: 1...Int64.max / 2)
+        let ids = try await setup.test.appendTicks(streams: 20, perStream: 3)
+        let joiner = uniqueName("relay-joiner")
+        let configure: (inout OutboxRelayConfiguration) -> Void = {
+            setup.configure(&$0)
+            $0.partitions = 4
+            $0.leaderLockKey = lockKey
+            $0.standbyRetryInterval = .milliseconds(200)
+            // An idle engine waits this long for rows unless woken: far beyond the deadline below, so only the
+            // wake-up that comes with the request to stop lets it give its partition back in time.
+            $0.pollInterval = .seconds(3600)
+        }
+        try await withRelay(setup.test, brokers: setup.brokers, batchSize: 50, configure: configure) { first in
+            try await waitUntil("the first relay publishes everything", timeout: ExactlyOnceSetup.relayDeadline) { try await setup.waiting() == 0 }
+            try await withRelay(setup.test, brokers: setup.brokers, batchSize: 50, applicationName: joiner, configure: configure) { _ in
+                try await waitUntil("the joining relay holds 2 of the 4 partitions", timeout: ExactlyOnceSetup.relayDeadline) {
+                    try await setup.test.count(
+                        """
+                        SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                        WHERE l.locktype = 'advisory' AND l.mode = 'ExclusiveLock' AND l.granted AND a.application_name = $1
+                        """, [.text(joiner)]) == 2
+                }
+            }
+        }
+        try await setup.expectExactlyOnce(ids, progressPartitions: 4)
+        try await setup.drop()
+    }
+
     @Test("a producer that cannot start (InitProducerId refused) makes the relay not ready, with the reason; ready again once it starts")
     func readinessFollowsTheProducer() async throws {
         let setup = try await ExactlyOnceSetup.make()

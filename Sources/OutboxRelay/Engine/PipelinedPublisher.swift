@@ -63,7 +63,7 @@ struct PipelinedPublisher {
     /// recover from.
     func run<Source: PipelinedSource>(_ source: inout Source) async throws {
         var backoff = Backoff(max: configuration.maxBackoff)
-        while !relay.isStopping {
+        while !relay.stopRequest.isRequested {
             guard try await source.startGeneration() else { return }
             let inbox = ProducerInbox(wakeup: relay.wakeup)
             let producer = try relay.makeProducer(inbox)
@@ -85,7 +85,7 @@ struct PipelinedPublisher {
             logger.warning(
                 "Kafka producer failed; starting a new one from the rows still waiting",
                 metadata: ["kafka.error": "\(failure)", "retry.in": "\(delay)"])
-            await relay.sleepUnlessStopping(delay)
+            await relay.stopRequest.sleep(for: delay)
         }
     }
 
@@ -103,7 +103,7 @@ struct PipelinedPublisher {
                 generation.sourceFailed(error)
             }
             if let fatal = inbox.fatalError { generation.failedFatally(fatal) }
-            switch generation.next(stopping: relay.isStopping, shutdownTimeout: configuration.shutdownTimeout) {
+            switch generation.next(stopping: relay.stopRequest.isRequested, shutdownTimeout: configuration.shutdownTimeout) {
             case .end(.sourceFailed):
                 try? await source.finish()
                 throw sourceFailure!

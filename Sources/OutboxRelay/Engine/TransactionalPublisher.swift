@@ -211,7 +211,7 @@ struct TransactionalPublisher {
             if let fatal = inbox.fatalError { throw fatal }
             let next = round.next
             if !next.isWait { return next }
-            if relay.isStopping {
+            if relay.stopRequest.isRequested {
                 let deadline = shutdownDeadline ?? .now + configuration.shutdownTimeout
                 shutdownDeadline = deadline
                 if ContinuousClock.now >= deadline {

@@ -35,7 +35,7 @@ struct TablePipelinedSource: PipelinedSource {
 
     mutating func startGeneration() async throws -> Bool {
         pipeline = PublishPipeline(tracksGaps: ownership == nil)
-        return !relay.isStopping
+        return !relay.stopRequest.isRequested
     }
 
     mutating func nextRows(room: Int, idle: Bool) async throws -> (rows: [OutboxRow], waitAfter: Bool) {

@@ -173,7 +173,7 @@ extension OutboxRelay {
             // Tries partition locks; once one is won, this connection goes to its engine and a new one is made.
             var spare: PQConnection?
             defer { if let spare { Task { await spare.close() } } }
-            while !isStopping {
+            while !stopRequest.isRequested {
                 let members = try await ownership.members(on: connection)
                 let target = PartitionOwnership.target(partitions: configuration.partitions, members: members)
                 let owned = running.withLock { Set($0.keys) }
@@ -207,7 +207,7 @@ extension OutboxRelay {
                 let now = running.withLock { $0.keys.sorted() }
                 setActive(!now.isEmpty)
                 metrics.partitionsOwned.record(now.count)
-                await sleepUnlessStopping(configuration.standbyRetryInterval)
+                await stopRequest.sleep(for: configuration.standbyRetryInterval)
             }
         }
     }

@@ -27,7 +27,7 @@ extension OutboxRelay {
     func awaitReplication(
         _ wal: OutboxWAL, from lsn: PostgresLSN, _ backoff: inout Backoff, _ standingBy: inout Bool
     ) async -> (PostgresReplicationStream, PQConnection, OutboxWAL.Status)? {
-        while !isStopping {
+        while !stopRequest.isRequested {
             var connection: PQConnection?
             do {
                 let opened = try await PQConnection.connect(to: configuration.databaseURL)
@@ -45,14 +45,14 @@ extension OutboxRelay {
                     logger.info("another relay is streaming the replication slot; standing by", metadata: ["wal.slot": "\(wal.slot)"])
                     standingBy = true
                 }
-                await sleepUnlessStopping(configuration.standbyRetryInterval)
+                await stopRequest.sleep(for: configuration.standbyRetryInterval)
             } catch {
                 await connection?.close()
                 let delay = backoff.next()
                 logger.error(
                     "cannot stream the outbox from the WAL; retrying",
                     metadata: ["error": "\(error)", "wal.slot": "\(wal.slot)", "retry.in": "\(delay)"])
-                await sleepUnlessStopping(delay)
+                await stopRequest.sleep(for: delay)
             }
         }
         return nil
@@ -64,7 +64,7 @@ extension OutboxRelay {
         var backoff = Backoff(max: configuration.maxBackoff)
         var source = WALPipelinedSource(relay: self, wal: wal)
         var confirmedAtLastFailure = PostgresLSN.zero
-        while !isStopping {
+        while !stopRequest.isRequested {
             do {
                 try await PipelinedPublisher(relay: self).run(&source)
             } catch {
@@ -75,7 +75,7 @@ extension OutboxRelay {
                     "WAL relay restarts from the last confirmed position",
                     metadata: ["error": "\(error)", "wal.confirmed": "\(source.confirmed)", "retry.in": "\(delay)"])
                 await source.close()
-                await sleepUnlessStopping(delay)
+                await stopRequest.sleep(for: delay)
             }
         }
         await source.close()
@@ -93,7 +93,7 @@ extension OutboxRelay {
         for _ in 0..<10 {
             let deleted = try await table.deleteRows(
                 olderThan: configuration.retention, limit: configuration.retentionBatchSize, on: connection)
-            if deleted < configuration.retentionBatchSize || isStopping { break }
+            if deleted < configuration.retentionBatchSize || stopRequest.isRequested { break }
         }
         return try await table.streamsWithDeadLetters(on: connection)
     }

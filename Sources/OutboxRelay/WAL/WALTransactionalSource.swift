@@ -71,7 +71,7 @@ struct WALTransactionalSource: TransactionalSource {
             if replyRequested || ContinuousClock.now - lastConfirm >= .seconds(1) { try await confirm() }
             // The server may send something (keepalives, other tables' transactions) every round: a stop or the poll
             // interval must end the wait all the same. A transaction half read stays in `open` for the next call.
-            if (messages.isEmpty && !complete.isEmpty) || ContinuousClock.now >= deadline || relay.isStopping { break }
+            if (messages.isEmpty && !complete.isEmpty) || ContinuousClock.now >= deadline || relay.stopRequest.isRequested { break }
         }
         guard !complete.isEmpty else { return nil }
         var rows: [OutboxRow] = []
@@ -161,7 +161,7 @@ extension OutboxRelay {
         var backoff = Backoff(max: configuration.maxBackoff)
         var confirmed = PostgresLSN.zero
         var standingBy = false
-        while !isStopping {
+        while !stopRequest.isRequested {
             guard let (stream, connection, status) = await awaitReplication(wal, from: confirmed, &backoff, &standingBy) else { return }
             setActive(true)
             let slotConfirmed = status.slot?.confirmedFlushLSN.flatMap(PostgresLSN.init) ?? .zero
@@ -185,7 +185,7 @@ extension OutboxRelay {
                 logger.warning(
                     "WAL relay restarts from the last committed position",
                     metadata: ["error": "\(error)", "wal.confirmed": "\(source.published)", "retry.in": "\(delay)"])
-                await sleepUnlessStopping(delay)
+                await stopRequest.sleep(for: delay)
             }
             confirmed = source.published
             await stream.close()
