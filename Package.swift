@@ -63,6 +63,8 @@ let package = Package(
 
         // A thread per blocking C handle (see SerialThread for why not a dispatch queue).
         .target(name: "BlockingIO", swiftSettings: strictSettings),
+        // Graceful stops and wake-ups of long-running loops (the relay's engines, the projection consumer).
+        .target(name: "Coordination", swiftSettings: strictSettings),
 
         // Thin wrappers: the only modules that import C.
         .target(
@@ -141,7 +143,7 @@ let package = Package(
         .target(
             name: "OutboxRelay",
             dependencies: ["EventStoreSQL",
-                "EventSourcing", "EventStore", "KafkaClient", "OutboxRelayStore", "LibPQ",
+                "Coordination", "EventSourcing", "EventStore", "KafkaClient", "OutboxRelayStore", "LibPQ",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -153,7 +155,7 @@ let package = Package(
         .target(
             name: "Projections",
             dependencies: [
-                "EventSourcing", "EventStore", "EventStoreSQL", "KafkaClient", "LibPQ",
+                "Coordination", "EventSourcing", "EventStore", "EventStoreSQL", "KafkaClient", "LibPQ",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -308,6 +310,11 @@ let package = Package(
                 "PostgresNIOLedger", "TestSupport", .product(name: "Logging", package: "swift-log"),
                 .product(name: "PostgresNIO", package: "postgres-nio"),
             ],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "CoordinationTests",
+            dependencies: ["Coordination"],
             swiftSettings: strictSettings
         ),
         .testTarget(

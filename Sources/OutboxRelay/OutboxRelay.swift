@@ -1,3 +1,4 @@
+import Coordination
 import EventStore
 import EventStoreSQL
 import Foundation

@@ -1,3 +1,4 @@
+import Coordination
 import EventSourcing
 import EventStore
 import Foundation
@@ -65,7 +66,8 @@ public final class ProjectionConsumer: Service, Sendable {
     public let configuration: ProjectionConsumerConfiguration
     public let applier: ProjectionApplier
     private let logger: Logger
-    private let stopping = Atomic<Bool>(false)
+    /// Graceful stop: the loop finishes its batch and commits; a retry's back-off ends at once.
+    private let stopRequest = StopRequest()
     private let counts = ConsumerCounts()
     private let metrics = ConsumerMetrics()
     /// Where records are applied: ``ProjectionConsumerConfiguration/pool``, or one of the consumer's own.
@@ -84,8 +86,8 @@ public final class ProjectionConsumer: Service, Sendable {
     public var duplicateCount: Int { counts.duplicates.load(ordering: .relaxed) }
     public var deadLetterCount: Int { counts.deadLettered.load(ordering: .relaxed) }
 
-    public func stop() { stopping.store(true, ordering: .releasing) }
-    private var isStopping: Bool { stopping.load(ordering: .acquiring) }
+    /// Asks the consumer to finish: the current batch is applied (or its retry given up), offsets are committed.
+    public func stop() { stopRequest.request() }
     /// The running Kafka consumer, for the test hook.
     private let current = Mutex<KafkaConsumer?>(nil)
 
@@ -231,7 +233,7 @@ public final class ProjectionConsumer: Service, Sendable {
             return true
         }
 
-        while !isStopping {
+        while !stopRequest.isRequested {
             // Whatever has arrived, up to maxBatch records, is applied in one transaction.
             let batch: [KafkaMessage]
             do {
@@ -241,7 +243,7 @@ public final class ProjectionConsumer: Service, Sendable {
                 break
             }
             if !batch.isEmpty {
-                while !isStopping {
+                while !stopRequest.isRequested {
                     do {
                         let giveUp = attempts + 1 >= configuration.maxHandlerAttempts
                         // A broken connection goes back to the pool, which drops it; the retry gets a fresh one.
@@ -261,7 +263,7 @@ public final class ProjectionConsumer: Service, Sendable {
                                 "error": "\(error)", "kafka.offset": "\(batch[0].offset)", "retry.in": "\(backoff)",
                                 "attempt": "\(attempts)",
                             ])
-                        try? await Task.sleep(for: backoff)
+                        await stopRequest.sleep(for: backoff)
                         backoff = min(backoff * 2, configuration.maxBackoff)
                     }
                 }

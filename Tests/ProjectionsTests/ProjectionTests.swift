@@ -11,6 +11,7 @@ import LibPQ
 @_spi(Testing) import Projections
 import PropertyBased
 import TestSupport
+import Synchronization
 import Testing
 
 /// A bank, its relay and its projector on a test schema and topic of their own.
@@ -405,6 +406,48 @@ struct ProjectionTests {
         #expect(reasons.first?.contains("handler failed 2 times: the handler refuses 13") == true)
         #expect(reasons.last?.contains("42P01") == true)
         #expect(try await pipeline.test.count("SELECT count(*) FROM fragile_deposits") == 1)
+        try await pipeline.test.drop()
+    }
+
+    @Test("a batch retried after transient failures (SQLSTATE 40001) is never dead-lettered, and stop() ends the retry's back-off at once")
+    func stopEndsARetryBackoff() async throws {
+        final class Failures: Sendable { let count = Atomic<Int>(0) }
+        let failures = Failures()
+        let busy = Projection(
+            name: "busy_deposits",
+            tables: [.init(name: "busy_deposits", createSQL: "CREATE TABLE {table} (event_id uuid PRIMARY KEY)")]
+        ) { event, _, context in
+            guard event is MoneyDeposited else { return }
+            failures.count.add(1, ordering: .relaxed)
+            try await context.connection.execute(
+                "DO $$ BEGIN RAISE EXCEPTION 'always busy' USING ERRCODE = 'serialization_failure'; END $$")
+        }
+        let pipeline = try await Pipeline.make()
+        var configuration = pipeline.consumerConfiguration()
+        configuration.maxHandlerAttempts = 2  // transient failures are not attempts: never reached
+        configuration.maxBackoff = .seconds(3600)
+        let consumer = ProjectionConsumer(
+            configuration: configuration, applier: ProjectionApplier(projections: [busy], registry: BankEvents.registry))
+        try await consumer.prepare()
+        let account = try await pipeline.bank.open(owner: "B", initialDeposit: 0)
+        _ = try await pipeline.bank.deposit(account, amount: 5)
+        try await pipeline.relaying {
+            let task = Task { try await consumer.run() }
+            // The back-off doubles from 100 ms: the 10th failure is followed by a 51 s wait.
+            try await waitUntil("the deposit failed 10 times", timeout: .seconds(180)) { failures.count.load(ordering: .relaxed) >= 10 }
+            consumer.stop()
+            let stopped = await withTaskGroup(of: Bool.self) { group in
+                group.addTask { _ = try? await task.value; return true }
+                group.addTask { try? await Task.sleep(for: .seconds(30)); return false }
+                let first = await group.next()!
+                group.cancelAll()
+                return first
+            }
+            #expect(stopped, "run() did not return within 30 s of stop(): the back-off was not interrupted")
+            try await task.value
+        }
+        #expect(try await pipeline.test.count("SELECT count(*) FROM projection_dead_letters") == 0)
+        #expect(try await pipeline.test.count("SELECT count(*) FROM busy_deposits") == 0)
         try await pipeline.test.drop()
     }
 

@@ -1,3 +1,4 @@
+import Coordination
 import EventSourcing
 import EventStore
 import Foundation

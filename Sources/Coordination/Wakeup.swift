@@ -1,15 +1,17 @@
 import Synchronization
 
 /// Wakes one waiting task: signals that arrive while nobody waits are kept (as one), so none is lost.
-final class Wakeup: Sendable {
+public final class Wakeup: Sendable {
     private struct State {
         var signaled = false
         var waiter: CheckedContinuation<Void, Never>?
     }
     private let state = Mutex(State())
 
+    public init() {}
+
     /// Wakes the waiter, or the next one to wait. Callable from any thread, including C callbacks.
-    func signal() {
+    public func signal() {
         let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
             if let waiter = state.waiter {
                 state.waiter = nil
@@ -23,7 +25,7 @@ final class Wakeup: Sendable {
 
     /// Returns at the next signal (at once if one came since the last wait), after `timeout`, or on
     /// cancellation. One waiter at a time.
-    func wait(timeout: Duration) async {
+    public func wait(timeout: Duration) async {
         if state.withLock({ state in defer { state.signaled = false }; return state.signaled }) { return }
         await withTaskGroup(of: Void.self) { group in
             group.addTask { await self.waitForSignal() }

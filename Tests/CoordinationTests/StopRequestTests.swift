@@ -1,8 +1,7 @@
+import Coordination
 import Testing
 
-@testable import OutboxRelay
-
-/// The relay's graceful stop: sleeps end at the request (or cancellation), never by polling.
+/// A graceful stop: sleeps end at the request (or cancellation), never by polling.
 @Suite struct StopRequestTests {
     /// Runs `body`, failing if it has not returned within `seconds` (a hung sleeper must fail, not hang the suite).
     private func within(_ seconds: Int, _ what: Comment, _ body: @escaping @Sendable () async -> Void) async {

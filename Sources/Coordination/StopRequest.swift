@@ -1,12 +1,12 @@
 import Synchronization
 
-/// A graceful stop asked of a relay or one of its engines: once made, it stays made, and every task sleeping
-/// on it wakes at once. Loops read ``isRequested`` at their decision points; a wait between rounds is
-/// ``sleep(for:)``, so no one polls a flag on a timer.
+/// A graceful stop asked of a long-running loop (a relay, one of its engines, a projection consumer): once
+/// made, it stays made, and every task sleeping on it wakes at once. Loops read ``isRequested`` at their
+/// decision points; a wait between rounds is ``sleep(for:)``, so no one polls a flag on a timer.
 ///
 /// Graceful, unlike task cancellation: in-flight deliveries still get their reports and marks after the
 /// request. Cancellation of the sleeping task also ends a sleep early.
-final class StopRequest: Sendable {
+public final class StopRequest: Sendable {
     private struct State {
         var requested = false
         var nextWaiter = 0
@@ -16,16 +16,17 @@ final class StopRequest: Sendable {
     /// A stop of the parent (the relay's) stops this one (an engine's) too.
     private let parent: StopRequest?
 
-    init(parent: StopRequest? = nil) { self.parent = parent }
+    /// A request of its own; with a `parent` (the relay's, for one of its engines), also requested when the parent is.
+    public init(parent: StopRequest? = nil) { self.parent = parent }
 
     /// Whether the stop was asked for, of this one or of its parent.
-    var isRequested: Bool { state.withLock { $0.requested } || parent?.isRequested == true }
+    public var isRequested: Bool { state.withLock { $0.requested } || parent?.isRequested == true }
 
     /// Tasks sleeping on this request itself now (for tests).
-    var sleeperCount: Int { state.withLock { $0.waiters.count } }
+    public var sleeperCount: Int { state.withLock { $0.waiters.count } }
 
     /// Asks for the stop and wakes every sleeper (its children's too). Callable from any thread; later calls do nothing.
-    func request() {
+    public func request() {
         let waiters = state.withLock { state -> [CheckedContinuation<Void, Never>] in
             state.requested = true
             defer { state.waiters = [:] }
@@ -36,7 +37,7 @@ final class StopRequest: Sendable {
 
     /// Returns after `duration`, at once when the stop is (or was already) requested, or when the task is
     /// cancelled.
-    func sleep(for duration: Duration) async {
+    public func sleep(for duration: Duration) async {
         guard !isRequested else { return }
         await withTaskGroup(of: Void.self) { group in
             group.addTask { try? await Task.sleep(for: duration) }
