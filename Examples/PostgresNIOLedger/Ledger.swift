@@ -18,9 +18,10 @@ public struct Ledger: Sendable {
     public let store: PostgresNIOEventStore
     public let logger: Logger
 
-    public init(client: PostgresClient, logger: Logger = Logger(label: "ledger")) {
+    /// - Parameter topic: where the relay publishes the accounts' events (the bank's topic unless told).
+    public init(client: PostgresClient, topic: String = BankEvents.topic, logger: Logger = Logger(label: "ledger")) {
         self.client = client
-        store = PostgresNIOEventStore(routing: OutboxRouting(topicByCategory: [Account.category: BankEvents.topic]))
+        store = PostgresNIOEventStore(routing: OutboxRouting(topicByCategory: [Account.category: topic]))
         self.logger = logger
     }
 
@@ -49,7 +50,9 @@ public struct Ledger: Sendable {
     /// - Throws: ``LedgerError`` for an unknown account, an amount that is not positive, or a reference already used.
     public func deposit(_ amount: Int64, to accountID: String, reference: String) async throws -> Int64 {
         guard amount > 0 else { throw LedgerError.invalidAmount(amount) }
-        for attempt in 1... {
+        var attempt = 0
+        while true {
+            attempt += 1
             do {
                 return try await client.withConnection { connection in
                     try await connection.withTransaction(logger: logger) { tx in
@@ -76,7 +79,6 @@ public struct Ledger: Sendable {
                 throw error.closureError ?? error
             }
         }
-        fatalError("unreachable: the loop above returns or throws")
     }
 
     /// The account now, and its version.

@@ -170,6 +170,57 @@ struct PostgresNIOEventStoreTests {
         try await test.drop()
     }
 
+    @Test("end to end: the ledger's events, written through postgres-nio, reach Kafka through the unchanged outbox-relay, and account-projector's balances are the ledger's")
+    func relayAndProjectorUnchanged() async throws {
+        let test = try await TestEventStore.create()
+        let topic = uniqueName("ledger")
+        let brokers = try TestEnvironment.kafkaBrokers()
+        let env = ["EVENTOUTBOX_DATABASE_URL": test.schema.url, "KAFKA_BROKERS": brokers]
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent(uniqueName("ledger-e2e") + ".log")
+        // The projector first, so that its back-fill finds nothing: every balance below comes through Kafka.
+        let projector = try Tools.start(
+            "account-projector",
+            ["--group", uniqueName("ledger-projector"), "--topic", topic, "--kafka-property", "allow.auto.create.topics=true",
+             "--commit-interval", "0.2"],
+            environment: env, output: log, appending: true)
+        defer { projector.terminate() }
+        try await waitUntil("the projector made its tables", timeout: .seconds(120)) {
+            try await test.count("SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'account_balances'") == 1
+        }
+        let relay = try Tools.start(
+            "outbox-relay", ["--poll-interval", "0.2", "--lock-key", String(Int64.random(in: 1...Int64.max / 2))],
+            environment: env, output: log, appending: true)
+        defer { relay.terminate() }
+        var expected: [String: Int64] = [:]
+        try await withNIOClient(test.schema) { client in
+            let ledger = Ledger(client: client, topic: topic)
+            try await ledger.createTables()
+            for owner in ["Ada", "O'Brien \"quoted\""] {
+                let id = try await ledger.open(owner: owner)
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for n in 1...5 { group.addTask { _ = try await ledger.deposit(Int64(n), to: id, reference: "\(id)-\(n)") } }
+                    try await group.waitForAll()
+                }
+                expected[id] = try await ledger.account(id).0.balance
+            }
+        }
+        #expect(expected.values.sorted() == [15, 15])
+        try await waitUntil("the projector's balances are the ledger's", timeout: .seconds(120)) {
+            try await test.pool.withConnection { connection in
+                Dictionary(uniqueKeysWithValues: try await connection.query("SELECT account_id, balance FROM account_balances").map {
+                    (try $0.decode(String.self, "account_id"), try $0.decode(Int64.self, "balance"))
+                })
+            } == expected
+        }
+        #expect(try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0)
+        #expect(try await test.count("SELECT count(*) FROM outbox WHERE topic = $1", [.text(topic)]) == 12)
+        relay.terminate()
+        projector.terminate()
+        try await waitUntil("the relay and the projector exit") { !relay.isRunning && !projector.isRunning }
+        #expect(relay.terminationStatus == 0 && projector.terminationStatus == 0, "exit statuses; their log: \(log.path)")
+        try await test.drop()
+    }
+
     private func texts(_ sql: String, _ pool: PQPool) async throws -> [String] {
         try await pool.withConnection { try await $0.query(sql).map { try $0.decode(String.self, at: 0) } }
     }
