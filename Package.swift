@@ -143,7 +143,7 @@ let package = Package(
         .target(
             name: "OutboxRelay",
             dependencies: ["EventStoreSQL",
-                "Coordination", "EventSourcing", "EventStore", "KafkaClient", "OutboxRelayStore", "LibPQ",
+                "BlockingIO", "Coordination", "EventSourcing", "EventStore", "KafkaClient", "OutboxRelayStore", "LibPQ",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -155,7 +155,7 @@ let package = Package(
         .target(
             name: "Projections",
             dependencies: [
-                "Coordination", "EventSourcing", "EventStore", "EventStoreSQL", "KafkaClient", "LibPQ",
+                "BlockingIO", "Coordination", "EventSourcing", "EventStore", "EventStoreSQL", "KafkaClient", "LibPQ",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -236,7 +236,7 @@ let package = Package(
         .target(
             name: "AccountsService",
             dependencies: [
-                "BankAccount", "EventSourcing", "EventStore", "LibPQ",
+                "BankAccount", "BlockingIO", "EventSourcing", "EventStore", "LibPQ",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdCore", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
@@ -249,7 +249,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "eventoutbox-bench",
-            dependencies: ["EventStoreSQL",
+            dependencies: ["BlockingIO", "EventStoreSQL",
                 "EventSourcing", "CommandLineSupport",
                 "BankAccount", "BankProjections", "EventStore", "OutboxRelayStore", "OutboxRelay", "Projections", "KafkaClient", "LibPQ",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -1,3 +1,4 @@
+import BlockingIO
 import Foundation
 import HTTPTypes
 import Hummingbird
@@ -82,9 +83,8 @@ public struct CallerAuthentication: Sendable {
     /// A token for `subject`, signed with this authentication's secret: for development and tests.
     public func mint(subject: String, scope: String? = nil, expiresIn: Duration = .seconds(3600)) async throws -> String {
         guard let keys else { throw CallerAuthenticationError("authentication is disabled: there is no secret to sign with") }
-        let seconds = Double(expiresIn.components.seconds) + Double(expiresIn.components.attoseconds) / 1e18
         return try await keys.sign(
-            AccessToken(sub: SubjectClaim(value: subject), exp: ExpirationClaim(value: Date().addingTimeInterval(seconds)), scope: scope))
+            AccessToken(sub: SubjectClaim(value: subject), exp: ExpirationClaim(value: Date().addingTimeInterval(expiresIn.inSeconds)), scope: scope))
     }
 
     static func unauthorized(_ detail: String) -> Problem {

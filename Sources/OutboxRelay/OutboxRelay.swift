@@ -1,3 +1,4 @@
+import BlockingIO
 import Coordination
 import EventStore
 import EventStoreSQL
@@ -206,7 +207,7 @@ public final class OutboxRelay: Service, Sendable {
             ? OutboxRelayConfiguration.producerDefaults : OutboxRelayConfiguration.transactionalProducerDefaults
         if let transactionalID {
             properties["transactional.id"] = transactionalID
-            properties["transaction.timeout.ms"] = "\(configuration.transactionTimeout.components.seconds * 1000)"
+            properties["transaction.timeout.ms"] = "\(configuration.transactionTimeout.clampedMilliseconds)"
         }
         return try KafkaProducer(
             configuration: KafkaConfiguration(

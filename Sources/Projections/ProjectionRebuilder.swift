@@ -1,3 +1,4 @@
+import BlockingIO
 import EventSourcing
 import EventStore
 import EventStoreSQL
@@ -92,8 +93,7 @@ public struct ProjectionRebuilder: Sendable {
             }
             done += events.count
             last = end
-            let seconds = Double((ContinuousClock.now - started).components.seconds)
-                + Double((ContinuousClock.now - started).components.attoseconds) / 1e18
+            let seconds = (ContinuousClock.now - started).inSeconds
             progress(RebuildProgress(projection: projection.name, done: done, total: max(total, done), eventsPerSecond: Double(done) / max(seconds, 0.001)))
         }
 

@@ -1,4 +1,5 @@
 import ArgumentParser
+import BlockingIO
 import CommandLineSupport
 import BankAccount
 import EventSourcing
@@ -69,10 +70,6 @@ struct Environment {
     }
 }
 
-func seconds(_ duration: Duration) -> Double {
-    Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
-}
-
 /// Appends `events` single-event appends, `connections` tasks in parallel, each on its own streams.
 func fill(_ store: EventStore, events: Int, tasks: Int, streams: Int) async throws {
     try await withThrowingTaskGroup(of: Void.self) { group in
@@ -127,7 +124,7 @@ struct Append: AsyncParsableCommand {
             } else {
                 try await fill(store, events: events, tasks: connections, streams: streams)
             }
-            let elapsed = seconds(ContinuousClock.now - start)
+            let elapsed = (ContinuousClock.now - start).inSeconds
             let rate = Double(events) / elapsed
             let mode = source == "wal" ? " --source wal (no NOTIFY)" : noNotify ? " (no NOTIFY)" : ""
             if let pgbench {
@@ -220,7 +217,7 @@ struct Drain: AsyncParsableCommand {
                     cursor = ids.last!
                     total += ids.count
                 }
-                return Double(total) / seconds(ContinuousClock.now - start)
+                return Double(total) / (ContinuousClock.now - start).inSeconds
             }
         }
         print(String(format: source == "wal" ? "  PostgreSQL alone (pg_recvlogical streaming the inserts from a slot): %.0f rows/s" : "  PostgreSQL alone (fetch + mark): %.0f rows/s", postgres))
@@ -245,7 +242,7 @@ struct Drain: AsyncParsableCommand {
             try kcat.run()
             kcat.waitUntilExit()
             guard kcat.terminationStatus == 0 else { throw ValidationError("kcat failed with status \(kcat.terminationStatus)") }
-            let kafkaRate = Double(events) / seconds(ContinuousClock.now - kcatStart)
+            let kafkaRate = Double(events) / (ContinuousClock.now - kcatStart).inSeconds
 
             let relayStart = ContinuousClock.now
             let lockKey = Int64.random(in: 1...Int64.max / 2)
@@ -277,7 +274,7 @@ struct Drain: AsyncParsableCommand {
                 }
                 return peak
             }
-            let rate = Double(events) / seconds(ContinuousClock.now - relayStart)
+            let rate = Double(events) / (ContinuousClock.now - relayStart).inSeconds
             peak = max(peak, pids.map(peakRSSKilobytes).max() ?? 0)
             for process in processes {
                 process.terminate()
@@ -313,7 +310,7 @@ extension Drain {
                     try postgresProgram("pg_recvlogical"),
                     ["-d", url, "--slot", wal.slot, "--start", "--endpos", end.description, "-o", "proto_version=1",
                      "-o", "publication_names=\(wal.publication)", "-f", "/dev/null", "--no-loop"])
-                return Double(events) / seconds(ContinuousClock.now - start)
+                return Double(events) / (ContinuousClock.now - start).inSeconds
             }
         }
     }
@@ -450,7 +447,7 @@ struct Latency: AsyncParsableCommand {
             }
             try await group.waitForAll()
         }
-        let achieved = Double(perConnection * connections) / seconds(ContinuousClock.now - start)
+        let achieved = Double(perConnection * connections) / (ContinuousClock.now - start).inSeconds
         let deadline = ContinuousClock.now + .seconds(60)
         while received.value.count < perConnection * connections {
             guard ContinuousClock.now < deadline else { throw ValidationError("events still not received after 60 s") }
@@ -510,7 +507,7 @@ extension Latency {
             deliveryReports: { report in
                 let now = ContinuousClock.now
                 guard let start = sent.withLock({ $0.removeValue(forKey: report.messageID) }) else { return }
-                latencies.withLock { $0.append(seconds(now - start) * 1000) }
+                latencies.withLock { $0.append((now - start).inSeconds * 1000) }
             })
         let topic = "latency-kafka-" + UUID().uuidString.prefix(8).lowercased()
         await producer.prepare(topics: [topic])

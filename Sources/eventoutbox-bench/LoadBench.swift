@@ -1,5 +1,6 @@
 import ArgumentParser
 import BankAccount
+import BlockingIO
 import EventSourcing
 import EventStore
 import Foundation
@@ -81,8 +82,8 @@ struct Load: AsyncParsableCommand {
             let raw = ContinuousClock.now - rawStarted
             print(String(
                 format: "replay without snapshot, %d events: decode + apply %.0f events/s; read + decode + apply %.0f events/s (%.1f ms); PostgreSQL alone returning the rows: %.1f ms; ratio %.2f",
-                recorded.count, Double(recorded.count) / seconds(decodeApply), Double(recorded.count) / seconds(read + decodeApply),
-                seconds(read + decodeApply) * 1000, seconds(raw) * 1000, seconds(raw) / seconds(read + decodeApply)))
+                recorded.count, Double(recorded.count) / decodeApply.inSeconds, Double(recorded.count) / (read + decodeApply).inSeconds,
+                (read + decodeApply).inSeconds * 1000, raw.inSeconds * 1000, raw.inSeconds / (read + decodeApply).inSeconds))
         }
     }
 }
@@ -92,7 +93,7 @@ struct Percentiles {
     let p50: Double
     let p99: Double
     init(_ durations: [Duration]) {
-        let sorted = durations.map { seconds($0) * 1000 }.sorted()
+        let sorted = durations.map { $0.inSeconds * 1000 }.sorted()
         p50 = sorted[sorted.count / 2]
         p99 = sorted[min(sorted.count - 1, sorted.count * 99 / 100)]
     }

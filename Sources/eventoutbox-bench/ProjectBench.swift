@@ -1,6 +1,7 @@
 import ArgumentParser
 import BankAccount
 import BankProjections
+import BlockingIO
 import EventSourcing
 import EventStore
 import EventStoreSQL
@@ -74,13 +75,13 @@ struct Project: AsyncParsableCommand {
             let start = ContinuousClock.now
             let firstApplied = consumer.appliedCount
             while consumer.appliedCount < 2 * recorded.count { try await Task.sleep(for: .milliseconds(5)) }
-            let fromKafka = Double(2 * recorded.count - firstApplied) / 2 / seconds(ContinuousClock.now - start)
+            let fromKafka = Double(2 * recorded.count - firstApplied) / 2 / (ContinuousClock.now - start).inSeconds
             consumer.stop()
             try await consumerTask.value
             print(String(
                 format: "projector: %d events x 2 projections from Kafka (batches of %d): %.0f events/s; PostgreSQL alone, same writes: %.0f events/s; ratio %.2f",
                 recorded.count, batch, fromKafka, baseline, fromKafka / baseline))
-            print(String(format: "  start-up to the first applied event (prepare, group join): %.2f s", seconds(start - launched)))
+            print(String(format: "  start-up to the first applied event (prepare, group join): %.2f s", (start - launched).inSeconds))
             print(String(format: "  librdkafka alone consuming the same records (batches of %d, no database): %.0f records/s", batch, kafkaAlone))
 
             let rebuildBatch = 1000
@@ -91,7 +92,7 @@ struct Project: AsyncParsableCommand {
             let rebuilder = ProjectionRebuilder(pool: pool, registry: BankEvents.registry, batchSize: rebuildBatch)
             let rebuildStart = ContinuousClock.now
             try await rebuilder.rebuild(AccountProjections.balances)
-            let rebuilt = Double(recorded.count) / seconds(ContinuousClock.now - rebuildStart)
+            let rebuilt = Double(recorded.count) / (ContinuousClock.now - rebuildStart).inSeconds
             print(String(
                 format: "rebuild of account_balances: %d events from the store (batches of %d): %.0f events/s; PostgreSQL alone, same reads and writes: %.0f events/s; ratio %.2f",
                 recorded.count, rebuildBatch, rebuilt, rebuildBaseline, rebuilt / rebuildBaseline))
@@ -115,7 +116,7 @@ struct Project: AsyncParsableCommand {
             if start == nil, !records.isEmpty { start = .now }
             received += records.count
         }
-        let rate = Double(count) / seconds(ContinuousClock.now - start!)
+        let rate = Double(count) / (ContinuousClock.now - start!).inSeconds
         await consumer.close()
         return rate
     }
@@ -140,7 +141,7 @@ struct Project: AsyncParsableCommand {
                 _ = try await connection.withTransaction { try await applier.apply(slice, on: $0) }
                 index += batch
             }
-            return Double(events.count) / seconds(ContinuousClock.now - start)
+            return Double(events.count) / (ContinuousClock.now - start).inSeconds
         }
     }
 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import BankAccount
 import BankProjections
+import BlockingIO
 import EventSourcing
 import EventStore
 import EventStoreSQL
@@ -88,7 +89,7 @@ struct Visible: AsyncParsableCommand {
                 }
                 try await group.waitForAll()
             }
-            let achieved = Double(perConnection * connections) / seconds(ContinuousClock.now - start)
+            let achieved = Double(perConnection * connections) / (ContinuousClock.now - start).inSeconds
             let expected = 2 * (1 + perConnection * connections)
             let deadline = ContinuousClock.now + .seconds(60)
             while consumer.appliedCount < expected {
