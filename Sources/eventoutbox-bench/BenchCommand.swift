@@ -371,6 +371,11 @@ struct Latency: AsyncParsableCommand {
     @Option(help: "The relay's source: table (appends NOTIFY) or wal (appends without NOTIFY; publication and slot set up).")
     var source = "table"
     @Flag(help: "Skip the librdkafka-alone baseline (when running both sources one after the other).") var noBaseline = false
+    @Flag(help: """
+        Append with expectedVersion .any (the store reads each stream's version first: two statements per commit) \
+        instead of the exact version each connection knows of its own streams (one statement).
+        """)
+    var anyVersion = false
 
     func validate() throws {
         guard source == "table" || source == "wal" else { throw ValidationError("--source is 'table' or 'wal'") }
@@ -433,14 +438,18 @@ struct Latency: AsyncParsableCommand {
         let interval = Duration.seconds(Double(connections) / Double(rate))
         let start = ContinuousClock.now
         let appendStore = store
+        let anyVersion = anyVersion
         try await withThrowingTaskGroup(of: Void.self) { group in
             for worker in 0..<connections {
                 group.addTask {
                     var next = start + interval * Double(worker) / Double(connections)
                     for n in 0..<perConnection {
                         try await Task.sleep(until: next)
+                        // Each connection owns its 50 streams: the n-th append finds its stream at version n / 50.
+                        let known: ExpectedVersion = n < 50 ? .noStream : .exact(Int64(n / 50))
                         try await appendStore.append(
-                            [NewEvent(Sample(n: n))], to: "latency-\(worker)-\(n % 50)", category: "bench", expectedVersion: .any)
+                            [NewEvent(Sample(n: n))], to: "latency-\(worker)-\(n % 50)", category: "bench",
+                            expectedVersion: anyVersion ? .any : known)
                         next = next + interval
                     }
                 }
@@ -455,8 +464,8 @@ struct Latency: AsyncParsableCommand {
         }
         reading.cancel()
         let afterCommit = try await millisecondsAfterCommit(received.value, store: store)
-        print(String(format: "latency at %.0f commits/s for %d s, --source %@%@:", achieved, duration, wal == nil ? "table" : "wal",
-                     store.notifiesOnAppend ? "" : " (no NOTIFY)"))
+        print(String(format: "latency at %.0f commits/s for %d s, --source %@%@%@:", achieved, duration, wal == nil ? "table" : "wal",
+                     store.notifiesOnAppend ? "" : " (no NOTIFY)", anyVersion ? " (--any-version)" : ""))
         print("  commit timestamp → a consumer received it: " + percentiles(afterCommit))
         guard wal == nil else { return }
         try await store.pool.withConnection { connection in
