@@ -40,6 +40,8 @@ public final class OutboxRelay: Service, Sendable {
     let latestStatus = Mutex<OutboxStatus?>(nil)
     /// The wakeups of exactly-once partition engines, by partition (each engine waits on its own).
     let partitionWakeups = Mutex<[Int: Wakeup]>([:])
+    /// A NOTIFY of the outbox channel arrived since the table source last fetched: rows may be waiting.
+    private let appendsNotified = Atomic<Bool>(false)
 
     public init(configuration: OutboxRelayConfiguration, logger: Logger = Logger(label: "eventoutbox.relay")) {
         self.configuration = configuration
@@ -115,6 +117,9 @@ public final class OutboxRelay: Service, Sendable {
         stopRequest.request()
         signalAll()
     }
+
+    /// Whether a NOTIFY of the outbox channel arrived since the last call (which clears it).
+    func takeAppendNotice() -> Bool { appendsNotified.exchange(false, ordering: .acquiringAndReleasing) }
 
     /// Wakes the publishing loops: the relay's own and those of exactly-once partitions.
     func signalAll() {
@@ -248,7 +253,10 @@ public final class OutboxRelay: Service, Sendable {
                 let listener = try await PQConnection.connect(to: configuration.databaseURL)
                 try await listener.listen(EventTables.outboxChannel)
                 while !Task.isCancelled && !stopRequest.isRequested {
-                    if try await !listener.notifications(timeout: .milliseconds(250)).isEmpty { signalAll() }
+                    if try await !listener.notifications(timeout: .milliseconds(250)).isEmpty {
+                        appendsNotified.store(true, ordering: .releasing)
+                        signalAll()
+                    }
                 }
             } catch {
                 logger.debug("NOTIFY listener failed; the relay polls meanwhile", metadata: ["error": "\(error)"])
