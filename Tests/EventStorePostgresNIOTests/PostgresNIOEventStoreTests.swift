@@ -126,6 +126,73 @@ struct PostgresNIOEventStoreTests {
         try await test.drop()
     }
 
+    /// Opens a transaction on `connection` whose append to `streamID` (as a new stream) is left uncommitted,
+    /// then starts a second append of the same stream on `other`, which blocks on the first one's row. Returns
+    /// once the second waits on the lock, with its task and backend pid.
+    private func raceForTheFirstVersion(
+        _ test: TestEventStore, _ streamID: String, first: PostgresConnection, second: PostgresConnection
+    ) async throws -> (waiting: Task<AppendResult, any Error>, pid: Int32) {
+        let store = PostgresNIOEventStore()
+        let events = Self.sampleEvents()
+        try await first.query("BEGIN", logger: logger)
+        try await store.append([events[0]], to: streamID, category: "account", expectedVersion: .noStream, on: first, logger: logger)
+        var pid: Int32 = 0
+        for try await value in try await second.query("SELECT pg_backend_pid()", logger: logger).decode(Int32.self) { pid = value }
+        try await second.query("BEGIN", logger: logger)
+        let logger = logger
+        let waiting = Task {
+            try await store.append([events[1]], to: streamID, category: "account", expectedVersion: .noStream, on: second, logger: logger)
+        }
+        try await waitUntil("the second append waits for the first one's row") {
+            try await test.count("SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'", [.int32(pid)]) == 1
+        }
+        return (waiting, pid)
+    }
+
+    @Test("two appends race for a new stream's first version: the loser gets a ConcurrencyConflict (not a raw unique violation), the winner's event stays")
+    func lostRaceIsAConflict() async throws {
+        let test = try await TestEventStore.create()
+        let streamID = #"race-'"quoted""#
+        try await withNIOClient(test.schema) { client in
+            try await client.withConnection { first in
+                try await client.withConnection { second in
+                    let (waiting, _) = try await raceForTheFirstVersion(test, streamID, first: first, second: second)
+                    try await first.query("COMMIT", logger: logger)
+                    let conflict = await #expect(throws: ConcurrencyConflict.self) { try await waiting.value }
+                    #expect(conflict?.streamID == streamID)
+                    #expect(conflict?.expected == .noStream)
+                    #expect(conflict?.actual == 1)
+                    try await second.query("ROLLBACK", logger: logger)
+                }
+            }
+        }
+        #expect(try await test.count("SELECT count(*) FROM events WHERE stream_id = $1", [.text(streamID)]) == 1)
+        #expect(try await test.count("SELECT count(*) FROM outbox WHERE stream_id = $1", [.text(streamID)]) == 1)
+        try await test.drop()
+    }
+
+    @Test("a connection terminated while its append waits: the append throws, nothing of it is written, the other transaction commits")
+    func connectionDroppedMidAppend() async throws {
+        let test = try await TestEventStore.create()
+        let streamID = "dropped"
+        try await withNIOClient(test.schema) { client in
+            try await client.withConnection { first in
+                try await client.withConnection { second in
+                    let (waiting, pid) = try await raceForTheFirstVersion(test, streamID, first: first, second: second)
+                    #expect(try await test.count("SELECT count(*) FROM (SELECT pg_terminate_backend($1)) t", [.int32(pid)]) == 1)
+                    await #expect(throws: (any Error).self) { try await waiting.value }
+                    try await first.query("COMMIT", logger: logger)
+                }
+            }
+        }
+        let versions = try await test.pool.withConnection { connection in
+            try await connection.query("SELECT stream_version FROM events WHERE stream_id = $1", [.text(streamID)]).map { try $0.decode(Int64.self, at: 0) }
+        }
+        #expect(versions == [1])
+        #expect(try await test.count("SELECT count(*) FROM outbox WHERE stream_id = $1", [.text(streamID)]) == 1)
+        try await test.drop()
+    }
+
     @Test("metadata that is not an EventMetadata object is an error naming the event, never empty metadata")
     func badMetadata() async throws {
         let test = try await TestEventStore.create()
