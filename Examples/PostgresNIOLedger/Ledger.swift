@@ -38,7 +38,7 @@ public struct Ledger: Sendable {
     /// Opens an account and returns its id.
     public func open(owner: String) async throws -> String {
         let accountID = UUID().uuidString.lowercased()
-        try await client.withConnection { connection in
+        _ = try await client.withConnection { connection in
             try await store.append(
                 [NewEvent(AccountOpened(owner: owner, initialDeposit: 0))], to: accountID, category: Account.category,
                 expectedVersion: .noStream, on: connection, logger: logger)

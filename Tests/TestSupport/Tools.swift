@@ -31,7 +31,8 @@ public enum Tools {
         process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         if let output {
             if !appending || !FileManager.default.fileExists(atPath: output.path) {
-                FileManager.default.createFile(atPath: output.path, contents: nil)
+                // A file that cannot be made fails the next line, with its path.
+                _ = FileManager.default.createFile(atPath: output.path, contents: nil)
             }
             let handle = try FileHandle(forWritingTo: output)
             handle.seekToEndOfFile()
