@@ -264,7 +264,6 @@ public final class OutboxRelay: Service, Sendable {
             }
         }
     }
-
 }
 
 /// Where one producer's delivery reports and errors land (on librdkafka's poll thread) until the publish

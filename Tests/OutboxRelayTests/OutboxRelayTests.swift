@@ -41,6 +41,28 @@ func withRelay<T>(
 
 @Suite("outbox relay (real PostgreSQL + Kafka mock cluster)")
 struct OutboxRelayTests {
+    @Test("rows written without NOTIFY, between rows that notify and with the relay idle, are all published (by the next fetch or the poll)")
+    func writersWithoutNotify() async throws {
+        let test = try await TestEventStore.create()
+        var quiet = test.store
+        quiet.notifiesOnAppend = false
+        let waiting = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+        try await withRelay(test, brokers: try TestEnvironment.kafkaBrokers()) { _ in
+            for n in 0..<20 {
+                try await quiet.append([NewEvent(Tick(n: n))], to: "quiet-\(n)", category: "tick", expectedVersion: .noStream)
+                if n.isMultiple(of: 2) {
+                    try await test.store.append([NewEvent(Tick(n: n))], to: "loud-\(n)", category: "tick", expectedVersion: .noStream)
+                }
+            }
+            try await waitUntil("every row published") { try await test.count(waiting) == 0 }
+            // Idle now, nothing in flight: a quiet row alone is found by the poll (200 ms here).
+            try await quiet.append([NewEvent(Tick(n: 99))], to: "quiet-last", category: "tick", expectedVersion: .noStream)
+            try await waitUntil("the last quiet row published") { try await test.count(waiting) == 0 }
+        }
+        #expect(try await test.count("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") == 31)
+        try await test.drop()
+    }
+
     @Test("5,000 events over 50 streams all arrive, each key's versions strictly increasing in one partition")
     func fiveThousandEvents() async throws {
         let topic = uniqueName("relay")
