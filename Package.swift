@@ -110,6 +110,7 @@ let package = Package(
             name: "EventStore",
             dependencies: [
                 "EventSourcing", "EventStoreSQL", "LibPQ", .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
             ],
             swiftSettings: strictSettings

@@ -67,10 +67,13 @@ public struct Bank: Sendable {
     }
 
     /// A bank on this event store, with the bank registry; its events go to `topic`.
-    public init(store: EventStore, snapshotInterval: Int = 100, topic: String = BankEvents.topic) {
+    /// - Parameter cache: accounts whose latest state commands are decided on without a load (see `AggregateCache`);
+    ///   `nil`: every command loads its account.
+    public init(store: EventStore, snapshotInterval: Int = 100, topic: String = BankEvents.topic, cache: AggregateCache<Account>? = nil) {
         var store = store
         store.routing = OutboxRouting(defaultTopic: topic)
-        self.init(repository: AggregateRepository(store: store, registry: BankEvents.registry, snapshotInterval: snapshotInterval))
+        self.init(repository: AggregateRepository(
+            store: store, registry: BankEvents.registry, snapshotInterval: snapshotInterval, cache: cache))
     }
 
     /// Opens an account and returns its id (a new UUID, lowercase; also its stream id).

@@ -2,6 +2,7 @@ import EventSourcing
 import EventStoreSQL
 import Foundation
 import Logging
+import Metrics
 import LibPQ
 
 /// Loads and saves one kind of aggregate: latest snapshot + the events after it, and appends with
@@ -12,16 +13,20 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
     /// A snapshot is written when a save crosses a multiple of this many events, and when a load had to replay
     /// this many events or more (a stream imported without snapshots, or whose state schema changed). Default: 100.
     public var snapshotInterval: Int
+    /// States that ``execute(_:metadata:maxAttempts:alsoWriting:_:)`` decides on without loading; `nil`: every
+    /// command loads its aggregate. Default: `nil`.
+    public var cache: AggregateCache<State>?
     public var logger: Logger
 
     public init(
-        store: EventStore, registry: EventRegistry, snapshotInterval: Int = 100,
+        store: EventStore, registry: EventRegistry, snapshotInterval: Int = 100, cache: AggregateCache<State>? = nil,
         logger: Logger = Logger(label: "eventoutbox.repository")
     ) {
         precondition(snapshotInterval >= 1, "snapshotInterval must be at least 1")
         self.store = store
         self.registry = registry
         self.snapshotInterval = snapshotInterval
+        self.cache = cache
         self.logger = logger
     }
 
@@ -93,7 +98,10 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
     }
 
     /// Runs a command: load, decide, save; on a concurrency conflict, reload and decide again, at most
-    /// `maxAttempts` times.
+    /// `maxAttempts` times. With a ``cache``, the first decision is made on the cached state when there is one;
+    /// the append at exactly its version proves it current. A cached state the append finds out of date, or one
+    /// on which `decide` refuses or decides nothing, is not trusted: the command is decided again on the state
+    /// loaded from the store (not counted as an attempt).
     /// - Parameters:
     ///   - streamID: the aggregate's stream.
     ///   - metadata: recorded with each event (correlation, causation, actor, trace).
@@ -110,24 +118,55 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
         _ decide: @Sendable (VersionedState<State>) throws -> [any DomainEvent]
     ) async throws -> (state: VersionedState<State>, events: [any DomainEvent]) {
         precondition(maxAttempts >= 1, "maxAttempts must be at least 1")
+        if let cache, let cached = cache.state(of: streamID) {
+            // A refusal or an empty decision would be answered without an append to prove the state current.
+            if let decided = try? decide(cached), !decided.isEmpty {
+                do {
+                    return try await saveRemembering(streamID, decided, after: cached, metadata: metadata, alsoWriting: alsoWriting)
+                } catch is ConcurrencyConflict {
+                    cache.forget(streamID, stale: true)
+                    logger.debug("cached state was out of date; deciding again on the stored state", metadata: ["stream.id": "\(streamID)"])
+                }
+            }
+        }
         var attempt = 0
         while true {
             attempt += 1
             let loaded = try await load(streamID)
             let decided = try decide(loaded)
             do {
-                let saved = try await save(streamID, decided.map { NewEvent($0, metadata: metadata) }, after: loaded) {
-                    try alsoWriting($0, decided)
-                }
-                return (saved, decided)
+                return try await saveRemembering(streamID, decided, after: loaded, metadata: metadata, alsoWriting: alsoWriting)
             } catch let conflict as ConcurrencyConflict where attempt < maxAttempts {
                 logger.debug(
                     "retrying command after a concurrency conflict",
                     metadata: ["stream.id": "\(streamID)", "attempt": "\(attempt)", "conflict": "\(conflict)"])
+                commandConflicts.increment()
                 // Back off a little, with jitter, so that contenders spread out.
                 try await Task.sleep(for: .microseconds(Int.random(in: 0...(1000 * min(attempt, 20)))))
             }
         }
+    }
+
+    /// ``save(_:_:after:alsoWriting:)``, keeping the saved state in the ``cache``; an outcome that is not known to
+    /// be a success drops the stream from it.
+    private func saveRemembering(
+        _ streamID: String, _ decided: [any DomainEvent], after loaded: VersionedState<State>, metadata: EventMetadata,
+        alsoWriting: @Sendable (VersionedState<State>, [any DomainEvent]) throws -> [TransactionalWrite]
+    ) async throws -> (state: VersionedState<State>, events: [any DomainEvent]) {
+        do {
+            let saved = try await save(streamID, decided.map { NewEvent($0, metadata: metadata) }, after: loaded) {
+                try alsoWriting($0, decided)
+            }
+            cache?.remember(streamID, saved)
+            return (saved, decided)
+        } catch {
+            if !(error is ConcurrencyConflict) { cache?.forget(streamID, stale: false) }
+            throw error
+        }
+    }
+
+    private var commandConflicts: Counter {
+        Counter(label: "eventoutbox_command_conflicts_total", dimensions: [("category", State.category)])
     }
 
     private func latestSnapshot(_ streamID: String, atOrBelow version: Int64 = .max) async throws -> VersionedState<State>? {

@@ -88,6 +88,11 @@ struct AccountsServiceCommand: AsyncParsableCommand {
     @Option(help: "Seconds an Idempotency-Key's answer is replayed to its caller.")
     var idempotencyKeyLifetime: Double = 86_400
 
+    @Option(help: ArgumentHelp(
+        "Accounts whose latest state is kept in memory, so that a command on one is decided without loading it (the append's version check catches a state that another replica changed; the command is then decided again on the stored state). 0: load the account for every command.",
+        valueName: "accounts"))
+    var aggregateCacheSize = 10_000
+
     func validate() throws {
         if mintToken != nil, jwtSecretFile == nil { throw ValidationError("--mint-token needs --jwt-secret-file") }
         if let mintToken, mintToken.isEmpty || mintToken.utf8.count > 200 { throw ValidationError("--mint-token takes a subject of 1 to 200 bytes") }
@@ -100,6 +105,9 @@ struct AccountsServiceCommand: AsyncParsableCommand {
         try OptionCheck.seconds(statementTimeout, "--statement-timeout", in: 0.001...86_400)
         try OptionCheck.seconds(idleTimeout, "--idle-timeout", in: 0.001...86_400)
         try OptionCheck.integer(maxOpenConnections, "--max-open-connections", in: 1...1_000_000)
+        guard aggregateCacheSize == 0 || (2...100_000_000).contains(aggregateCacheSize) else {
+            throw ValidationError("--aggregate-cache-size must be 0 (no cache) or from 2 to 100000000, not \(aggregateCacheSize)")
+        }
         guard (jwtSecretFile != nil) != insecureNoAuth else {
             throw ValidationError(
                 "say how callers authenticate: --jwt-secret-file PATH (bearer tokens) or --insecure-no-auth (no checks), one of them")
@@ -142,7 +150,8 @@ struct AccountsServiceCommand: AsyncParsableCommand {
             logger.warning("serving WITHOUT authentication (--insecure-no-auth): every caller may act on every account")
         }
         let api = AccountsAPI(
-            bank: Bank(store: EventStore(pool: pool)), authentication: authentication,
+            bank: Bank(store: EventStore(pool: pool), cache: aggregateCacheSize == 0 ? nil : AggregateCache(capacity: aggregateCacheSize)),
+            authentication: authentication,
             idempotencyKeyLifetime: OptionCheck.duration(idempotencyKeyLifetime), logger: logger)
         try ListenCheck.free(host: host, port: port, option: "--port")
         // Descriptors for the pool, logs, TLS files and the like are kept out of the HTTP connections' share.

@@ -152,6 +152,8 @@ struct BankCommandLineTests {
             ("account-projector", ["--metrics-port=-1"], "--metrics-port"),
             ("accounts-service", ["--metrics-port", "65536"], "--metrics-port"),
             ("accounts-service", ["--max-connections", "0"], "--max-connections"),
+            ("accounts-service", ["--insecure-no-auth", "--aggregate-cache-size", "1"], "--aggregate-cache-size must be 0 (no cache) or from 2"),
+            ("accounts-service", ["--insecure-no-auth", "--aggregate-cache-size=-5"], "--aggregate-cache-size"),
             ("accounts-service", ["--port", "0"], "--jwt-secret-file PATH (bearer tokens) or --insecure-no-auth"),
             ("accounts-service", ["--insecure-no-auth", "--mint-token", "kim"], "--mint-token needs --jwt-secret-file"),
             ("accounts-service", ["--jwt-secret-file", "/nonexistent/secret"], "cannot read the JWT secret file"),
