@@ -9,6 +9,11 @@ import Synchronization
 /// the command is decided again on the state loaded from the store. A cached state is never returned to a reader:
 /// ``AggregateRepository/load(_:)`` always reads the store.
 ///
+/// Commands on one stream take turns within the process (first come, first served), so that they do not race
+/// each other to the same version: the second decides on the state the first saved instead of spending an append
+/// on a version already taken and then loading. A command must not run another command on its own stream (it
+/// would wait for itself).
+///
 /// Bounded: at most ``capacity`` streams are kept, the least recently used first to go (approximately: two
 /// generations, the older dropped whole when the newer fills).
 ///
@@ -33,6 +38,8 @@ public final class AggregateCache<State: Aggregate>: Sendable {
     }
 
     private let entries = Mutex(Generations())
+    /// The streams a command runs on now, each with the commands waiting for their turn, in order.
+    private let turns = Mutex<[String: [CheckedContinuation<Void, Never>]]>([:])
     private let hits: Counter
     private let misses: Counter
     private let staleStates: Counter
@@ -92,6 +99,45 @@ public final class AggregateCache<State: Aggregate>: Sendable {
             if stale { entries.statistics.stale += 1 }
         }
         if stale { staleStates.increment() }
+    }
+
+    /// Runs `body` once no other command of this process runs on `streamID`, and lets the next one in after it.
+    func inTurn<T>(_ streamID: String, _ body: () async throws -> T) async rethrows -> T {
+        let free = turns.withLock { turns in
+            guard turns[streamID] == nil else { return false }
+            turns[streamID] = []
+            return true
+        }
+        if !free {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                // The stream may have been let go between the two looks: then this command takes it at once.
+                let queued = turns.withLock { turns in
+                    guard turns[streamID] != nil else {
+                        turns[streamID] = []
+                        return false
+                    }
+                    turns[streamID]!.append(continuation)
+                    return true
+                }
+                if !queued { continuation.resume() }
+            }
+        }
+        defer { passTurn(streamID) }
+        return try await body()
+    }
+
+    /// Hands `streamID` to the next waiting command, or lets it go.
+    private func passTurn(_ streamID: String) {
+        let next = turns.withLock { turns -> CheckedContinuation<Void, Never>? in
+            guard var waiting = turns[streamID], !waiting.isEmpty else {
+                turns[streamID] = nil
+                return nil
+            }
+            let next = waiting.removeFirst()
+            turns[streamID] = waiting
+            return next
+        }
+        next?.resume()
     }
 
     private static func insert(_ streamID: String, _ state: VersionedState<State>, into entries: inout Generations, capacity: Int) {

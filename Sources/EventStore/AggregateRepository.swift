@@ -101,7 +101,8 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
     /// `maxAttempts` times. With a ``cache``, the first decision is made on the cached state when there is one;
     /// the append at exactly its version proves it current. A cached state the append finds out of date, or one
     /// on which `decide` refuses or decides nothing, is not trusted: the command is decided again on the state
-    /// loaded from the store (not counted as an attempt).
+    /// loaded from the store (not counted as an attempt). Commands on one stream take turns within the process
+    /// (``AggregateCache``), so they do not race each other to a version.
     /// - Parameters:
     ///   - streamID: the aggregate's stream.
     ///   - metadata: recorded with each event (correlation, causation, actor, trace).
@@ -118,17 +119,32 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
         _ decide: @Sendable (VersionedState<State>) throws -> [any DomainEvent]
     ) async throws -> (state: VersionedState<State>, events: [any DomainEvent]) {
         precondition(maxAttempts >= 1, "maxAttempts must be at least 1")
-        if let cache, let cached = cache.state(of: streamID) {
-            // A refusal or an empty decision would be answered without an append to prove the state current.
-            if let decided = try? decide(cached), !decided.isEmpty {
-                do {
-                    return try await saveRemembering(streamID, decided, after: cached, metadata: metadata, alsoWriting: alsoWriting)
-                } catch is ConcurrencyConflict {
-                    cache.forget(streamID, stale: true)
-                    logger.debug("cached state was out of date; deciding again on the stored state", metadata: ["stream.id": "\(streamID)"])
+        guard let cache else {
+            return try await decideAndSave(streamID, metadata: metadata, maxAttempts: maxAttempts, alsoWriting: alsoWriting, decide)
+        }
+        return try await cache.inTurn(streamID) {
+            if let cached = cache.state(of: streamID) {
+                // A refusal or an empty decision would be answered without an append to prove the state current.
+                if let decided = try? decide(cached), !decided.isEmpty {
+                    do {
+                        return try await saveRemembering(streamID, decided, after: cached, metadata: metadata, alsoWriting: alsoWriting)
+                    } catch is ConcurrencyConflict {
+                        cache.forget(streamID, stale: true)
+                        logger.debug(
+                            "cached state was out of date; deciding again on the stored state", metadata: ["stream.id": "\(streamID)"])
+                    }
                 }
             }
+            return try await decideAndSave(streamID, metadata: metadata, maxAttempts: maxAttempts, alsoWriting: alsoWriting, decide)
         }
+    }
+
+    /// Load, decide, save, and again after a conflict, at most `maxAttempts` times.
+    private func decideAndSave(
+        _ streamID: String, metadata: EventMetadata, maxAttempts: Int,
+        alsoWriting: @Sendable (VersionedState<State>, [any DomainEvent]) throws -> [TransactionalWrite],
+        _ decide: @Sendable (VersionedState<State>) throws -> [any DomainEvent]
+    ) async throws -> (state: VersionedState<State>, events: [any DomainEvent]) {
         var attempt = 0
         while true {
             attempt += 1
