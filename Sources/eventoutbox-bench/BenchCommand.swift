@@ -98,8 +98,8 @@ struct Append: AsyncParsableCommand {
         discussion: """
             --source table appends with NOTIFY (what the table relay wakes on); --source wal appends without it, with
             a publication and replication slot in place (what the WAL relay reads). --baseline first runs pgbench
-            with the same statement (version check, event and outbox row; prepared; no NOTIFY) in the same schema, and prints
-            the ratio.
+            with the same statement (version check, event and outbox row, and NOTIFY when the appends send it; prepared)
+            in the same schema, and prints the ratio.
             """)
     @Option(help: "Parallel connections.") var connections = 1
     @Option(help: "Events to append.") var events = 5000
@@ -117,7 +117,7 @@ struct Append: AsyncParsableCommand {
         try await env.withSchema(connections: connections) { url, store in
             var store = store
             store.notifiesOnAppend = !noNotify && source == "table"
-            let pgbench = baseline ? try samePGBench(url) : nil
+            let pgbench = baseline ? try samePGBench(url, notifies: store.notifiesOnAppend) : nil
             let start = ContinuousClock.now
             if source == "wal" {
                 try await withWAL(url) { _ in try await fill(store, events: events, tasks: connections, streams: streams) }
@@ -128,7 +128,7 @@ struct Append: AsyncParsableCommand {
             let rate = Double(events) / elapsed
             let mode = source == "wal" ? " --source wal (no NOTIFY)" : noNotify ? " (no NOTIFY)" : ""
             if let pgbench {
-                print(String(format: "  pgbench running the same statement, %d clients: %.0f tps", connections, pgbench))
+                print(String(format: "  pgbench running the same statement%@, %d clients: %.0f tps", store.notifiesOnAppend ? " (NOTIFY too)" : "", connections, pgbench))
             }
             print(String(format: "append%@: %d events, %d connections: %.2f s, %.0f appends/s%@", mode, events, connections, elapsed, rate,
                          pgbench.map { String(format: " = %.2f x pgbench", rate / $0) } ?? ""))
@@ -136,12 +136,13 @@ struct Append: AsyncParsableCommand {
     }
 
     /// pgbench running the append's statement (version check, event and outbox row in one statement, as the
-    /// store writes it; without NOTIFY), prepared, `connections` clients, each transaction a new stream.
-    private func samePGBench(_ url: String) throws -> Double {
+    /// store writes it; with NOTIFY when the appends send it), prepared, `connections` clients, each transaction a
+    /// new stream.
+    private func samePGBench(_ url: String, notifies: Bool) throws -> Double {
         let script = FileManager.default.temporaryDirectory.appendingPathComponent("append-\(UUID().uuidString).sql")
         try #"""
             \set n random(1, 9000000000000000000)
-            WITH current AS (SELECT COALESCE(max(stream_version), 0) AS version FROM events WHERE stream_id = 'pgbench-' || :client_id || '-' || :n), appended AS (INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, metadata, occurred_at) SELECT v.event_id, 'pgbench-' || :client_id || '-' || :n, v.version, v.event_type, v.schema_version, v.payload, v.metadata, v.occurred_at FROM (VALUES (gen_random_uuid(), 1::bigint, 'Sample', 1, '{"n": 1}'::jsonb, '{}'::jsonb, now())) AS v(event_id, version, event_type, schema_version, payload, metadata, occurred_at) WHERE (SELECT version FROM current) = 0 RETURNING position, event_id, stream_id), outboxed AS (INSERT INTO outbox (event_id, stream_id, stream_version, topic, message_key, envelope, headers) SELECT event_id, stream_id, 1, 'pgbench', stream_id, '{"eventType":"Sample","payload":{"n":1}}', jsonb_build_object('event-id', event_id::text, 'event-type', 'Sample', 'stream-version', '1', 'content-type', 'application/json') FROM appended RETURNING 1) SELECT (SELECT version FROM current) AS current, (SELECT count(*) FROM outboxed) AS outboxed, appended.position FROM current LEFT JOIN appended ON true;
+            WITH current AS (SELECT COALESCE(max(stream_version), 0) AS version FROM events WHERE stream_id = 'pgbench-' || :client_id || '-' || :n), appended AS (INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, metadata, occurred_at) SELECT v.event_id, 'pgbench-' || :client_id || '-' || :n, v.version, v.event_type, v.schema_version, v.payload, v.metadata, v.occurred_at FROM (VALUES (gen_random_uuid(), 1::bigint, 'Sample', 1, '{"n": 1}'::jsonb, '{}'::jsonb, now())) AS v(event_id, version, event_type, schema_version, payload, metadata, occurred_at) WHERE (SELECT version FROM current) = 0 RETURNING position, event_id, stream_id), outboxed AS (INSERT INTO outbox (event_id, stream_id, stream_version, topic, message_key, envelope, headers) SELECT event_id, stream_id, 1, 'pgbench', stream_id, '{"eventType":"Sample","payload":{"n":1}}', jsonb_build_object('event-id', event_id::text, 'event-type', 'Sample', 'stream-version', '1', 'content-type', 'application/json') FROM appended RETURNING 1), notified AS (SELECT pg_notify('\#(EventTables.outboxChannel)', '1') FROM current WHERE \#(notifies ? "" : "false AND ")EXISTS (SELECT 1 FROM appended)) SELECT (SELECT version FROM current) AS current, (SELECT count(*) FROM outboxed) AS outboxed, (SELECT count(*) FROM notified) AS notified, appended.position FROM current LEFT JOIN appended ON true;
             """#.write(to: script, atomically: true, encoding: .utf8)
         defer { try? FileManager.default.removeItem(at: script) }
         let output = try runProgram(
