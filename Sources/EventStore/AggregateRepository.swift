@@ -30,11 +30,10 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
         self.logger = logger
     }
 
-    /// The current state: the latest usable snapshot plus the events after it. A load that replays
-    /// ``snapshotInterval`` events or more leaves a snapshot for the next one.
+    /// The current state: the latest usable snapshot plus the events after it, read in one statement. A load
+    /// that replays ``snapshotInterval`` events or more leaves a snapshot for the next one.
     public func load(_ streamID: String) async throws -> VersionedState<State> {
-        let start = try await latestSnapshot(streamID) ?? VersionedState(state: State(), version: 0)
-        let events = try await store.readStream(streamID, from: start.version + 1)
+        let (start, events) = try await snapshotAndTail(streamID, through: .max)
         let state = try replay(events, onto: start)
         if events.count >= snapshotInterval { await writeSnapshot(streamID, state) }
         return state
@@ -43,8 +42,35 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
     /// The state right after event `version` (time travel by version): the newest usable snapshot at or below
     /// `version`, plus the events after it. Past the end of the stream, the current state.
     public func load(_ streamID: String, atVersion version: Int64) async throws -> VersionedState<State> {
-        let start = try await latestSnapshot(streamID, atOrBelow: version) ?? VersionedState(state: State(), version: 0)
-        return try replay(try await store.readStream(streamID, from: start.version + 1, through: version), onto: start)
+        let (start, events) = try await snapshotAndTail(streamID, through: version)
+        return try replay(events, onto: start)
+    }
+
+    /// The newest usable snapshot at or below `version` (the empty state if none) and the stream's events after it
+    /// through `version`: one statement, one round trip. A snapshot that does not decode is passed over (it is
+    /// only a cache): the whole stream is read instead.
+    private func snapshotAndTail(_ streamID: String, through version: Int64) async throws
+        -> (start: VersionedState<State>, events: [RecordedEvent])
+    {
+        let rows = try await store.pool.withConnection { connection in
+            try await connection.query(
+                EventTables.snapshotAndTailSQL, [.text(streamID), .int(State.stateSchemaVersion), .int64(version)],
+                statement: "load snapshot and events")
+        }
+        let empty = VersionedState(state: State(), version: 0)
+        guard let first = rows.first, try first.decode(Bool.self, "is_snapshot") else {
+            return (empty, try rows.map(RecordedEvent.init(row:)))
+        }
+        let events = try rows.dropFirst().map(RecordedEvent.init(row:))
+        do {
+            let state = try EventJSON.decoder.decode(State.self, from: Data(try first.decode(String.self, "payload").utf8))
+            return (VersionedState(state: state, version: try first.decode(Int64.self, "stream_version")), events)
+        } catch {
+            logger.warning(
+                "ignoring a snapshot that does not decode; replaying the whole stream",
+                metadata: ["stream.id": "\(streamID)", "error": "\(error)"])
+            return (empty, try await store.readStream(streamID, through: version))
+        }
     }
 
     /// The state as it was at `date` (time travel by time): the state after the last event that had occurred by
@@ -183,27 +209,6 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
 
     private var commandConflicts: Counter {
         Counter(label: "eventoutbox_command_conflicts_total", dimensions: [("category", State.category)])
-    }
-
-    private func latestSnapshot(_ streamID: String, atOrBelow version: Int64 = .max) async throws -> VersionedState<State>? {
-        let row = try await store.pool.withConnection { connection in
-            try await connection.query(
-                "SELECT version, state::text AS state FROM snapshots WHERE stream_id = $1 AND state_schema_version = $2 "
-                    + "AND version <= $3 ORDER BY version DESC LIMIT 1",
-                [.text(streamID), .int(State.stateSchemaVersion), .int64(version)], statement: "load snapshot"
-            ).first
-        }
-        guard let row else { return nil }
-        do {
-            let state = try EventJSON.decoder.decode(State.self, from: Data(try row.decode(String.self, "state").utf8))
-            return VersionedState(state: state, version: try row.decode(Int64.self, "version"))
-        } catch {
-            // A snapshot is only a cache: replaying the stream gives the same state.
-            logger.warning(
-                "ignoring a snapshot that does not decode; replaying the whole stream",
-                metadata: ["stream.id": "\(streamID)", "error": "\(error)"])
-            return nil
-        }
     }
 
     private func writeSnapshot(_ streamID: String, _ state: VersionedState<State>) async {

@@ -22,6 +22,22 @@ public enum EventTables {
     public static let readStreamSQL =
         "SELECT \(eventColumns) FROM events WHERE stream_id = $1 AND stream_version >= $2 AND stream_version <= $3 "
         + "ORDER BY stream_version"
+    /// An aggregate's newest snapshot and the events after it, in one statement: `$1` the stream, `$2` the state
+    /// schema version, `$3` the last version wanted. The snapshot, if any, is the first row (`is_snapshot`), in the
+    /// event columns: its version as `stream_version`, its state as `payload`; the events after it follow in order.
+    public static let snapshotAndTailSQL = """
+        WITH snapshot AS MATERIALIZED (
+            SELECT version, state FROM snapshots WHERE stream_id = $1 AND state_schema_version = $2 AND version <= $3
+            ORDER BY version DESC LIMIT 1)
+        SELECT true AS is_snapshot, NULL::bigint AS position, NULL::uuid AS event_id, NULL::text AS stream_id,
+               version AS stream_version, NULL::text AS event_type, NULL::int AS schema_version, state::text AS payload,
+               NULL::text AS metadata, NULL::timestamptz AS occurred_at
+        FROM snapshot
+        UNION ALL
+        SELECT false, \(eventColumns) FROM events
+        WHERE stream_id = $1 AND stream_version > COALESCE((SELECT version FROM snapshot), 0) AND stream_version <= $3
+        ORDER BY is_snapshot DESC, stream_version
+        """
 }
 
 extension RecordedEvent {

@@ -33,6 +33,11 @@ public enum MetricHelp {
         // accounts-service
         "http_server_requests_total": "HTTP requests answered, by method, route pattern and status.",
         "http_server_request_duration_seconds": "Time to answer an HTTP request, by method, route pattern and status.",
+        // AggregateRepository with an AggregateCache (accounts-service)
+        "eventoutbox_aggregate_cache_hits_total": "Commands decided on a cached aggregate state, without a load (label category).",
+        "eventoutbox_aggregate_cache_misses_total": "Commands whose aggregate was loaded from the store (not cached).",
+        "eventoutbox_aggregate_cache_stale_total": "Cached states the append found out of date (another writer appended); the command was decided again.",
+        "eventoutbox_command_conflicts_total": "Commands decided again after a concurrent append took their version.",
     ]
 
     /// The exposition with a `# HELP` line before each `# TYPE` line whose family has a text.
