@@ -98,6 +98,7 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
     }
 
     /// Appends new events to a state loaded earlier; fails with `ConcurrencyConflict` if the stream moved on.
+    /// With a ``cache``, the saved state is kept there (the append at its exact version proves it current).
     /// - Parameters:
     ///   - streamID: the aggregate's stream.
     ///   - loaded: the state the events were decided on (its version is the one expected).
@@ -113,10 +114,19 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
         var next = loaded
         for event in events { try next.state.apply(event.event) }
         next.version = loaded.version + Int64(events.count)
-        let result = try await store.append(
-            events, to: streamID, category: State.category,
-            expectedVersion: loaded.version == 0 ? .noStream : .exact(loaded.version), alsoWriting: try alsoWriting(next))
+        let result: AppendResult
+        do {
+            result = try await store.append(
+                events, to: streamID, category: State.category,
+                expectedVersion: loaded.version == 0 ? .noStream : .exact(loaded.version), alsoWriting: try alsoWriting(next))
+        } catch {
+            // A conflict is dealt with by the caller; any other failure may have committed or not: trust nothing.
+            if !(error is ConcurrencyConflict) { cache?.forget(streamID, stale: false) }
+            throw error
+        }
         next.version = result.streamVersion
+        // Appended at exactly the version it was decided on: the state is the stream's current one.
+        cache?.remember(streamID, next)
         if next.version / Int64(snapshotInterval) > loaded.version / Int64(snapshotInterval) {
             await writeSnapshot(streamID, next)
         }
@@ -153,7 +163,7 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
                 // A refusal or an empty decision would be answered without an append to prove the state current.
                 if let decided = try? decide(cached), !decided.isEmpty {
                     do {
-                        return try await saveRemembering(streamID, decided, after: cached, metadata: metadata, alsoWriting: alsoWriting)
+                        return try await save(streamID, decided, after: cached, metadata: metadata, alsoWriting: alsoWriting)
                     } catch is ConcurrencyConflict {
                         cache.forget(streamID, stale: true)
                         logger.debug(
@@ -177,7 +187,7 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
             let loaded = try await load(streamID)
             let decided = try decide(loaded)
             do {
-                return try await saveRemembering(streamID, decided, after: loaded, metadata: metadata, alsoWriting: alsoWriting)
+                return try await save(streamID, decided, after: loaded, metadata: metadata, alsoWriting: alsoWriting)
             } catch let conflict as ConcurrencyConflict where attempt < maxAttempts {
                 logger.debug(
                     "retrying command after a concurrency conflict",
@@ -189,22 +199,15 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
         }
     }
 
-    /// ``save(_:_:after:alsoWriting:)``, keeping the saved state in the ``cache``; an outcome that is not known to
-    /// be a success drops the stream from it.
-    private func saveRemembering(
+    /// ``save(_:_:after:alsoWriting:)`` of the decided events, with their metadata.
+    private func save(
         _ streamID: String, _ decided: [any DomainEvent], after loaded: VersionedState<State>, metadata: EventMetadata,
         alsoWriting: @Sendable (VersionedState<State>, [any DomainEvent]) throws -> [TransactionalWrite]
     ) async throws -> (state: VersionedState<State>, events: [any DomainEvent]) {
-        do {
-            let saved = try await save(streamID, decided.map { NewEvent($0, metadata: metadata) }, after: loaded) {
-                try alsoWriting($0, decided)
-            }
-            cache?.remember(streamID, saved)
-            return (saved, decided)
-        } catch {
-            if !(error is ConcurrencyConflict) { cache?.forget(streamID, stale: false) }
-            throw error
+        let saved = try await save(streamID, decided.map { NewEvent($0, metadata: metadata) }, after: loaded) {
+            try alsoWriting($0, decided)
         }
+        return (saved, decided)
     }
 
     private var commandConflicts: Counter {
