@@ -8,12 +8,16 @@ import Testing
 
 @Suite("aggregate cache: commands decided on a cached state, kept honest by the append's version check (real PostgreSQL)")
 struct AggregateCacheTests {
-    @Test("a warm cache decides without loading: with the snapshots table gone, a cached deposit commits and an uncached one fails")
-    func warmCacheSkipsTheLoad() async throws {
+    /// A bank with a cache and one without (another replica: its appends never reach the cache), on one store.
+    static func twoWriters() async throws -> (TestEventStore, AggregateCache<Account>, cached: Bank, other: Bank) {
         let test = try await TestEventStore.create()
         let cache = AggregateCache<Account>(capacity: 16)
-        let cached = Bank(store: test.store, cache: cache)
-        let uncached = Bank(store: test.store)
+        return (test, cache, Bank(store: test.store, cache: cache), Bank(store: test.store))
+    }
+
+    @Test("a warm cache decides without loading: with the snapshots table gone, a cached deposit commits and an uncached one fails")
+    func warmCacheSkipsTheLoad() async throws {
+        let (test, cache, cached, uncached) = try await Self.twoWriters()
         let id = try await cached.open(owner: "Warm", initialDeposit: 100)
         #expect(try await cached.deposit(id, amount: 1) == 101)
         // Opening saved the account's first state: the deposit after it was decided on the cache.
@@ -31,10 +35,7 @@ struct AggregateCacheTests {
 
     @Test("a state another writer changed is caught by the append: the command is decided again on the stored state")
     func staleStateIsDecidedAgain() async throws {
-        let test = try await TestEventStore.create()
-        let cache = AggregateCache<Account>(capacity: 16)
-        let cached = Bank(store: test.store, cache: cache)
-        let other = Bank(store: test.store)  // another replica: its appends never reach this cache
+        let (test, cache, cached, other) = try await Self.twoWriters()
         let id = try await cached.open(owner: "Stale", initialDeposit: 100)
         #expect(try await cached.deposit(id, amount: 1) == 101)
         #expect(try await other.withdraw(id, amount: 101) == .accepted(balance: 0))
@@ -55,10 +56,7 @@ struct AggregateCacheTests {
 
     @Test("a command the cached state refuses is checked against the stored state before it is refused")
     func refusalIsCheckedAgainstTheStore() async throws {
-        let test = try await TestEventStore.create()
-        let cache = AggregateCache<Account>(capacity: 16)
-        let cached = Bank(store: test.store, cache: cache)
-        let other = Bank(store: test.store)
+        let (test, _, cached, other) = try await Self.twoWriters()
         let id = try await cached.open(owner: "Edge", initialDeposit: Int64.max - 10)
         #expect(try await cached.deposit(id, amount: 1) == Int64.max - 9)
         #expect(try await other.withdraw(id, amount: 100) == .accepted(balance: Int64.max - 109))
