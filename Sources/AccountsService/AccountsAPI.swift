@@ -39,6 +39,8 @@ public struct AccountsAPI: Sendable {
     /// Who may call: bearer tokens, or nobody checked (``CallerAuthentication/disabled``).
     public let authentication: CallerAuthentication
     let keys: IdempotencyKeys
+    /// The accounts' openers, for checking who may act on an account without a statement per request.
+    let openers = AccountOpeners()
     /// Where what a public answer leaves out goes (why the service is not ready, say).
     let logger: Logger
 
@@ -141,11 +143,13 @@ public struct AccountsAPI: Sendable {
     /// account. Anyone else is told there is no such account (404), as for an account that does not exist.
     private func authorized(_ caller: Caller?, _ id: String) async throws -> String {
         guard let caller, !caller.isAdmin else { return id }
-        let opener = try await bank.repository.store.pool.withConnection { connection in
-            try await connection.query(
-                "SELECT metadata->>'actor' AS actor FROM events WHERE stream_id = $1 AND stream_version = 1", [.text(id)],
-                statement: "api: who opened the account"
-            ).first?.decodeIfPresent(String.self, "actor")
+        let opener = try await openers.opener(of: id) {
+            try await bank.repository.store.pool.withConnection { connection in
+                try await connection.query(
+                    "SELECT metadata->>'actor' AS actor FROM events WHERE stream_id = $1 AND stream_version = 1", [.text(id)],
+                    statement: "api: who opened the account"
+                ).first?.decodeIfPresent(String.self, "actor")
+            }
         }
         guard opener == caller.subject else { throw Problem(.notFound, "Not found", detail: "no account '\(id)'") }
         return id
@@ -156,7 +160,9 @@ public struct AccountsAPI: Sendable {
         let body: OpenRequest = try await decode(&request)
         let command = AccountCommand.open(owner: body.owner, initialDeposit: body.initialDeposit ?? 0)
         return try await idempotent(request, caller: caller, canonical: "POST /accounts \(canonical(command))") { alsoWriting in
-            try await bank.execute(command, metadata: metadata(request, caller), alsoWriting: alsoWriting)
+            let result = try await bank.execute(command, metadata: metadata(request, caller), alsoWriting: alsoWriting)
+            if let caller { openers.remember(result.accountID, openedBy: caller.subject) }
+            return result
         } answer: { result in
             Answer(status: .created, body: try encode(AccountView(result)), location: "/accounts/\(result.accountID)")
         }

@@ -37,6 +37,7 @@ func readinessSaysNothingMore() async throws {
 
 struct Service {
     let test: TestEventStore
+    let api: AccountsAPI
     let port: Int
     let task: Task<Void, any Error>
 
@@ -49,7 +50,7 @@ struct Service {
         let port = testPort()
         let app = Application(router: api.makeRouter(), configuration: .init(address: .hostname("127.0.0.1", port: port)))
         let task = Task { try await app.run() }
-        let service = Service(test: test, port: port, task: task)
+        let service = Service(test: test, api: api, port: port, task: task)
         try await waitUntil("the service answers") { (try? await service.send("GET", "/health/live").status) == 200 }
         return service
     }

@@ -1,4 +1,4 @@
-import AccountsService
+@testable import AccountsService
 import BankAccount
 import EventSourcing
 import EventStore
@@ -63,11 +63,29 @@ struct AuthenticationTests {
             #expect(reply.status == 404, "bob \(method) \(path): \(reply.status)")
             #expect((reply.json["detail"] as? String)?.contains("no account") == true, "the same answer as for an account that does not exist")
         }
+        // The opener of an account opened here is known: no request above asked the database who it was.
+        #expect(service.api.openers.databaseLookUps == 0)
         #expect(try await service.send("GET", "/accounts/\(id)", headers: admin).json["balance"] as? Int == 105)
         #expect(try await service.send("POST", "/accounts/\(id)/withdrawals", #"{"amount": 5}"#, headers: admin).status == 200)
         let actors = try await service.test.store.readStream(id).map(\.metadata.actor)
         #expect(actors == ["alice", "alice", "ops-1"], "the audit trail says who")
         try await service.stop()
+    }
+
+    @Test("an opener is looked up once and then known (events are append-only); a missing account is looked up each time; bounded")
+    func openersAreLookedUpOnce() async throws {
+        let openers = AccountOpeners(capacity: 3)
+        var calls = 0
+        for _ in 0..<3 {
+            #expect(try await openers.opener(of: "a") { calls += 1; return "alice" } == "alice")
+        }
+        #expect(calls == 1)
+        for _ in 0..<2 { #expect(try await openers.opener(of: "missing") { nil } == nil) }
+        #expect(openers.databaseLookUps == 3)
+        for n in 0..<10 { openers.remember("s\(n)", openedBy: "bob") }
+        // Past its capacity the map starts again: "a" is looked up anew, and found as before.
+        #expect(try await openers.opener(of: "a") { "alice" } == "alice")
+        #expect(openers.databaseLookUps == 4)
     }
 
     @Test("Idempotency-Key: a caller's own (another's same key is another request), expired after its lifetime, one header only")

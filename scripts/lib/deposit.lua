@@ -1,9 +1,13 @@
--- wrk script: POST a deposit of 1 to one of the accounts listed in $ACCOUNTS_FILE (one id a line), at random.
+-- wrk script: POST a deposit of 1 to one of the accounts listed in $ACCOUNTS_FILE (one id a line), at random,
+-- with the Authorization header in $TOKEN if it is set.
 local ids = {}
 for line in io.lines(os.getenv("ACCOUNTS_FILE")) do ids[#ids + 1] = line end
 wrk.method = "POST"
 wrk.body = '{"amount": 1, "description": "load"}'
 wrk.headers["Content-Type"] = "application/json"
+-- With bearer tokens: the token of the subject that opened the accounts.
+local token = os.getenv("TOKEN")
+if token and token ~= "" then wrk.headers["Authorization"] = token end
 request = function()
   return wrk.format(nil, "/accounts/" .. ids[math.random(#ids)] .. "/deposits")
 end
