@@ -229,7 +229,7 @@ struct RelaySourceTests {
         }
         // One request in flight per broker, as in RelayFaultTests: the mock checks no sequence numbers for an
         // idempotent producer, so with several in flight a batch after a timed-out (purged) one can be stored
-        // first, which a real broker refuses (fresh-clone run 113: --source wal, three streams out of order, the
+        // first, which a real broker refuses (fresh-clone run 114: --source wal, three streams out of order, the
         // relay's log showing "Purged in flight ... base seq 10").
         try await withRelay(
             test, brokers: cluster.bootstrapServers,
