@@ -17,6 +17,7 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
     /// command loads its aggregate. Default: `nil`.
     public var cache: AggregateCache<State>?
     public var logger: Logger
+    private let commandConflicts: Counter
 
     public init(
         store: EventStore, registry: EventRegistry, snapshotInterval: Int = 100, cache: AggregateCache<State>? = nil,
@@ -28,6 +29,7 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
         self.snapshotInterval = snapshotInterval
         self.cache = cache
         self.logger = logger
+        commandConflicts = Counter(label: "eventoutbox_command_conflicts_total", dimensions: [("category", State.category)])
     }
 
     /// The current state: the latest usable snapshot plus the events after it, read in one statement. A load
@@ -208,10 +210,6 @@ public struct AggregateRepository<State: Aggregate>: Sendable {
             try alsoWriting($0, decided)
         }
         return (saved, decided)
-    }
-
-    private var commandConflicts: Counter {
-        Counter(label: "eventoutbox_command_conflicts_total", dimensions: [("category", State.category)])
     }
 
     private func writeSnapshot(_ streamID: String, _ state: VersionedState<State>) async {

@@ -68,6 +68,23 @@ struct AggregateCacheTests {
         try await test.drop()
     }
 
+    @Test("a command whose transaction fails leaves the cache as it was: nothing written, the next command decides on the stored state")
+    func failedTransactionIsNotCached() async throws {
+        let (test, cache, cached, _) = try await Self.twoWriters()
+        let id = try await cached.open(owner: "Fail", initialDeposit: 10)
+        let broken: @Sendable (AccountCommandResult) throws -> [TransactionalWrite] = { _ in
+            [TransactionalWrite("INSERT INTO no_such_table VALUES (1)", statement: "a write that fails")]
+        }
+        await #expect { try await cached.execute(.deposit(amount: 5, description: ""), on: id, alsoWriting: broken) } throws: {
+            "\($0)".contains("no_such_table")
+        }
+        #expect(try await test.count("SELECT count(*) FROM events WHERE stream_id = $1", [.text(id)]) == 1)
+        #expect(try await cached.deposit(id, amount: 2) == 12)
+        // Had the failed deposit's state (version 2) been kept, this append would have expected version 2: stale.
+        #expect(cache.statistics.stale == 0)
+        try await test.drop()
+    }
+
     @Test("50 concurrent withdrawals through one cache take turns: never negative, every accepted one recorded once, no state found stale")
     func concurrentCommandsShareTheCache() async throws {
         let test = try await TestEventStore.create(maxConnections: 8, acquireTimeout: .seconds(600))
